@@ -1,0 +1,5 @@
+"""Neuromodulatory Control Networks (NCN paper, see ../shared/spec/ncn.md).
+
+A GPT-style language model whose attention temperature, residual gains and FFN
+activation are set token by token and layer by layer by a small controller network.
+"""
