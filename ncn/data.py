@@ -1,0 +1,299 @@
+"""Training data (NCN paper §6): a token cache plus resumable, DDP-sharded block batches.
+
+`DataModule` (built from `conf/data/<option>.yaml`) prepares the token cache of a source
+and serves epochs of non-overlapping `block_size + 1`-token blocks in a seeded per-epoch
+order. `python run.py task=prepare data=<option>` builds the cache without training.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra.utils
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ncn import token_cache
+from ncn.errors import NCNConfigError
+from ncn.sources import make_source
+from ncn.token_cache import TOKEN_DTYPE, PreparedData
+from ncn.tokenizer import gpt2_encoding, padded_vocab_size
+
+__all__ = ["BlockLoader", "DataModule", "PreparedData", "gpt2_encoding", "main", "padded_vocab_size"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _n_tokens(path: Path) -> int:
+    return path.stat().st_size // np.dtype(TOKEN_DTYPE).itemsize
+
+
+class _Blocks(torch.utils.data.Dataset):
+    """Rows of `block_size + 1` tokens of one token file; indexed by an array of block ids."""
+
+    def __init__(self, path: Path, block_size: int) -> None:
+        self.path, self.width = path, block_size + 1
+        self.n_blocks = _n_tokens(path) // self.width
+        self._rows: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        # Each DataLoader worker maps the file itself instead of receiving a pickled copy.
+        return {**self.__dict__, "_rows": None}
+
+    def rows(self) -> np.ndarray:
+        if self._rows is None:
+            tokens = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")
+            self._rows = tokens[: self.n_blocks * self.width].reshape(self.n_blocks, self.width)
+        return self._rows
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def batch(self, ids: np.ndarray) -> Batch:
+        rows = self.rows()[ids]  # (B, T+1) uint16
+        return torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
+
+    def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        epoch, position, ids = item
+        return (*self.batch(ids), epoch, position)
+
+
+class BlockLoader:
+    """Infinite iterator of training batches over the blocks of one token file.
+
+    An epoch is a permutation of all `blocks_per_epoch` non-overlapping blocks of
+    `block_size + 1` tokens, drawn from `np.random.default_rng((seed, epoch))`; each step
+    consumes one global batch of `batch_size * world_size` consecutive entries of it, of
+    which rank r takes entries [r * batch_size, (r + 1) * batch_size). The last incomplete
+    global batch of an epoch is dropped. State: `epoch` and `position` (blocks of the
+    permutation already yielded, counted over all ranks), so `load_state_dict` resumes at
+    the exact next batch, also with another batch size. Call `iter()` again after it.
+
+    Yields:
+        (x, y): int64 CPU tensors (batch_size, block_size); y is x shifted by one token.
+    Raises:
+        NCNConfigError: bad batch_size/rank/world_size, or fewer blocks than one global batch.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        batch_size: int,
+        block_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        if not (batch_size >= 1 and world_size >= 1 and 0 <= rank < world_size):
+            raise NCNConfigError(
+                f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need batch_size >= 1 "
+                "and 0 <= rank < world_size"
+            )
+        self.blocks = _Blocks(Path(path), block_size)
+        self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.blocks_per_epoch = self.blocks.n_blocks
+        self.global_batch = batch_size * world_size
+        if self.blocks_per_epoch < self.global_batch:
+            raise NCNConfigError(
+                f"{path}: the {self.blocks.path.stem} split has {self.blocks_per_epoch} blocks of block_size + 1 = "
+                f"{block_size + 1} tokens, fewer than one global batch of batch_size * world_size = "
+                f"{self.global_batch}: lower the batch size or block_size, or add text"
+            )
+        self.epoch, self.position = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch": int, "position": int}: where the next batch starts."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a `state_dict()`; the next `iter()` yields the batch that followed it."""
+        if not 0 <= int(state["position"]) <= self.blocks_per_epoch:
+            raise NCNConfigError(
+                f"data loader position {state['position']} is outside the epoch of {self.blocks_per_epoch} blocks: "
+                "the checkpoint was made with other data or another block_size"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of block ids of `epoch`, shape (blocks_per_epoch,)."""
+        return np.random.default_rng((self.seed, epoch)).permutation(self.blocks_per_epoch)
+
+    def _schedule(self, epoch: int, position: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        while True:
+            order = self.order(epoch)
+            while position + self.global_batch <= self.blocks_per_epoch:
+                start = position + self.rank * self.batch_size
+                position += self.global_batch
+                yield epoch, position, order[start : start + self.batch_size]
+            epoch, position = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(
+            self.blocks,
+            sampler=self._schedule(self.epoch, self.position),
+            batch_size=None,  # the schedule already yields whole batches
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+        for x, y, epoch, position in loader:
+            # The state advances only as batches are handed out, not as workers prefetch.
+            self.epoch, self.position = epoch, position
+            yield x, y
+
+
+def _resolve_workers(num_workers: int | str) -> int:
+    if num_workers == "auto":
+        # Gathering blocks from a memory map is cheap: workers only pay off on larger hosts.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return 0 if cpus < 8 else min(4, cpus // 4)
+    return num_workers
+
+
+class DataModule:
+    """A text source, its token cache, and the batches cut from it (contract: Data API).
+
+    Args:
+        source: "shakespeare" (embedded plays), "text_files" or "hf".
+        path, name, data_files, split, val_split, text_column: where the text is (see
+            `ncn.sources.make_source`); `path` is required for text_files and hf.
+        cache_dir: parent of the token caches (`~` expanded).
+        val_fraction: share of documents for validation, in (0, 1), when the source has
+            no validation split of its own; split_seed: seed of that choice.
+        num_proc: processes for tokenizing, int >= 1 or "auto".
+        num_workers: DataLoader workers for training batches, int >= 0 or "auto".
+        pin_memory: bool, or "auto" (True when CUDA is available).
+        pad_vocab_to: `vocab_size` is 50257 rounded up to this multiple (64 -> 50304).
+        total_tokens: None, or the expected train + val token count (checked after prepare).
+    Raises:
+        NCNConfigError: any invalid value above, a missing path, no .txt files.
+    """
+
+    def __init__(
+        self,
+        source: str = "shakespeare",
+        path: str | None = None,
+        name: str | None = None,
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        text_column: str = "text",
+        cache_dir: str | os.PathLike = "~/.cache/ncn",
+        val_fraction: float = 0.05,
+        split_seed: int = 42,
+        num_proc: int | str = "auto",
+        num_workers: int | str = 0,
+        pin_memory: bool | str = "auto",
+        pad_vocab_to: int = 64,
+        total_tokens: int | None = None,
+    ) -> None:
+        if not 0.0 < val_fraction < 1.0:
+            raise NCNConfigError(f"data.val_fraction={val_fraction} must be in (0, 1): e.g. data.val_fraction=0.05")
+        if num_proc != "auto" and not (isinstance(num_proc, int) and num_proc >= 1):
+            raise NCNConfigError(f"data.num_proc={num_proc!r} must be an integer >= 1 or 'auto'")
+        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
+            raise NCNConfigError(
+                f"data.num_workers={num_workers!r} must be an integer >= 0 or 'auto': e.g. data.num_workers=0"
+            )
+        if pin_memory not in (True, False, "auto"):
+            raise NCNConfigError(f"data.pin_memory={pin_memory!r} must be true, false or 'auto'")
+        if total_tokens is not None and not (isinstance(total_tokens, int) and total_tokens > 0):
+            raise NCNConfigError(
+                f"data.total_tokens={total_tokens!r} must be a positive integer or null (counted for you)"
+            )
+        self.source = make_source(source, path, name, data_files, split, val_split, text_column)
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.val_fraction, self.split_seed = float(val_fraction), int(split_seed)
+        self.num_proc = None if num_proc == "auto" else num_proc
+        self.num_workers = _resolve_workers(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else pin_memory
+        self.total_tokens = total_tokens
+        self.encoding = gpt2_encoding()
+        self.vocab_size = padded_vocab_size(pad_vocab_to, self.encoding.n_vocab)
+        self._prepared: PreparedData | None = None
+
+    def prepare(self) -> PreparedData:
+        """Build or verify the token cache; print the one-line summary on first call.
+
+        Raises:
+            NCNConfigError: the source cannot be loaded, or `total_tokens` disagrees with it.
+        """
+        if self._prepared is None:
+            info = token_cache.prepare(
+                self.source, self.cache_dir, self.encoding, self.val_fraction, self.split_seed, self.num_proc
+            )
+            counted = info.train_tokens + info.val_tokens
+            if self.total_tokens is not None and self.total_tokens != counted:
+                raise NCNConfigError(
+                    f"data.total_tokens={self.total_tokens} does not match {info.cache_dir / 'meta.json'} "
+                    f"(train {info.train_tokens} + val {info.val_tokens} = {counted} tokens): "
+                    f"set data.total_tokens=null (tokens are counted for you) or {counted}"
+                )
+            print(info.summary(), flush=True)
+            self._prepared = info
+        return self._prepared
+
+    def _split_file(self, split: str, block_size: int) -> Path:
+        info = self.prepare()
+        path = info.cache_dir / f"{split}.bin"
+        n = info.train_tokens if split == "train" else info.val_tokens
+        if not (isinstance(block_size, int) and block_size >= 1):
+            raise NCNConfigError(f"block_size={block_size!r} must be a positive integer")
+        if n < block_size + 1:
+            raise NCNConfigError(
+                f"data source {self.source.describe()}: the {split} split has {n} tokens ({path}), fewer than "
+                f"block_size + 1 = {block_size + 1}: use a smaller model.block_size or more text"
+            )
+        return path
+
+    def train_loader(
+        self, batch_size: int, block_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> BlockLoader:
+        """Training batches of this rank (see `BlockLoader`); prepares the cache if needed.
+
+        Raises:
+            NCNConfigError: the train or val split is shorter than block_size + 1 tokens,
+                or the train split holds fewer blocks than one global batch.
+        """
+        self._split_file("val", block_size)  # fail now rather than at the first evaluation
+        return BlockLoader(
+            self._split_file("train", block_size),
+            batch_size,
+            block_size,
+            seed,
+            rank,
+            world_size,
+            self.num_workers,
+            self.pin_memory,
+        )
+
+    def val_batches(self, batch_size: int, block_size: int, max_batches: int | None = None) -> list[Batch]:
+        """Fixed validation batches: the first blocks of the val split in order.
+
+        Returns up to `max_batches` (all when None) pairs (x, y) of int64 tensors
+        (batch_size, block_size); the last one may hold fewer rows.
+        """
+        blocks = _Blocks(self._split_file("val", block_size), block_size)
+        n = blocks.n_blocks if max_batches is None else min(blocks.n_blocks, max_batches * batch_size)
+        return [blocks.batch(np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+    def probe_tokens(self, n_tokens: int) -> list[int]:
+        """The first `n_tokens` token ids of the val split: a fixed probe prompt."""
+        info = self.prepare()
+        if not 1 <= n_tokens <= info.val_tokens:
+            raise NCNConfigError(
+                f"probe of {n_tokens} tokens: the val split has {info.val_tokens} tokens ({info.cache_dir})"
+            )
+        return np.memmap(info.cache_dir / "val.bin", dtype=TOKEN_DTYPE, mode="r")[:n_tokens].tolist()
+
+
+def main(cfg: DictConfig) -> None:
+    """`python run.py task=prepare data=<option>`: build or verify the token cache and print its summary."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare()

@@ -1,0 +1,384 @@
+"""Tests of ncn.data / ncn.sources: the embedded Shakespeare corpus, text_files, hub errors,
+resumable DDP-sharded batches and conf/data/*.yaml (NCN paper §6).
+
+The embedded corpus is tokenized once per session into a temporary cache (about 1 s).
+Run: pytest tests/test_data.py  (offline)
+"""
+
+import re
+import socket
+import time
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import hydra.utils
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ncn import data as ncn_data
+from ncn.data import BlockLoader, DataModule
+from ncn.errors import NCNConfigError
+from ncn.sources import HubDataset, Shakespeare, strip_play_markdown
+from ncn.tokenizer import EOT_TOKEN, gpt2_encoding
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("ncn-cache")
+    dm = DataModule(cache_dir=cache)
+    return dm, dm.prepare()
+
+
+@pytest.fixture
+def shakespeare(shakespeare_cache):
+    return shakespeare_cache[0]
+
+
+# ---------------------------------------------------------------- embedded corpus
+
+
+def test_embedded_corpus_size_and_split(shakespeare_cache):
+    dm, info = shakespeare_cache
+    split = info.meta["split"]
+    assert (split["train_documents"], split["val_documents"], split["rule"]) == (36, 2, "documents")
+    assert info.train_tokens + info.val_tokens > 1_200_000
+    assert 1_500_000 < info.train_tokens + info.val_tokens < 1_560_000
+    assert info.val_tokens > 20_000
+    val = np.fromfile(info.cache_dir / "val.bin", dtype=np.uint16)
+    train = np.fromfile(info.cache_dir / "train.bin", dtype=np.uint16)
+    assert (len(train), len(val)) == (info.train_tokens, info.val_tokens)
+    assert (train == EOT_TOKEN).sum() == 36 and (val == EOT_TOKEN).sum() == 2  # one EOS per play
+    assert train[-1] == val[-1] == EOT_TOKEN
+    assert dm.vocab_size == 50304 and int(max(train.max(), val.max())) == EOT_TOKEN
+
+
+def test_embedded_corpus_has_no_markdown():
+    corpus = Shakespeare().load(Path("unused"))
+    texts = corpus.documents["text"]
+    assert len(texts) == 38 and len(corpus.names) == 38
+    assert corpus.names[0] == "comedies/a-midsummer-night-s-dream" and "tragedies/hamlet" in corpus.names
+    for name, text in zip(corpus.names, texts):
+        assert "**" not in text and "*" not in text and "_" not in text and "\\" not in text, name
+        assert not re.search(r"^#", text, re.MULTILINE), name
+        assert not re.search(r"[ \t]+$", text, re.MULTILINE), name
+        assert "\n\n\n" not in text and text.endswith("\n") and not text.endswith("\n\n"), name
+    hamlet = texts[corpus.names.index("tragedies/hamlet")]
+    assert hamlet.startswith("Hamlet\n\nACT I\n\nSCENE I. Elsinore. A platform before the castle.\n\n")
+    assert "FRANCISCO at his post. Enter to him BERNARDO\n\nBERNARDO:\nWho's there?\n" in hamlet
+    assert sum(len(t.encode()) for t in texts) == 4_987_034
+
+
+def test_strip_play_markdown_rules():
+    md = (
+        "# Title\n\n## ACT I\n\n#### SCENE I. Rome.\n\n_Enter TWO, with\nothers_\n\n"
+        "**ONE**  \nA line,  \nanother line.\n\n\n\n**TWO**  \n__\\[Aside]_  \n\\--Sir, *[Reads.]* O\\.\n"
+    )
+    assert strip_play_markdown(md) == (
+        "Title\n\nACT I\n\nSCENE I. Rome.\n\nEnter TWO, with\nothers\n\n"
+        "ONE:\nA line,\nanother line.\n\nTWO:\n[Aside]\n--Sir, [Reads.] O.\n"
+    )
+
+
+def test_second_prepare_is_a_cache_hit_under_a_second(shakespeare_cache):
+    dm, info = shakespeare_cache
+    start = time.perf_counter()
+    again = DataModule(cache_dir=dm.cache_dir).prepare()
+    assert time.perf_counter() - start < 1.0
+    assert again.cache_hit and again.cache_dir == info.cache_dir and again.meta == info.meta
+
+
+def test_total_tokens_is_checked(shakespeare_cache):
+    dm, info = shakespeare_cache
+    total = info.train_tokens + info.val_tokens
+    assert DataModule(cache_dir=dm.cache_dir, total_tokens=total).prepare().train_tokens == info.train_tokens
+    with pytest.raises(NCNConfigError, match=rf"data.total_tokens=1000 does not match .*meta.json .*= {total} tokens"):
+        DataModule(cache_dir=dm.cache_dir, total_tokens=1000).prepare()
+
+
+def test_probe_and_val_batches_are_fixed(shakespeare):
+    enc = gpt2_encoding()
+    probe = shakespeare.probe_tokens(12)
+    assert len(probe) == 12 and enc.decode(probe).startswith("The Taming of the Shrew\n\nPROLOGUE")
+    first = shakespeare.val_batches(batch_size=4, block_size=64, max_batches=3)
+    again = shakespeare.val_batches(batch_size=4, block_size=64, max_batches=3)
+    assert len(first) == 3
+    for (x, y), (x2, y2) in zip(first, again):
+        assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(x[:, 1:], y[:, :-1])
+    assert first[0][0][0, :12].tolist() == probe  # blocks in file order from the start of val
+    everything = shakespeare.val_batches(batch_size=100, block_size=1023)
+    n_blocks = shakespeare.prepare().val_tokens // 1024
+    assert sum(len(x) for x, _ in everything) == n_blocks and len(everything) == -(-n_blocks // 100)
+
+
+def test_train_loader_blocks_follow_the_seeded_order(shakespeare):
+    loader = shakespeare.train_loader(batch_size=4, block_size=32, seed=5)
+    train = np.fromfile(shakespeare.prepare().cache_dir / "train.bin", dtype=np.uint16)
+    assert loader.blocks_per_epoch == len(train) // 33
+    order = loader.order(0)
+    assert sorted(order.tolist()) == list(range(loader.blocks_per_epoch)) and not np.array_equal(order, loader.order(1))
+    x, y = next(iter(loader))
+    blocks = train[: loader.blocks_per_epoch * 33].reshape(-1, 33)[order[:4]].astype(np.int64)
+    assert torch.equal(x, torch.from_numpy(blocks[:, :-1])) and torch.equal(y, torch.from_numpy(blocks[:, 1:]))
+    assert loader.state_dict() == {"epoch": 0, "position": 4}
+
+
+def test_block_size_too_large_names_split_and_numbers(shakespeare):
+    val_tokens = shakespeare.prepare().val_tokens
+    with pytest.raises(NCNConfigError, match=rf"val split has {val_tokens} tokens .*val.bin.*block_size \+ 1 = 100001"):
+        shakespeare.train_loader(batch_size=1, block_size=100_000, seed=0)
+
+
+# ---------------------------------------------------------------- batch sampler
+
+
+@pytest.fixture
+def numbered_tokens(tmp_path):
+    """A token file whose block b (8 tokens per block) starts with token 8 * b: 50 blocks + 3 spare tokens."""
+    path = tmp_path / "train.bin"
+    np.arange(50 * 8 + 3, dtype=np.uint16).tofile(path)
+    return path
+
+
+def _block_ids(x):
+    return (x[:, 0] // 8).tolist()
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_epochs_drop_the_last_incomplete_global_batch(numbered_tokens):
+    loader = BlockLoader(numbered_tokens, batch_size=4, block_size=7, seed=1)
+    assert loader.blocks_per_epoch == 50
+    batches = _take(loader, 13)  # 12 full batches per epoch (48 blocks); the 13th opens epoch 1
+    epoch0 = [b for x, _ in batches[:12] for b in _block_ids(x)]
+    assert epoch0 == loader.order(0)[:48].tolist()
+    assert _block_ids(batches[12][0]) == loader.order(1)[:4].tolist()
+    assert loader.state_dict() == {"epoch": 1, "position": 4}
+    x, y = batches[0]
+    assert torch.equal(y, x + 1)  # y is x shifted by one token
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 12, 17])  # mid-epoch, at the epoch's end, in the next epoch
+def test_resume_gives_the_same_batches(numbered_tokens, interrupt_at):
+    reference = _take(BlockLoader(numbered_tokens, 4, 7, seed=3), 30)
+    first = BlockLoader(numbered_tokens, 4, 7, seed=3)
+    head = _take(first, interrupt_at)
+    state = dict(first.state_dict())
+    resumed = BlockLoader(numbered_tokens, 4, 7, seed=3)
+    resumed.load_state_dict(state)
+    tail = _take(resumed, 30 - interrupt_at)
+    for (x, y), (rx, ry) in zip(head + tail, reference):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_resume_with_another_batch_size_continues_at_the_same_block(numbered_tokens):
+    first = BlockLoader(numbered_tokens, 4, 7, seed=0)
+    _take(first, 3)
+    bigger = BlockLoader(numbered_tokens, 6, 7, seed=0)
+    bigger.load_state_dict(first.state_dict())
+    order = bigger.order(0)
+    (x1, _), (x2, _) = _take(bigger, 2)
+    assert _block_ids(x1) == order[12:18].tolist() and _block_ids(x2) == order[18:24].tolist()
+    assert bigger.state_dict() == {"epoch": 0, "position": 24}
+
+
+def test_ddp_shards_are_disjoint_and_cover_the_epoch(numbered_tokens):
+    world = 3
+    loaders = [BlockLoader(numbered_tokens, 4, 7, seed=9, rank=r, world_size=world) for r in range(world)]
+    steps = 50 // (4 * world)  # 4 global batches of 12 blocks; 2 blocks dropped
+    seen = [[b for x, _ in _take(loader, steps) for b in _block_ids(x)] for loader in loaders]
+    flat = [b for rank in seen for b in rank]
+    assert len(flat) == len(set(flat)) == steps * 4 * world
+    assert sorted(flat) == sorted(loaders[0].order(0)[: steps * 12].tolist())
+    order = loaders[0].order(0)
+    for r in range(world):
+        assert seen[r][:4] == order[4 * r : 4 * r + 4].tolist()  # rank r: its slice of each global batch
+        assert loaders[r].state_dict() == {"epoch": 0, "position": steps * 12}
+
+
+def test_workers_give_identical_batches_and_state(numbered_tokens):
+    plain = _take(BlockLoader(numbered_tokens, 4, 7, seed=2), 8)
+    workers = BlockLoader(numbered_tokens, 4, 7, seed=2, num_workers=2, pin_memory=False)
+    got = _take(workers, 5)
+    assert workers.state_dict() == {"epoch": 0, "position": 20}  # prefetched batches are not counted
+    got += _take(workers, 3)
+    for (x, y), (px, py) in zip(got, plain):
+        assert torch.equal(x, px) and torch.equal(y, py)
+
+
+def test_bad_loader_arguments_are_refused(numbered_tokens):
+    with pytest.raises(NCNConfigError, match="rank=2, world_size=2"):
+        BlockLoader(numbered_tokens, 4, 7, seed=0, rank=2, world_size=2)
+    with pytest.raises(NCNConfigError, match="batch_size=0"):
+        BlockLoader(numbered_tokens, 0, 7, seed=0)
+    with pytest.raises(NCNConfigError, match=r"train split has 50 blocks .* = 8 tokens, .* = 51"):
+        BlockLoader(numbered_tokens, 17, 7, seed=0, world_size=3)
+
+
+def test_bad_state_is_refused(numbered_tokens):
+    loader = BlockLoader(numbered_tokens, 4, 7, seed=0)
+    with pytest.raises(NCNConfigError, match="position 51 is outside the epoch of 50 blocks"):
+        loader.load_state_dict({"epoch": 0, "position": 51})
+
+
+# ---------------------------------------------------------------- text_files and errors
+
+
+def test_text_files_folder(tmp_path):
+    root = tmp_path / "training_data"
+    (root / "sub").mkdir(parents=True)
+    stories = {f"s{i}.txt": f"Story {i}. Once upon a time there was a robot number {i}.\n" * 20 for i in range(5)}
+    for i, (name, text) in enumerate(stories.items()):
+        (root / ("sub" if i % 2 else "") / name).write_text(text, encoding="utf-8")
+    dm = DataModule(source="text_files", path=str(root), cache_dir=tmp_path / "cache", val_fraction=0.2, pad_vocab_to=1)
+    info = dm.prepare()
+    enc = gpt2_encoding()
+    assert dm.vocab_size == 50257
+    assert (info.meta["split"]["train_documents"], info.meta["split"]["val_documents"]) == (4, 1)
+    assert info.train_tokens + info.val_tokens == sum(len(enc.encode_ordinary(t)) + 1 for t in stories.values())
+    x, y = next(iter(dm.train_loader(batch_size=2, block_size=16, seed=0)))
+    assert x.shape == (2, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    assert enc.decode(dm.probe_tokens(3)).startswith("Story ")
+
+
+def test_empty_folder_error(tmp_path):
+    (tmp_path / "notes.md").write_text("markdown is not text_files input")
+    with pytest.raises(NCNConfigError, match=rf"data.path={re.escape(str(tmp_path))} contains no .txt files"):
+        DataModule(source="text_files", path=str(tmp_path), cache_dir=tmp_path / "cache")
+
+
+def test_non_utf8_file_error_names_the_file(tmp_path):
+    (tmp_path / "good.txt").write_text("fine text\n", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    dm = DataModule(source="text_files", path=str(tmp_path), cache_dir=tmp_path / "cache")
+    with pytest.raises(NCNConfigError, match=r"latin1.txt is not UTF-8 \(byte 3 of 13 is 0xe9\)"):
+        dm.prepare()
+
+
+def test_corpus_shorter_than_a_block_error(tmp_path):
+    (tmp_path / "tiny.txt").write_text("Just a few words here.\n" * 3, encoding="utf-8")  # 22 tokens with EOS
+    (tmp_path / "tinier.txt").write_text("Five words and no more.\n", encoding="utf-8")  # 8 tokens with EOS
+    dm = DataModule(source="text_files", path=str(tmp_path), cache_dir=tmp_path / "cache")
+    info = dm.prepare()
+    assert info.meta["split"]["val_names"] == ["tiny.txt"] and (info.train_tokens, info.val_tokens) == (8, 22)
+    path = re.escape(str(tmp_path))
+    with pytest.raises(NCNConfigError, match=rf"{path}: the val split has 22 tokens .*block_size \+ 1 = 65"):
+        dm.train_loader(batch_size=1, block_size=64, seed=0)
+    with pytest.raises(NCNConfigError, match=r"train split has 8 tokens .*block_size \+ 1 = 9"):
+        dm.train_loader(batch_size=1, block_size=8, seed=0)
+    with pytest.raises(NCNConfigError, match=r"train split has 1 blocks of block_size \+ 1 = 5 tokens, .* = 2"):
+        dm.train_loader(batch_size=1, block_size=4, seed=0, world_size=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_workers": -1}, r"data.num_workers=-1 must be an integer >= 0 or 'auto'"),
+        ({"num_workers": "many"}, r"data.num_workers='many'"),
+        ({"num_proc": 0}, r"data.num_proc=0 must be an integer >= 1"),
+        ({"val_fraction": 0.0}, r"data.val_fraction=0.0 must be in \(0, 1\)"),
+        ({"pin_memory": "yes"}, r"data.pin_memory='yes'"),
+        ({"total_tokens": -5}, r"data.total_tokens=-5"),
+        ({"source": "wikipedia"}, r"data.source=wikipedia is unknown"),
+        ({"source": "hf"}, r"data.source=hf needs data.path"),
+    ],
+)
+def test_config_errors(tmp_path, kwargs, match):
+    with pytest.raises(NCNConfigError, match=match):
+        DataModule(cache_dir=tmp_path, **kwargs)
+
+
+def test_auto_workers_and_pin_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)))
+    assert DataModule(cache_dir=tmp_path, num_workers="auto").num_workers == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))
+    assert DataModule(cache_dir=tmp_path, num_workers="auto").num_workers == 4
+    assert DataModule(cache_dir=tmp_path, pin_memory="auto").pin_memory == torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------- hub sources
+
+
+@pytest.fixture
+def hf_caches(tmp_path, monkeypatch):
+    """Keep every HF cache write inside tmp_path."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+
+
+def test_tinystories_offline_fails_fast(tmp_path, monkeypatch, hf_caches):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_DATASETS_OFFLINE=1 sets
+    dm = hydra.utils.instantiate(OmegaConf.load(CONF / "tinystories.yaml"), cache_dir=str(tmp_path / "cache"))
+    start = time.perf_counter()
+    with pytest.raises(NCNConfigError, match=r"data.path=roneneldan/TinyStories is not in the local HF cache"):
+        dm.prepare()
+    assert time.perf_counter() - start < 5.0
+
+
+def test_unreachable_hub_is_detected_without_offline_flag(tmp_path, monkeypatch, hf_caches):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    probed = []
+    real_connect = socket.create_connection
+
+    def recording_connect(addr, *args, **kwargs):
+        probed.append(addr)
+        return real_connect(addr, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", recording_connect)
+    start = time.perf_counter()
+    with pytest.raises(NCNConfigError, match=r"data.path=someone/some-dataset .*unreachable"):
+        HubDataset("someone/some-dataset").fingerprint()
+    assert probed == [("127.0.0.1", 9)] and time.perf_counter() - start < 5.0
+    assert datasets.config.HF_HUB_OFFLINE is False  # offline mode was only switched on for the call
+
+
+def test_hf_local_loader_with_its_own_validation_split(tmp_path, hf_caches):
+    for split, n in (("train", 6), ("validation", 2)):
+        rows = "\n".join(f'{{"story": "{split} story {i}: the end."}}' for i in range(n))
+        (tmp_path / f"{split}.jsonl").write_text(rows + "\n", encoding="utf-8")
+    files = {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "validation.jsonl")}
+    dm = DataModule(
+        source="hf", path="json", data_files=files, val_split="validation", text_column="story", cache_dir=tmp_path
+    )
+    info = dm.prepare()
+    enc = gpt2_encoding()
+    assert info.meta["split"]["rule"] == "source"
+    assert (info.meta["split"]["train_documents"], info.meta["split"]["val_documents"]) == (6, 2)
+    assert info.val_tokens == sum(len(enc.encode_ordinary(f"validation story {i}: the end.")) + 1 for i in range(2))
+    assert info.cache_dir.name.startswith("hf-json-")
+    with pytest.raises(NCNConfigError, match=r"data.text_column=text is not a column of json \(columns: story\)"):
+        DataModule(source="hf", path="json", data_files=files, cache_dir=tmp_path).prepare()
+
+
+# ---------------------------------------------------------------- configs and task=prepare
+
+
+@pytest.mark.parametrize("option", ["shakespeare", "text_files", "tinystories", "hf"])
+def test_yaml_options_share_keys_and_defaults(option, monkeypatch, tmp_path):
+    monkeypatch.setenv("NCN_CACHE_DIR", str(tmp_path))
+    cfg = OmegaConf.load(CONF / f"{option}.yaml")
+    assert cfg._target_ == "ncn.data.DataModule" and cfg.cache_dir == str(tmp_path)
+    assert (cfg.val_fraction, cfg.num_workers, cfg.pad_vocab_to, cfg.total_tokens) == (0.05, 0, 64, None)
+    monkeypatch.delenv("NCN_CACHE_DIR")
+    assert cfg.cache_dir == "~/.cache/ncn"
+    assert OmegaConf.is_missing(cfg, "path") == (option in ("text_files", "hf"))
+
+
+def test_task_prepare_prints_the_summary(shakespeare_cache, monkeypatch, capsys):
+    dm, info = shakespeare_cache
+    monkeypatch.setenv("NCN_CACHE_DIR", str(dm.cache_dir))
+    cfg = OmegaConf.create({"data": OmegaConf.load(CONF / "shakespeare.yaml")})
+    assert ncn_data.main(cfg) is None
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("data shakespeare: 38 documents (36 train / 2 val), ")
+    assert f"tokens train {info.train_tokens:,} / val {info.val_tokens:,}" in line
+    assert "5.0 MB text" in line and line.endswith(f"-> {info.cache_dir}")
