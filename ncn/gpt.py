@@ -1,0 +1,309 @@
+"""ModulatedGPT: the base GPT plus the NCN controller, with cached generation.
+
+Deviations from nanoGPT's GPT: RMSNorm instead of LayerNorm; every block takes per-token
+modulation signals computed by the controller in one batched pass before the blocks (NCN
+paper §3); causal salience pooling by default (§5); the homeostatic penalty is part of the
+loss (§4); generation keeps a KV cache and the controller's constant-size salience state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ncn.blocks import Block, KVCache
+from ncn.config import ModelConfig, ModulationConfig, check_compatible
+from ncn.controller import Controller, SalienceState
+from ncn.errors import NCNConfigError
+from ncn.signals import homeostatic_loss, signal_names
+
+
+@dataclass
+class ModelOutput:
+    """Result of `ModulatedGPT.forward`.
+
+    logits (B, T, vocab_size); ce_loss: mean next-token cross-entropy (None without
+    targets); reg_loss: homeostatic penalty, 0-dim (0 for the baseline); loss = ce_loss +
+    reg_loss (None without targets); perplexity is exp(ce_loss) only (NCN paper §4).
+    signals: name -> (B, T, n_layer) or (B, T, n_layer, n_head), with gradients; {} for the baseline.
+    """
+
+    logits: Tensor
+    loss: Tensor | None
+    ce_loss: Tensor | None
+    reg_loss: Tensor
+    signals: dict[str, Tensor]
+
+
+class ParamCount(NamedTuple):
+    """Trainable parameters; tied weights counted once. controller_share_pct = 100·controller/total."""
+
+    total: int
+    base: int
+    controller: int
+    controller_share_pct: float
+
+
+@dataclass
+class DecodeState:
+    """Everything incremental decoding carries between tokens: KV cache and salience state."""
+
+    kv: KVCache
+    salience: SalienceState | None
+
+
+class ModulatedGPT(nn.Module):
+    """GPT-style LM whose layers are modulated per token and layer by an NCN (NCN paper §2–§5).
+
+    `modulation_cfg.targets == []` builds no controller: the plain Transformer baseline.
+    Set `activation_checkpointing = True` to recompute each block in backward (training only).
+
+    Init: see `_init_base_weights` (base, first) and `Controller.init_weights` (controller,
+    neutral output biases last).
+
+    Raises:
+        NCNConfigError: invalid or incompatible configs.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, modulation_cfg: ModulationConfig | None = None) -> None:
+        super().__init__()
+        modulation_cfg = modulation_cfg if modulation_cfg is not None else ModulationConfig()
+        check_compatible(model_cfg, modulation_cfg)
+        self.config, self.modulation_config = model_cfg, modulation_cfg
+        self.activation_checkpointing = False
+        c = model_cfg
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos_emb = nn.Embedding(c.block_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.n_head, c.ffn_dim, c.dropout, i) for i in range(c.n_layer))
+        self.norm = nn.RMSNorm(c.d_model)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self._init_base_weights()
+        m = modulation_cfg
+        self.controller = None
+        if m.targets:
+            self.controller = Controller(
+                c.d_model,
+                c.n_layer,
+                c.n_head,
+                signal_names(m.targets, m.activation),
+                m.hidden_dim,
+                m.heads,
+                m.pooling,
+                m.precision_max,
+                m.per_head_precision,
+            )
+            self.controller.init_weights()
+
+    @torch.no_grad()
+    def _init_base_weights(self) -> None:
+        """Base model init (NCN paper §2), run before the controller exists.
+
+        | parameter | init |
+        |---|---|
+        | Linear and Embedding weights (tied head = token embedding) | normal(0, 0.02) |
+        | Linear biases | 0 |
+        | RMSNorm weights | 1 (PyTorch default) |
+
+        The controller initialises itself afterwards (`Controller.init_weights`), so the base
+        weights of a same-seed baseline are identical and its neutral biases survive.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> ParamCount:
+        """Parameter counts split into base model and controller (NCN paper §8)."""
+        total = sum(p.numel() for p in self.parameters())
+        ctrl = sum(p.numel() for p in self.controller.parameters()) if self.controller is not None else 0
+        return ParamCount(total, total - ctrl, ctrl, 100.0 * ctrl / total)
+
+    def _trunk(self, idx: Tensor, state: DecodeState | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Final hidden states (B, T, d) and signals for idx (B, T), continuing `state` if given."""
+        B, T = idx.shape
+        start = 0 if state is None else state.kv.pos
+        if start + T > self.config.block_size:
+            raise NCNConfigError(
+                f"sequence length T={start + T} exceeds model.block_size={self.config.block_size}: "
+                f"crop the input to the last {self.config.block_size} tokens or train with a larger block_size"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        e = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, d)
+        signals: dict[str, Tensor] = {}
+        if self.controller is not None:
+            signals, salience = self.controller(e, None if state is None else state.salience)
+            if state is not None:
+                state.salience = salience
+        per_layer = {name: self._per_block(s) for name, s in signals.items()}
+        x = e
+        for i, block in enumerate(self.blocks):
+            mod = {name: s[i] for name, s in per_layer.items()}
+            if self.activation_checkpointing and self.training and state is None:
+                x = checkpoint(block, x, **mod, use_reentrant=False)
+            else:
+                x = block(x, **mod, cache=None if state is None else state.kv)
+        if state is not None:
+            state.kv.advance(T)
+        return self.norm(x), signals
+
+    @staticmethod
+    def _per_block(s: Tensor) -> Tensor:
+        """(B, T, L[, H]) -> (L, B, T, 1 or H): one slice per block, broadcast over features/heads."""
+        return s.movedim(2, 0) if s.dim() == 4 else s.movedim(2, 0).unsqueeze(-1)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> ModelOutput:
+        """Logits, losses and signals for token ids idx (B, T), T <= block_size.
+
+        targets (B, T) int64 next-token ids. Raises NCNConfigError if T > block_size.
+        """
+        x, signals = self._trunk(idx, None)
+        logits = self.lm_head(x)  # (B, T, V)
+        if signals:
+            reg = homeostatic_loss(signals, self.modulation_config.homeostatic_lambda)
+        else:
+            reg = torch.zeros((), device=idx.device, dtype=logits.dtype)
+        ce = loss = None
+        if targets is not None:
+            # CE straight from the logits: no copy, no dtype cast (the 50k-way head dominates step time).
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = ce + reg
+        return ModelOutput(logits, loss, ce, reg, signals)
+
+    def new_decode_state(self, batch: int) -> DecodeState:
+        """Empty KV cache and salience state for `batch` sequences.
+
+        Raises NCNConfigError for pooling="global", whose pooled context at position t uses
+        tokens after t: no incremental computation can match its full forward pass.
+        """
+        c, m = self.config, self.modulation_config
+        if self.controller is not None and m.pooling == "global":
+            raise NCNConfigError(
+                "ncn.pooling=global cannot decode incrementally (its salience pools over future tokens): "
+                "generate with use_cache=False, or use a model trained with ncn.pooling=causal"
+            )
+        sal = None
+        if self.controller is not None and self.controller.salience is not None:
+            w = self.tok_emb.weight
+            sal = self.controller.salience.empty_state(batch, w.device, w.dtype)
+        return DecodeState(KVCache(c.n_layer, c.block_size), sal)
+
+    def decode(self, idx: Tensor, state: DecodeState) -> Tensor:
+        """Logits (B, Tc, V) for a chunk idx (B, Tc) that continues `state` (updated in place).
+
+        A chunk of any length (a whole prompt or one token) gives the same logits as the full
+        forward pass over prefix + chunk, up to float rounding (NCN paper §5).
+        """
+        x, _ = self._trunk(idx, state)
+        return self.lm_head(x)
+
+    def stream(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[Tensor]:
+        """Yield max_new_tokens sampled tokens, each (B, 1) int64, continuing the prompt idx (B, T).
+
+        Runs in the module's current mode: call `model.eval()` first to disable dropout.
+        temperature 0 or top_k=1 is greedy; `generator` makes sampling reproducible.
+        use_cache=True: one prefill of the prompt, then O(1) controller work and one cached
+        attention step per token. When the cache is full (block_size positions) the last
+        block_size // 2 tokens are re-prefilled into a fresh cache and salience state, so
+        the context then slides in half-block jumps. use_cache=False re-runs the full
+        forward on the last block_size tokens for every token (nanoGPT style).
+        A prompt longer than block_size is cropped from the left with a warning.
+        Arguments are checked here, before the first token is produced.
+
+        Raises:
+            NCNConfigError: pooling="global" with use_cache=True; temperature < 0; top_k < 1;
+                max_new_tokens < 0.
+        """
+        if max_new_tokens < 0:
+            raise NCNConfigError(f"max_new_tokens={max_new_tokens} is negative: use a value >= 0")
+        if temperature < 0:
+            raise NCNConfigError(f"temperature={temperature} is negative: use 0 (greedy) or a positive value")
+        if top_k is not None and top_k < 1:
+            raise NCNConfigError(f"top_k={top_k} must be >= 1 (or null for no top-k filtering)")
+        block = self.config.block_size
+        if idx.shape[1] > block:
+            warnings.warn(
+                f"prompt of {idx.shape[1]} tokens is longer than block_size={block}: using its last {block} tokens",
+                stacklevel=2,
+            )
+            idx = idx[:, -block:]
+        sample = partial(_sample, temperature=temperature, top_k=top_k, generator=generator)
+        if use_cache:
+            return self._stream_cached(idx, max_new_tokens, sample, self.new_decode_state(idx.shape[0]))
+        return self._stream_uncached(idx, max_new_tokens, sample)
+
+    @torch.no_grad()
+    def _stream_cached(
+        self, idx: Tensor, max_new_tokens: int, sample: Callable[[Tensor], Tensor], state: DecodeState
+    ) -> Iterator[Tensor]:
+        block = self.config.block_size
+        ctx = idx
+        logits = self.decode(idx, state)  # prefill: the whole prompt in one chunk
+        for i in range(max_new_tokens):
+            nxt = sample(logits[:, -1])
+            yield nxt
+            if i + 1 == max_new_tokens:
+                break
+            ctx = torch.cat([ctx, nxt], dim=1)
+            if state.kv.pos == block:
+                state = self.new_decode_state(idx.shape[0])
+                logits = self.decode(ctx[:, -max(1, block // 2) :], state)
+            else:
+                logits = self.decode(nxt, state)
+
+    @torch.no_grad()
+    def _stream_uncached(
+        self, idx: Tensor, max_new_tokens: int, sample: Callable[[Tensor], Tensor]
+    ) -> Iterator[Tensor]:
+        ctx = idx
+        for _ in range(max_new_tokens):
+            nxt = sample(self(ctx[:, -self.config.block_size :]).logits[:, -1])
+            yield nxt
+            ctx = torch.cat([ctx, nxt], dim=1)
+
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Prompt idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
+
+        Same arguments, policy and errors as `stream`; the returned prompt part is uncropped.
+        """
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, generator, use_cache))
+        return torch.cat([idx, *new], dim=1)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """Next token (B, 1) from last-position logits (B, V): greedy, or softmax(logits / T) over the top k."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)

@@ -1,0 +1,94 @@
+"""Modulation signals: transforms of the controller's raw outputs, neutral values, homeostasis.
+
+Implements the table of NCN paper §3 (gain, precision, FFN gate), the Swish-β activation
+shape of §7 (`activation_beta`) and the homeostatic penalty of §4. Everything here is a pure
+function of tensors, so analysis code can reuse it without building a model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Canonical order of the signals in the controller output (one column block per signal).
+SIGNALS = ("gain", "precision", "ffn_gate", "activation_beta")
+
+# Value of each signal that leaves the layer computing like a plain Transformer.
+# activation_beta: x·sigmoid(1.702·x) is the classic sigmoid approximation of GELU, so a fresh
+# swish_beta model computes (almost) the same FFN as the GELU baseline.
+NEUTRAL: dict[str, float] = {"gain": 1.0, "precision": 1.0, "ffn_gate": 0.95, "activation_beta": 1.702}
+
+# Open/closed ranges of the transforms, (low, high); precision's upper end is
+# ModulationConfig.precision_max (4.0 by default, the value given here).
+ACTIVATION_BETA_MAX = 4.0
+RANGES: dict[str, tuple[float, float]] = {
+    "gain": (0.0, 2.0),
+    "precision": (0.01, 4.0),
+    "ffn_gate": (0.0, 1.0),
+    "activation_beta": (0.0, ACTIVATION_BETA_MAX),
+}
+
+# Initial bias b2 of the controller's output column for each signal (NCN paper §3 table):
+# with raw z = b2 every signal sits at (about) its neutral value, so training starts near
+# the plain Transformer instead of at precision 0.70 / gate 0.50 (paper §4.1.4, spec §5.1).
+_p = NEUTRAL["activation_beta"] / ACTIVATION_BETA_MAX
+NEUTRAL_BIAS: dict[str, float] = {
+    "gain": 0.0,  # 2·sigmoid(0) = 1
+    "precision": 0.525,  # softplus(0.525) + 0.01 = 0.9997
+    "ffn_gate": 3.0,  # sigmoid(3) = 0.9526
+    "activation_beta": math.log(_p / (1.0 - _p)),  # 4·sigmoid(-0.300) = 1.702
+}
+
+# Which signal each user-facing target produces (NCN paper §3, "vocabulary").
+_TARGET_SIGNAL = {"temperature": "precision", "gain": "gain"}
+
+
+def signal_names(targets: list[str], activation: str) -> list[str]:
+    """Signals produced for `targets` (see ModulationConfig), in canonical `SIGNALS` order.
+
+    "activation" maps to `ffn_gate` when activation == "gate" and to `activation_beta` when
+    activation == "swish_beta".
+    """
+    wanted = {_TARGET_SIGNAL[t] for t in targets if t in _TARGET_SIGNAL}
+    if "activation" in targets:
+        wanted.add("ffn_gate" if activation == "gate" else "activation_beta")
+    return [s for s in SIGNALS if s in wanted]
+
+
+def transform(name: str, z: Tensor, precision_max: float = RANGES["precision"][1]) -> Tensor:
+    """Map raw controller outputs z (any shape) to signal values of the same shape.
+
+    gain = 2·sigmoid(z) in (0, 2); precision = min(softplus(z) + 0.01, precision_max) in
+    (0.01, precision_max]; ffn_gate = sigmoid(z) in (0, 1); activation_beta = 4·sigmoid(z)
+    in (0, 4). Source: NCN paper §3 table, §7.
+    """
+    if name == "gain":
+        return 2.0 * torch.sigmoid(z)
+    if name == "precision":
+        return (F.softplus(z) + 0.01).clamp(max=precision_max)
+    if name == "ffn_gate":
+        return torch.sigmoid(z)
+    if name == "activation_beta":
+        return ACTIVATION_BETA_MAX * torch.sigmoid(z)
+    raise KeyError(f"unknown signal {name!r}; known: {', '.join(SIGNALS)}")
+
+
+def homeostatic_loss(signals: dict[str, Tensor], lam: float) -> Tensor:
+    """Homeostatic penalty λ · Σ_s mean((s − 1)²) over the given signals (NCN paper §4).
+
+    The mean runs over batch, time, layer (and head), so the penalty does not grow with
+    sequence length or depth. `activation_beta` has neutral value 1.702, not 1, so it enters
+    as β/1.702: the penalty pulls it toward the GELU-like neutral shape on the same scale as
+    the other signals. Returns a 0-dim tensor; 0 for an empty dict.
+    """
+    total = None
+    for name, value in signals.items():
+        scaled = value / NEUTRAL["activation_beta"] if name == "activation_beta" else value
+        term = (scaled - 1.0).square().mean()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return lam * total
