@@ -1,0 +1,69 @@
+"""Shared test fixtures: one token cache per test session, composing the real `conf/`, running `run.py`.
+
+The embedded corpus takes seconds to tokenize, so every test (and every `run.py` subprocess,
+which inherits the environment) uses one session-wide `NCN_CACHE_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import ncn.schema  # noqa: F401  (resolvers and schema/ configs, as run.py registers them)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ncn_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Session-wide token cache directory, exported as NCN_CACHE_DIR."""
+    path = tmp_path_factory.mktemp("ncn_cache")
+    os.environ["NCN_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the schema (~5 s of migrations) once
+    return path
+
+
+@pytest.fixture
+def mlflow_store(_mlflow_template: Path) -> Callable[[Path], str]:
+    """mlflow_store(db_path) -> "sqlite:////abs/db_path": a real, empty, already migrated sqlite store."""
+
+    def _make(db: Path) -> str:
+        shutil.copyfile(_mlflow_template, db)
+        return f"sqlite:///{db}"
+
+    return _make
+
+
+@pytest.fixture
+def compose_config() -> Callable[..., DictConfig]:
+    """compose_config(overrides, hydra=False) -> the composed real config (hydra node optional)."""
+
+    def _compose(overrides: Sequence[str] = (), hydra: bool = False) -> DictConfig:
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+    return _compose
+
+
+def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python run.py *args` in `cwd` (the launch dir), capturing text output."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *args],
+        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )

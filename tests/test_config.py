@@ -1,0 +1,121 @@
+"""Config tests: every option of every group in conf/ composes and instantiates to its typed
+object, schemas reject typos at compose time, run names, and the reference-flag mapping.
+
+Run: python -m pytest -q tests/test_config.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ncn import ModelConfig, ModulatedGPT, ModulationConfig
+from ncn.optim import OptimConfig
+from ncn.tracking import MLflowTracker, NullTracker
+from ncn.runtime import default_run_name
+from ncn.train import TrainerConfig
+
+GROUPS = ("model", "ncn", "optim", "trainer", "tracking")
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((REPO / "conf" / g).glob("*.yaml"))]
+TARGETS = {
+    "none": [], "none_iso": [], "full": ["temperature", "gain", "activation"], "temperature_only": ["temperature"],
+    "gain_only": ["gain"], "activation_only": ["activation"], "no_temperature": ["gain", "activation"],
+    "no_gain": ["temperature", "activation"], "no_activation": ["temperature", "gain"],
+    "per_head_temperature": ["temperature", "gain", "activation"], "swish_beta": ["temperature", "gain", "activation"],
+    "paper_global": ["temperature", "gain", "activation"],
+}
+# Every flag of the reference train.py (NCN paper §6) -> the config key that replaces it.
+REFERENCE_FLAGS = {
+    "--d_model": "model.d_model", "--n_layer": "model.n_layer", "--n_head": "model.n_head",
+    "--ncn_heads": "ncn.heads", "--ncn_hidden_dim": "ncn.hidden_dim", "--num_epochs": "trainer.epochs",
+    "--batch_size": "trainer.batch_size", "--block_size": "model.block_size", "--lr": "optim.lr",
+    "--total_tokens": "data.total_tokens", "--use_amp": "trainer.precision",
+    "--checkpoint_frequency": "trainer.checkpoint_every", "--log_frequency": "trainer.log_every",
+    "--num_workers": "data.num_workers", "--resume_checkpoint": "trainer.resume",
+    "--gradient_accumulation_steps": "trainer.grad_accum", "--gradient_checkpointing": "trainer.activation_checkpointing",
+    "--seed": "seed",
+}
+
+
+def test_expected_options_exist() -> None:
+    found = {(g, o) for g, o in OPTIONS}
+    assert {("model", m) for m in ("tiny", "small", "medium", "paper_18m", "gpt2_124m")} <= found
+    assert {("ncn", n) for n in TARGETS} == {(g, o) for g, o in found if g == "ncn"}, "add new ncn options to TARGETS"
+    assert {("trainer", t) for t in ("default", "smoke", "gpu")} <= found
+    # YAML reads on/off/yes/no as booleans: option names must be words
+    assert not {o for _, o in OPTIONS} & {"on", "off", "yes", "no", "true", "false", "y", "n"}
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_instantiates(compose_config, tmp_path: Path, group: str, option: str) -> None:
+    cfg = compose_config([f"{group}={option}"] + (["model=tiny"] if group == "ncn" else []))
+    if group == "tracking":
+        tracker = instantiate(cfg.tracking, run_dir=tmp_path)
+        assert isinstance(tracker, {"mlflow": MLflowTracker, "none": NullTracker}[option])
+        if option == "mlflow":
+            assert tracker.uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}" and tracker.uri.startswith("sqlite:////")
+        return
+    obj = instantiate(cfg[group])
+    assert type(obj) is {"model": ModelConfig, "ncn": ModulationConfig, "optim": OptimConfig, "trainer": TrainerConfig}[group]
+    if group == "model":
+        assert obj.vocab_size == 50304  # GPT-2's 50257 padded to a multiple of data.pad_vocab_to=64
+    if group == "ncn":
+        assert obj.targets == TARGETS[option]
+        model = ModulatedGPT(instantiate(cfg.model), obj)
+        assert (model.num_parameters().controller > 0) == bool(TARGETS[option])
+
+
+def test_option_specifics(compose_config) -> None:
+    paper = instantiate(compose_config(["model=paper_18m"]).model)
+    assert (paper.d_model, paper.n_layer, paper.n_head, paper.d_ff, paper.dropout, paper.block_size) == (256, 6, 8, 1024, 0.1, 512)
+    assert instantiate(compose_config(["ncn=paper_global"]).ncn).pooling == "global"
+    assert instantiate(compose_config(["ncn=swish_beta"]).ncn).activation == "swish_beta"
+    assert instantiate(compose_config(["ncn=per_head_temperature"]).ncn).per_head_precision is True
+    gpu = instantiate(compose_config(["trainer=gpu"]).trainer)
+    assert (gpu.precision, gpu.compile, gpu.device) == ("bf16", True, "cuda")
+    smoke = instantiate(compose_config(["trainer=smoke"]).trainer)
+    assert (smoke.max_steps, smoke.checkpoint_every, smoke.eval_every) == (6, 3, 3)
+
+
+def test_schemas_reject_typos_and_wrong_types(compose_config) -> None:
+    with pytest.raises(ConfigCompositionException, match="d_modle"):
+        compose_config(["model.d_modle=64"])
+    with pytest.raises(ConfigCompositionException, match="trainer.max_steps=abc"):
+        compose_config(["trainer.max_steps=abc"])
+
+
+def test_run_names(compose_config) -> None:
+    assert default_run_name({"model": "small", "ncn": "temperature_only", "data": "shakespeare", "optim": "adamw"}, 0) == (
+        "small-temperature_only-s0"
+    )
+    assert default_run_name({"model": "tiny", "ncn": "none", "data": "tinystories", "optim": "adamw"}, 3) == "tiny-none-tinystories-s3"
+    cfg = compose_config(["ncn=gain_only", "seed=7"], hydra=True)
+    assert default_run_name(OmegaConf.to_container(cfg.hydra.runtime.choices), cfg.seed) == "small-gain_only-s7"
+
+
+def test_every_reference_flag_has_an_override(compose_config) -> None:
+    cfg = compose_config()
+    for flag, key in REFERENCE_FLAGS.items():
+        assert OmegaConf.select(cfg, key, default="MISSING") != "MISSING", f"{flag} -> {key} is not a config key"
+    readme = (REPO / "README.md").read_text()
+    for flag, key in REFERENCE_FLAGS.items():
+        assert f"`{flag}" in readme and key in readme, f"README's flag table lacks {flag} -> {key}"
+
+
+def test_cli_config_errors_are_one_line(tmp_path: Path) -> None:
+    unknown = run_cli(["ncn=bogus"], cwd=tmp_path, timeout=120)
+    assert unknown.returncode == 2
+    last = unknown.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "ncn/bogus" in last and "temperature_only" in last and "none" in last
+    shape = run_cli(["model.d_model=100", "model.n_head=3", "tracking=none"], cwd=tmp_path, timeout=120)
+    assert shape.returncode == 2
+    assert shape.stderr.strip().splitlines()[-1] == (
+        "error: model.d_model=100 is not divisible by model.n_head=3: choose d_model as a multiple of n_head "
+        "(e.g. model.d_model=99)"
+    )
+    assert not (tmp_path / "mlflow.db").exists()  # nothing created for a config error

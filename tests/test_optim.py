@@ -1,0 +1,105 @@
+"""Optimizer tests: parameter groups, the warm-up + cosine schedule as a pure function and through
+LambdaLR, config validation, and restoring optimizer state on resume.
+
+Run: python -m pytest -q tests/test_optim.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ncn import ModelConfig, ModulatedGPT, ModulationConfig
+from ncn.errors import NCNConfigError
+from ncn.optim import OptimConfig, build_optimizer, build_scheduler, load_optimizer_state, lr_at, param_groups
+
+TINY = ModelConfig(vocab_size=128, block_size=16, d_model=32, n_layer=2, n_head=2)
+
+
+@pytest.fixture
+def model() -> ModulatedGPT:
+    torch.manual_seed(0)
+    return ModulatedGPT(TINY, ModulationConfig())
+
+
+def test_every_parameter_in_exactly_one_group(model: ModulatedGPT) -> None:
+    decay, no_decay = param_groups(model, 0.1)
+    params = list(model.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == len(params)
+    assert {id(p) for p in decay["params"]} | {id(p) for p in no_decay["params"]} == {id(p) for p in params}
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    # the tied output head is the token embedding: counted once, and it decays
+    assert sum(p.numel() for p in params) == model.num_parameters().total
+    assert any(p is model.lm_head.weight for p in decay["params"])
+
+
+def test_schedule_values() -> None:
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(1e-3 / 11)
+    assert lr_at(9, **kw) == pytest.approx(1e-3 * 10 / 11)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)  # peak right after warm-up
+    assert lr_at(60, **kw) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way through the cosine
+    assert lr_at(110, **kw) == lr_at(10_000, **kw) == 1e-4  # floor
+    decay = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert lr_at(3, lr=1e-3, min_lr=0.0, warmup_steps=0, total_steps=4) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+def test_lambda_lr_follows_the_pure_function(model: ModulatedGPT) -> None:
+    cfg = OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=3, weight_decay=0.1)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=12)
+    for step in range(15):
+        expected = lr_at(step, lr=2e-3, min_lr=2e-4, warmup_steps=3, total_steps=12)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected, expected])
+        optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize(("override", "key"), [({"lr": 0.0}, "optim.lr=0.0"), ({"lr": -1.0}, "optim.lr=-1.0"),
+                                               ({"min_lr": 1.0}, "optim.min_lr=1.0"), ({"beta2": 1.0}, "optim.beta2=1.0"),
+                                               ({"warmup_steps": -1}, "optim.warmup_steps=-1")])
+def test_bad_values_name_the_key(override: dict, key: str) -> None:
+    with pytest.raises(NCNConfigError, match=key.replace(".", r"\.")):
+        OptimConfig(**override)
+
+
+def test_fused_needs_cuda(model: ModulatedGPT) -> None:
+    with pytest.raises(NCNConfigError, match="optim.fused=true"):
+        build_optimizer(model, OptimConfig(fused=True))
+    assert build_optimizer(model, OptimConfig()).defaults["fused"] is False
+
+
+def _trained(model: ModulatedGPT, cfg: OptimConfig, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+    idx = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(idx, idx).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return optimizer, scheduler
+
+
+def test_resume_restores_moments_and_schedule_and_applies_new_lr(model: ModulatedGPT) -> None:
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2)
+    optimizer, scheduler = _trained(model, cfg, steps=4)
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    fresh_opt = build_optimizer(model, cfg)
+    fresh_sched = build_scheduler(fresh_opt, cfg, total_steps=10)
+    load_optimizer_state(fresh_opt, fresh_sched, state, cfg)
+    assert fresh_sched.last_epoch == 4
+    for p in model.parameters():
+        assert torch.equal(fresh_opt.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
+    assert [g["lr"] for g in fresh_opt.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    # a resume with a new peak lr really uses it (the checkpoint's hyperparameters do not win)
+    new = OptimConfig(lr=5e-4, min_lr=1e-4, warmup_steps=2, weight_decay=0.05)
+    other_opt = build_optimizer(model, new)
+    other_sched = build_scheduler(other_opt, new, total_steps=10)
+    load_optimizer_state(other_opt, other_sched, state, new)
+    assert other_opt.param_groups[0]["lr"] == pytest.approx(lr_at(4, lr=5e-4, min_lr=1e-4, warmup_steps=2, total_steps=10))
+    assert [g["weight_decay"] for g in other_opt.param_groups] == [0.05, 0.0]

@@ -1,0 +1,178 @@
+"""Training job tests, each a real `python run.py model=tiny trainer=smoke` subprocess recording into a
+temporary MLflow sqlite store: recorded params/metrics/artifacts, exact resume after a crash into
+the same run, NaN handling (FAILED, or skipped), and Ctrl-C (KILLED).
+
+Run: python -m pytest -q tests/test_train.py   (about a minute on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from mlflow import MlflowClient
+
+from ncn import ModelConfig, ModulatedGPT, ModulationConfig
+from ncn.checkpoint import CRASH_ENV, CRASH_EXIT_CODE
+from ncn.optim import lr_at
+from ncn.errors import NCNConfigError
+from ncn.train import NONFINITE_ENV, TrainerConfig, TrainState, total_steps
+
+SMOKE = ["model=tiny", "trainer=smoke"]
+
+
+def _only_run(uri: str):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ncn").experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, _mlflow_template: Path) -> tuple[Path, str]:
+    """An uninterrupted smoke run: (run dir, tracking URI)."""
+    base = tmp_path_factory.mktemp("reference")
+    shutil.copyfile(_mlflow_template, base / "mlflow.db")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    done = run_cli([*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={base / 'run'}"], cwd=base)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return base / "run", uri
+
+
+def test_smoke_run_records_params_metrics_and_artifacts(reference: tuple[Path, str]) -> None:
+    run_dir, uri = reference
+    client, run = _only_run(uri)
+    assert (run.info.status, run.info.run_name) == ("FINISHED", "tiny-full-s0")
+    params = run.data.params
+    count = ModulatedGPT(ModelConfig(vocab_size=50304, block_size=32, d_model=32, n_layer=2, n_head=2),
+                         ModulationConfig()).num_parameters()
+    assert params["model.vocab_size"] == "50304"
+    assert params["ncn.targets"] == "[temperature, gain, activation]"
+    assert params["trainer.max_steps"] == "6" and params["optim.lr"] == "0.0006"
+    assert params["tracking.uri"] == uri and params["run_name"] == "tiny-full-s0"
+    assert (params["n_params"], params["n_params_controller"]) == (str(count.total), str(count.controller))
+    assert float(params["controller_share_pct"]) == pytest.approx(count.controller_share_pct, abs=1e-3)
+    assert int(params["dataset.train_tokens"]) > 1_000_000 and int(params["dataset.val_tokens"]) > 10_000
+    assert [s for s, _ in _history(client, run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in _history(client, run.info.run_id, "val/loss")] == [0, 3, 6]
+    assert [s for s, _ in _history(client, run.info.run_id, "signals/precision/L1/std")] == [0, 3, 6]
+    assert _history(client, run.info.run_id, "train/lr")[0] == (1, pytest.approx(lr_at(0, lr=6e-4, min_lr=6e-5, warmup_steps=100, total_steps=6)))
+    val0 = _history(client, run.info.run_id, "val/ppl")[0][1]
+    assert 30_000 < val0 < 80_000  # a fresh model is near uniform over 50k tokens
+    assert set(run.data.metrics) >= {"train/ce_loss", "train/reg_loss", "train/ppl", "train/grad_norm",
+                                     "train/tokens_per_s", "train/tokens_seen", "signals/gain/L0/mean", "signals/ffn_gate/L1/mean"}
+    assert run.data.metrics["train/tokens_seen"] == 6 * 4 * 32
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "hydra", "metrics.json", "probe"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "probe")} == {
+        "probe/signals_step_000000.png", "probe/signals_step_000003.png", "probe/signals_step_000006.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "hydra")} == {"hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml"}
+    tags = run.data.tags
+    assert "model=tiny" in tags["ncn.command"] and tags["hydra.choices.model"] == "tiny" and tags["hydra.choices.ncn"] == "full"
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert final["val/loss"] == pytest.approx(run.data.metrics["val/loss"]) and final["step"] == 6
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000006"]
+    state = json.loads((run_dir / "checkpoints" / "step_000006" / "train_state.json").read_text())
+    assert (state["step"], state["tokens_seen"], state["mlflow_run_id"]) == (6, 6 * 4 * 32, run.info.run_id)
+    assert state["data"] == {"epoch": 0, "position": 6 * 4}
+
+
+def test_resume_after_crash_is_exact_and_continues_the_run(reference: tuple[Path, str], tmp_path: Path, mlflow_store) -> None:
+    ref_dir, ref_uri = reference
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    crashed = run_cli([*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'outputs' / 'a'}"], cwd=tmp_path,
+                      env={CRASH_ENV: "6"})  # dies while writing the final checkpoint
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
+    client, run = _only_run(uri)
+    assert run.info.status == "RUNNING"
+    resumed = run_cli([*SMOKE, f"tracking.uri={uri}", "trainer.resume=latest", f"hydra.run.dir={tmp_path / 'outputs' / 'b'}"],
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, run = _only_run(uri)  # the same run, continued
+    assert run.info.status == "FINISHED"
+    _, ref_run = _only_run(ref_uri)
+    ref_client = MlflowClient(ref_uri)
+    for key in ("train/loss", "val/loss", "train/lr"):  # one continuous history, bitwise equal values
+        assert _history(client, run.info.run_id, key) == _history(ref_client, ref_run.info.run_id, key)
+    final = tmp_path / "outputs" / "b" / "checkpoints" / "step_000006"
+    ours = torch.load(final / "model.pt", weights_only=True)
+    theirs = torch.load(ref_dir / "checkpoints" / "step_000006" / "model.pt", weights_only=True)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    state = json.loads((final / "train_state.json").read_text())
+    assert (state["step"], state["data"], state["mlflow_run_id"]) == (6, {"epoch": 0, "position": 24}, run.info.run_id)
+    # params are immutable in MLflow: what the resume changed is a tag and an artifact
+    assert run.data.params["trainer.resume"] == "null"
+    assert run.data.tags["ncn.resume/step_000003"] == "trainer.resume=latest"
+    changed = client.list_artifacts(run.info.run_id, "resume/step_000003")
+    assert {a.path for a in changed} >= {"resume/step_000003/changed_params.json", "resume/step_000003/config.yaml"}
+
+
+def test_nonfinite_loss_stops_failed_or_is_skipped(tmp_path: Path, mlflow_store) -> None:
+    uri = mlflow_store(tmp_path / "stop.db")
+    stop = run_cli([*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'stop'}"], cwd=tmp_path, env={NONFINITE_ENV: "5"})
+    assert stop.returncode == 2
+    last = stop.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss or gradient at step 5: training stopped")
+    assert str(tmp_path / "stop" / "checkpoints" / "step_000003") in last and "trainer.skip_nonfinite" in last
+    assert _only_run(uri)[1].info.status == "FAILED"
+    assert (tmp_path / "stop" / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+    uri = mlflow_store(tmp_path / "skip.db")
+    skip = run_cli([*SMOKE, f"tracking.uri={uri}", "trainer.skip_nonfinite=1", f"hydra.run.dir={tmp_path / 'skip'}"],
+                   cwd=tmp_path, env={NONFINITE_ENV: "2"})
+    assert skip.returncode == 0, skip.stderr[-3000:]
+    client, run = _only_run(uri)
+    assert run.info.status == "FINISHED"
+    assert _history(client, run.info.run_id, "train/nonfinite_skipped") == [(2, 1.0)]
+    assert [s for s, _ in _history(client, run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    cmd = [sys.executable, str(REPO / "run.py"), *SMOKE, "trainer.max_steps=10000", "trainer.log_every=1",
+           f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 180
+    for line in proc.stdout:  # wait until training is under way
+        if "step 2/10000" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+    assert _only_run(uri)[1].info.status == "KILLED"
+
+
+def test_step_bounds_and_their_resume() -> None:
+    epochs = TrainerConfig(max_steps=None, epochs=1.0, batch_size=4, grad_accum=2)
+    assert total_steps(epochs, TrainState(), blocks_per_epoch=100, global_batch=4, tokens_per_step=256) == 13
+    # resumed after 5 steps = 10 micro-batches = 40 blocks: the same budget remains
+    resumed = TrainState(step=5, tokens_seen=1280, data={"epoch": 0, "position": 40})
+    assert total_steps(epochs, resumed, blocks_per_epoch=100, global_batch=4, tokens_per_step=256) == 13
+    # ... and with a doubled batch size it takes half as many steps for the rest
+    assert total_steps(epochs, resumed, blocks_per_epoch=100, global_batch=8, tokens_per_step=512) == 5 + 4
+    tokens = TrainerConfig(max_steps=None, max_tokens=1000)
+    assert total_steps(tokens, TrainState(), 100, 4, tokens_per_step=128) == 8
+    assert total_steps(tokens, TrainState(step=4, tokens_seen=512), 100, 4, tokens_per_step=128) == 8
+    both = TrainerConfig(max_steps=3, epochs=2.0)
+    assert total_steps(both, TrainState(), 100, 4, tokens_per_step=128) == 3
+    with pytest.raises(NCNConfigError, match="are all null: set one"):
+        TrainerConfig(max_steps=None)
+    with pytest.raises(NCNConfigError, match="trainer.precision='fp8' is unknown"):
+        TrainerConfig(max_steps=1, precision="fp8")
