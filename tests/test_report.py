@@ -1,0 +1,153 @@
+"""Tests of ncn.report on synthetic sweeps logged to a real temporary MLflow store: the table's
+statistics checked by hand (mean ± sample std, paired and Welch 95 % t-intervals, perplexity,
+tokens/s), grid order, baselines, excluded failed runs, the CSV/PNG/Markdown files and artifacts.
+
+Run: python -m pytest -q tests/test_report.py   (a few seconds)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from ncn.errors import NCNConfigError
+from ncn.report import RunResult, cli, delta_interval, find_sweep, markdown, report, table
+
+T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5 %, 2 degrees of freedom (table value)
+
+# variant -> {seed: final val loss}; gain_only misses seed 2 (-> Welch interval)
+LOSSES = {"none": {0: 5.0, 1: 5.2, 2: 5.1}, "full": {0: 4.9, 1: 5.0, 2: 5.05}, "gain_only": {0: 5.3, 1: 5.5}}
+PARAMS = {"none": (1000, "0.000"), "full": (1100, "9.091"), "gain_only": (1050, "4.762")}
+SPEED = {"none": [100.0, 200.0, 300.0], "full": [90.0, 110.0], "gain_only": [50.0]}
+
+
+def _child(client: MlflowClient, exp: str, parent: str, variant: str, seed: int, loss: float | None,
+           status: str = "FINISHED") -> str:
+    run = client.create_run(exp, run_name=f"tiny-{variant}-s{seed}",
+                            tags={"mlflow.parentRunId": parent, "hydra.choices.ncn": variant})
+    rid = run.info.run_id
+    n, share = PARAMS[variant]
+    params = {"seed": str(seed), "n_params": str(n), "controller_share_pct": share, "tokens_per_step": "100"}
+    metrics = [Metric("train/tokens_per_s", v, 0, 10 * (i + 1)) for i, v in enumerate(SPEED[variant])]
+    if loss is not None:  # val/loss falls to the final value at step 20
+        metrics += [Metric("val/loss", v, 0, step) for step, v in ((0, 10.0), (10, loss + 1.0), (20, loss))]
+    client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
+    client.set_terminated(rid, status)
+    return rid
+
+
+@pytest.fixture
+def sweep(tmp_path: Path, mlflow_store) -> tuple[MlflowClient, str]:
+    """A finished 'ablation' parent with 8 finished children and one FAILED child; (client, parent id)."""
+    client = MlflowClient(mlflow_store(tmp_path / "mlflow.db"))
+    exp = client.create_experiment("ncn", artifact_location=(tmp_path / "artifacts").as_uri())
+    grid = {"ncn": ["none", "gain_only", "full"], "seed": ["0", "1", "2"]}
+    parent = client.create_run(exp, run_name="ablation", tags={
+        "ncn.sweep": "ablation", "ncn.sweep.grid": json.dumps(grid), "ncn.sweep.dir": str(tmp_path / "sweep")}).info.run_id
+    for variant, by_seed in LOSSES.items():
+        for seed, loss in by_seed.items():
+            _child(client, exp, parent, variant, seed, loss)
+    _child(client, exp, parent, "gain_only", 2, None, status="FAILED")
+    client.set_terminated(parent, "FAILED")
+    return client, parent
+
+
+def test_report_table_statistics_by_hand(sweep, tmp_path: Path) -> None:
+    client, parent_id = sweep
+    rows, paths = report(client, client.get_run(parent_id), tmp_path / "out")
+    assert [r["variant"] for r in rows] == ["none", "gain_only", "full"]  # grid order, not alphabetical
+    none, gain, full = rows
+    assert (none["seeds"], none["runs"], gain["seeds"], gain["runs"]) == ("0,1,2", 3, "0,1", 2)
+    assert (full["params"], full["controller_share_pct"], none["params"]) == (1100, 9.091, 1000)
+    # mean ± sample std of the final val loss: 5.0, 5.2, 5.1 -> 5.1 ± 0.1
+    assert none["val_loss_mean"] == pytest.approx(5.1) and none["val_loss_std"] == pytest.approx(0.1)
+    assert full["val_loss_mean"] == pytest.approx(14.95 / 3)
+    assert full["val_loss_std"] == pytest.approx(math.sqrt(0.0116666667 / 2))
+    ppl = [math.exp(5.0), math.exp(5.2), math.exp(5.1)]
+    assert none["val_ppl_mean"] == pytest.approx(sum(ppl) / 3)
+    assert none["val_ppl_std"] == pytest.approx(math.sqrt(sum((p - sum(ppl) / 3) ** 2 for p in ppl) / 2))
+    # paired by seed: differences -0.1, -0.2, -0.05 -> mean -0.11667, sd 0.076376, half = t(0.975, 2) * sd / sqrt(3)
+    half = T_975_DF2 * math.sqrt(0.0116666667 / 2) / math.sqrt(3)
+    assert full["delta_method"] == "paired" and full["baseline"] == "none"
+    assert full["delta_val_loss"] == pytest.approx(-0.35 / 3)
+    assert (full["delta_ci_low"], full["delta_ci_high"]) == (pytest.approx(-0.35 / 3 - half), pytest.approx(-0.35 / 3 + half))
+    assert half == pytest.approx(0.18973, abs=1e-5)
+    # Welch (seeds differ): var 0.02/2 and 0.01/3, df = 1.6842
+    from scipy.stats import t
+
+    se2 = 0.02 / 2 + 0.01 / 3
+    df = se2**2 / ((0.02 / 2) ** 2 / 1 + (0.01 / 3) ** 2 / 2)
+    assert df == pytest.approx(1.68421, abs=1e-5)
+    assert gain["delta_method"] == "welch" and gain["delta_val_loss"] == pytest.approx(0.3)
+    assert gain["delta_ci_high"] - 0.3 == pytest.approx(t.ppf(0.975, df) * math.sqrt(se2))
+    assert math.isnan(none["delta_val_loss"]) and none["delta_method"] == ""
+    # tokens/s: mean over each run's logged windows, then over seeds
+    assert (none["tokens_per_s"], full["tokens_per_s"], gain["tokens_per_s"]) == (200.0, 100.0, 50.0)
+
+    md, csv_path, png = paths
+    text = md.read_text()
+    assert "| full | 0,1,2 | 1,100 | 9.09 | 4.9833 ± 0.0764 |" in text
+    assert f"| {-0.35 / 3:+.4f} [{-0.35 / 3 - half:+.4f}, {-0.35 / 3 + half:+.4f}] vs none |" in text
+    assert "| none | 0,1,2 | 1,000 | 0.00 | 5.1000 ± 0.1000 |" in text and "| baseline |" in text
+    assert "Not included (did not finish): tiny-gain_only-s2 (FAILED)" in text
+    with csv_path.open() as f:
+        table_rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in table_rows] == ["none", "gain_only", "full"]
+    assert float(table_rows[2]["delta_ci_low"]) == pytest.approx(-0.35 / 3 - half)
+    assert table_rows[0]["delta_val_loss"] == ""  # the baseline has no Δ
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    logged = sorted(a.path for a in client.list_artifacts(parent_id, "report"))
+    assert logged == ["report/report.csv", "report/report.md", "report/val_loss.png"]
+
+
+def test_delta_interval_edge_cases() -> None:
+    assert delta_interval({0: 2.0}, {0: 1.5})[0] == 0.5
+    assert [math.isnan(x) for x in delta_interval({0: 2.0}, {0: 1.5})[1:3]] == [True, True]
+    assert delta_interval({0: 2.0}, {0: 1.5})[3] == "n/a"
+    # identical paired differences: zero-width interval
+    assert delta_interval({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0}) == (1.0, 1.0, 1.0, "paired")
+
+
+def test_multi_key_grid_uses_matching_baseline() -> None:
+    """scale-like grid (model × ncn): each size is compared with the baseline of the same size."""
+    grid = {"model": ["tiny", "small"], "ncn": ["none", "full"]}
+    losses = {("tiny", "none"): 7.0, ("tiny", "full"): 6.9, ("small", "none"): 6.0, ("small", "full"): 5.7}
+    results = [RunResult(f"model={m} ncn={n}", 0, 1, 0.0, v, 1.0, [(0.0, v)]) for (m, n), v in losses.items()]
+    labels = [f"model={m} ncn={n}" for m in grid["model"] for n in grid["ncn"]]
+    rows = {r["variant"]: r for r in table(results, labels, grid)}
+    assert rows["model=small ncn=full"]["baseline"] == "model=small ncn=none"
+    assert rows["model=small ncn=full"]["delta_val_loss"] == pytest.approx(-0.3)
+    assert rows["model=tiny ncn=full"]["delta_val_loss"] == pytest.approx(-0.1)
+    assert "| model=tiny ncn=full | 0 |" in markdown(list(rows.values()), "scale", [])
+
+
+def test_find_sweep_by_id_experiment_and_errors(sweep, tmp_path: Path) -> None:
+    client, parent_id = sweep
+    assert find_sweep(client, parent_id, "ncn").info.run_id == parent_id
+    exp = client.get_experiment_by_name("ncn").experiment_id
+    newer = client.create_run(exp, run_name="pooling", tags={"ncn.sweep": "pooling"}).info.run_id
+    assert find_sweep(client, "ncn", "unused").info.run_id == newer  # newest sweep of the experiment
+    assert find_sweep(client, None, "ncn").info.run_id == newer
+    assert find_sweep(client, "ablation", "ncn").info.run_id == parent_id  # a sweep name: its newest launch
+    with pytest.raises(NCNConfigError, match="sweep_run=nope is neither a run id, an experiment nor a sweep name"):
+        find_sweep(client, "nope", "ncn")
+    with pytest.raises(NCNConfigError, match=f"sweep_run={'0' * 32} is not a run"):
+        find_sweep(client, "0" * 32, "ncn")
+    client.create_experiment("empty", artifact_location=(tmp_path / "a2").as_uri())
+    with pytest.raises(NCNConfigError, match="experiment empty has no sweep runs"):
+        find_sweep(client, "empty", "ncn")
+
+
+def test_cli_writes_into_the_sweep_dir(sweep, tmp_path: Path, capsys) -> None:
+    client, parent_id = sweep
+    cli([parent_id, "--uri", client.tracking_uri])
+    out = tmp_path / "sweep" / "report"
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.md", "val_loss.png"]
+    printed = capsys.readouterr().out
+    assert "| full | 0,1,2 |" in printed and str(out / "report.md") in printed

@@ -1,0 +1,209 @@
+"""Sweep tests: every sweeps/*.yaml composes; the iso-parameter baseline matches `full` within 0.5 %;
+real `python run.py -cd sweeps ...` multiruns (model=tiny trainer=smoke on a small synthetic
+text_files corpus) checked in a temporary MLflow store: parent/child nesting, identical param
+keys, the report, the joblib launcher on a fresh store and cold cache, and a failing job.
+
+Run: python -m pytest -q tests/test_sweeps.py   (about 2 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from mlflow import MlflowClient
+
+from ncn import ModulatedGPT
+from ncn.report import report
+from ncn.sweep import sweep_grid
+from ncn.train import NONFINITE_ENV
+
+SWEEPS = {
+    "ablation": {"ncn": "none,none_iso,temperature_only,gain_only,activation_only,full", "seed": "0,1,2"},
+    "leave_one_out": {"ncn": "full,no_temperature,no_gain,no_activation", "seed": "0,1,2"},
+    "pooling": {"ncn.pooling": "causal,none,global", "seed": "0,1,2"},
+    "homeostasis": {"ncn.homeostatic_lambda": "0.0,0.001,0.01,0.1", "seed": "0,1"},
+    "scale": {"model": "tiny,small", "ncn": "none,full", "seed": "0"},
+    "lr_search": {"optim.lr": "tag(log, interval(1e-4, 1e-2))"},
+}
+# tiny and fast: threads=1 keeps 2-core CI machines from oversubscribing
+FAST = ["model=tiny", "trainer=smoke", "trainer.probe_tokens=0", "trainer.threads=1", "trainer.checkpoint_every=6"]
+
+
+def _compose_sweep(name: str, overrides: list[str] = ()):
+    with initialize_config_dir(str(REPO / "sweeps"), version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("name", sorted(SWEEPS))
+def test_every_sweep_file_composes(name: str) -> None:
+    cfg = _compose_sweep(name, ["model=tiny"])
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert dict(cfg.hydra.sweeper.params) == SWEEPS[name]
+    assert cfg.hydra.sweep.dir.startswith(f"multirun/{name}/")  # unresolved: ${now:...} per launch
+    assert cfg.hydra.callbacks.sweep._target_ == "ncn.sweep.SweepCallback"
+    assert (cfg.trainer.max_steps, cfg.trainer.probe_tokens, cfg.model.d_model) == (300, 0, 32)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper" if name == "lr_search" else "BasicSweeper")
+    # the command line beats the file: trainer=smoke replaces the sweep budget
+    assert _compose_sweep(name, ["trainer=smoke"]).trainer.max_steps == 6
+
+
+def test_sweep_grid_merges_like_hydra() -> None:
+    """Command-line values replace the file's grid key by key, keeping the file's order."""
+    grid = sweep_grid({"ncn": "none,full,gain_only", "seed": "0,1,2"}, ["model=tiny", "seed=0", "ncn=none,full"])
+    assert list(grid.items()) == [("ncn", ["none", "full"]), ("seed", ["0"]), ("model", ["tiny"])]
+    assert sweep_grid({"optim.lr": "tag(log, interval(1e-4, 1e-2))"}, []) == {"optim.lr": "tag(log, interval(1e-4, 1e-2))"}
+
+
+def test_slurm_launcher_config_composes(compose_config) -> None:
+    cfg = compose_config(["hydra/launcher=slurm"], hydra=True)
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.timeout_min) == (1, 240)
+
+
+# d_ff = 4·d + round(controller params / (n_layer·(2d + 1))), worked out by hand:
+# tiny 128 + round(6758 / 130), small 512 + round(75212 / 1028), paper_18m 1024 + round(281042 / 3084)
+@pytest.mark.parametrize(("model", "d_ff"), [("tiny", 180), ("small", 585), ("paper_18m", 1115)])
+def test_iso_parameter_baseline_matches_full(compose_config, model: str, d_ff: int) -> None:
+    counts = {}
+    for option in ("none", "none_iso", "full"):
+        cfg = compose_config([f"model={model}", f"ncn={option}"], hydra=True)
+        with torch.device("meta"):
+            counts[option] = ModulatedGPT(instantiate(cfg.model), instantiate(cfg.ncn)).num_parameters()
+        if option == "none_iso":
+            assert (cfg.model.d_ff, cfg.ncn.targets, cfg.hydra.runtime.choices.ncn) == (d_ff, [], "none_iso")
+    iso, full, plain = counts["none_iso"].total, counts["full"].total, counts["none"].total
+    assert counts["none_iso"].controller == 0
+    assert abs(iso - full) / full < 0.005 and abs(iso - full) < abs(plain - full)
+    n_layer, d_model = instantiate(cfg.model).n_layer, instantiate(cfg.model).d_model
+    assert abs(iso - full) <= n_layer * (d_model + 1)  # rounding d_ff to an integer, nothing more
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 small .txt files (~1,000 words each) of seeded pseudo-English."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the a king queen night day sword crown love death speak hear my lord lady fair foul".split()
+    for i in range(10):
+        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(1000)) + ".\n")
+    return root
+
+
+def _sweep(tmp: Path, corpus: Path, name: str, *overrides: str, env: dict[str, str] | None = None):
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    done = run_cli(["-cd", str(REPO / "sweeps"), "-cn", name, *FAST, "data=text_files", f"data.path={corpus}",
+                    "data.val_fraction=0.2", f"tracking.uri={uri}", *overrides], cwd=tmp, env=env, timeout=400)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ncn").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.run_name)
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    return done, client, parents[0], children
+
+
+@pytest.fixture(scope="module")
+def two_variant(tmp_path_factory: pytest.TempPathFactory, corpus: Path, _mlflow_template: Path):
+    """`ablation ncn=none,full seed=0` at model=tiny trainer=smoke: (tmp dir, result, client, parent, children)."""
+    tmp = tmp_path_factory.mktemp("two_variant")
+    shutil.copyfile(_mlflow_template, tmp / "mlflow.db")
+    return (tmp, *_sweep(tmp, corpus, "ablation", "ncn=none,full", "seed=0"))
+
+
+def test_two_variant_sweep_nests_runs_and_reports(two_variant) -> None:
+    tmp_path, done, client, parent, children = two_variant
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [c.info.run_name for c in children] == ["tiny-full-text_files-s0", "tiny-none-text_files-s0"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert [c.info.status for c in [parent, *children]] == ["FINISHED"] * 3
+    tags = parent.data.tags
+    assert (parent.info.run_name, tags["ncn.sweep"], json.loads(tags["ncn.sweep.grid"])) == (
+        "ablation", "ablation", {"ncn": ["none", "full"]})
+    assert (tags["ncn.sweep.jobs"], tags["ncn.sweep.jobs_finished"], tags["ncn.sweep.jobs_expected"]) == ("2", "2", "2")
+    assert Path(tags["ncn.sweep.dir"]).parent.parent == tmp_path / "multirun" / "ablation"
+    assert sorted(c.data.tags["ncn.sweep.job"] for c in children) == ["0: ncn=none", "1: ncn=full"]
+    full, none = children
+    assert set(full.data.params) == set(none.data.params)  # the compare view lines them up
+    assert len(full.data.params) > 50
+    assert (full.data.params["n_params_controller"], none.data.params["n_params_controller"]) == ("6758", "0")
+
+    rows, _ = report(client, client.get_run(parent.info.run_id), tmp_path / "report")
+    assert [r["variant"] for r in rows] == ["none", "full"]
+    for row, run in zip(rows, [none, full]):
+        speed = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
+        assert row["val_loss_mean"] == pytest.approx(run.data.metrics["val/loss"])
+        assert row["val_ppl_mean"] == pytest.approx(run.data.metrics["val/ppl"])
+        assert (row["params"], row["seeds"]) == (int(run.data.params["n_params"]), "0")
+        assert row["tokens_per_s"] == pytest.approx(sum(speed) / len(speed))
+    assert rows[1]["delta_val_loss"] == pytest.approx(full.data.metrics["val/loss"] - none.data.metrics["val/loss"])
+    assert rows[1]["controller_share_pct"] == float(full.data.params["controller_share_pct"])
+
+    # the same report through the CLI task, into its Hydra run dir and printed
+    shown = run_cli(["task=report", f"sweep_run={parent.info.run_id}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                     f"hydra.run.dir={tmp_path / 'report_run'}"], cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"| full | 0 | {int(full.data.params['n_params']):,} |" in shown.stdout
+    assert (tmp_path / "report_run" / "report" / "report.csv").read_text().count("\n") == 3  # header + 2 rows
+
+
+def test_joblib_parallel_jobs_on_fresh_store_and_cold_cache(tmp_path: Path, corpus: Path) -> None:
+    cache = tmp_path / "cold_cache"  # neither the sqlite file nor the token cache exists yet
+    done, client, parent, children = _sweep(tmp_path, corpus, "ablation", "ncn=full", "seed=0,1",
+                                            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                                            env={"NCN_CACHE_DIR": str(cache)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(c.info.run_name, c.info.status) for c in children] == [
+        ("tiny-full-text_files-s0", "FINISHED"), ("tiny-full-text_files-s1", "FINISHED")]
+    assert parent.info.status == "FINISHED" and parent.data.tags["ncn.sweep.launcher"] == "JoblibLauncher"
+    assert [c.data.params["seed"] for c in children] == ["0", "1"] and all("val/loss" in c.data.metrics for c in children)
+    assert len({c.data.tags["ncn.run_dir"] for c in children}) == 2
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # one token cache, built once
+    # the store is still usable: a new run can be written and read back
+    exp = client.get_experiment_by_name("ncn").experiment_id
+    extra = client.create_run(exp, run_name="after").info.run_id
+    client.log_metric(extra, "x", 1.0)
+    assert len(client.search_runs([exp])) == 4 and client.get_run(extra).data.metrics == {"x": 1.0}
+
+
+def test_failing_job_fails_parent_and_exit_code(tmp_path: Path, corpus: Path, mlflow_store) -> None:
+    """Job 0 diverges (NaN at step 2, no skips allowed), job 1 skips that step and finishes, job 2
+    has a config error before its training run exists: it still gets a FAILED child run."""
+    mlflow_store(tmp_path / "mlflow.db")
+    done, client, parent, children = _sweep(tmp_path, corpus, "ablation", "ncn=full", "seed=0",
+                                            "trainer.skip_nonfinite=0,5,-1", env={NONFINITE_ENV: "2"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: non-finite loss or gradient at step 2")
+    by_job = {c.data.tags["ncn.sweep.job"]: c for c in children}
+    assert {k: c.info.status for k, c in by_job.items()} == {
+        "0: trainer.skip_nonfinite=0": "FAILED", "1: trainer.skip_nonfinite=5": "FINISHED",
+        "2: trainer.skip_nonfinite=-1": "FAILED"}
+    assert by_job["2: trainer.skip_nonfinite=-1"].data.tags["ncn.error"].startswith(
+        "NCNConfigError: trainer.skip_nonfinite=-1 must be >= 0")
+    tags = parent.data.tags
+    assert parent.info.status == "FAILED"
+    assert (tags["ncn.sweep.jobs"], tags["ncn.sweep.jobs_finished"], tags["ncn.sweep.jobs_failed"]) == ("3", "1", "2")
+    assert sorted(k for k in tags if k.startswith("ncn.sweep.failed.")) == ["ncn.sweep.failed.0", "ncn.sweep.failed.2"]
+    assert "NonFiniteLossError" in tags["ncn.sweep.failed.0"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt install chromium)")
+def test_mlflow_ui_compare_view_renders_the_sweep(two_variant) -> None:
+    """scripts/mlflow_screenshot.py against the two-variant store: run names and params in the DOM."""
+    tmp_path = two_variant[0]
+    shot = tmp_path / "compare.png"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "mlflow_screenshot.py"), "--uri",
+                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(shot), "--budget-ms", "15000"],
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "compare view of 2 runs of sweep ablation" in done.stdout
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
