@@ -12,10 +12,10 @@ import sys
 import hydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
 import ncn.schema  # noqa: F401  (registers resolvers and schema/ configs before composition)
-from ncn.errors import NCNConfigError
+from ncn.errors import NCNConfigError, one_line
 
 TASKS = {"train": "ncn.train", "prepare": "ncn.data", "generate": "ncn.generate",
          "analyze": "ncn.analysis", "eval": "ncn.evaluate", "report": "ncn.report"}
@@ -26,25 +26,6 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.task not in TASKS:
         raise NCNConfigError(f"task={cfg.task} is unknown: choose one of {', '.join(TASKS)}")
     return importlib.import_module(TASKS[cfg.task]).main(cfg)
-
-
-def one_line(exc: BaseException) -> str:
-    """Our own message if the cause chain holds an NCNConfigError, else Hydra's/OmegaConf's, on one line."""
-    chain = [exc]
-    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
-        chain.append(nxt)
-    first = [str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__ for e in chain]
-    for e, line in zip(chain, first):
-        if isinstance(e, NCNConfigError):
-            return line
-        if getattr(e, "options", None):  # Hydra's MissingConfigException: an unknown group option
-            return f"{line}: choose one of {', '.join(e.options)}"
-        if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and e.parent_node is not None:  # a typo'd key
-            keys = [str(k) for k in e.parent_node if str(k) != "hydra" and not str(k).startswith("_")]
-            return f"{e.full_key} is not a setting: check the spelling, valid keys here are {', '.join(keys)}"
-        if isinstance(e, ValidationError) and e.child_node is not None:  # a value of the wrong type
-            return f"{e.full_key}={e.value} is invalid ({line}): use a value like {e.full_key}={e.child_node}"
-    return ": ".join(dict.fromkeys(line for line in first[:2] if "$VALUE" not in line))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ these exceptions; `run.py` prints its one-line message as the last line of stder
 exits with status 2, instead of a traceback.
 """
 
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
 
 class NCNConfigError(ValueError):
     """A bad config value, file or command-line choice.
@@ -18,3 +20,22 @@ class NCNConfigError(ValueError):
 class CheckpointError(NCNConfigError):
     """A checkpoint that cannot be used: missing, truncated, not a checkpoint, unsafe to
     unpickle, or made for a different model shape. The message names the file."""
+
+
+def one_line(exc: BaseException) -> str:
+    """Our own message if the cause chain holds an NCNConfigError, else Hydra's/OmegaConf's, on one line."""
+    chain = [exc]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    first = [str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__ for e in chain]
+    for e, line in zip(chain, first):
+        if isinstance(e, NCNConfigError):
+            return line
+        if getattr(e, "options", None):  # Hydra's MissingConfigException: an unknown group option
+            return f"{line}: choose one of {', '.join(e.options)}"
+        if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and e.parent_node is not None:  # a typo'd key
+            keys = [str(k) for k in e.parent_node if str(k) != "hydra" and not str(k).startswith("_")]
+            return f"{e.full_key} is not a setting: check the spelling, valid keys here are {', '.join(keys)}"
+        if isinstance(e, ValidationError) and e.child_node is not None:  # a value of the wrong type
+            return f"{e.full_key}={e.value} is invalid ({line}): use a value like {e.full_key}={e.child_node}"
+    return ": ".join(dict.fromkeys(line for line in first[:2] if "$VALUE" not in line))
