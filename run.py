@@ -11,7 +11,7 @@ import sys
 
 import hydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import ncn.schema  # noqa: F401  (registers resolvers and schema/ configs before composition)
@@ -25,6 +25,8 @@ TASKS = {"train": "ncn.train", "prepare": "ncn.data", "generate": "ncn.generate"
 def main(cfg: DictConfig) -> float | None:
     if cfg.task not in TASKS:
         raise NCNConfigError(f"task={cfg.task} is unknown: choose one of {', '.join(TASKS)}")
+    for key in sorted(OmegaConf.missing_keys(cfg)):  # a `???` left unset: fail before any heavy import
+        OmegaConf.select(cfg, key, throw_on_missing=True)  # raises MissingMandatoryValue naming the key
     return importlib.import_module(TASKS[cfg.task]).main(cfg)
 
 
@@ -43,6 +45,8 @@ if __name__ == "__main__":
         print(f"error: cannot write {exc.filename} ({exc.strerror}): check the path and its permissions "
               "(e.g. hydra.run.dir=<writable folder>)", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # train says where it stopped and how to resume
+        message = str(exc) if str(exc).startswith("interrupted") else (
+            "interrupted (a stopped training run resumes from its last checkpoint with trainer.resume=latest)")
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(130)

@@ -65,6 +65,15 @@ def _axis_label(text: str) -> str:
     return text.replace(" ", "·").replace("\n", "\\n").replace("\t", "\\t").replace("$", r"\$")
 
 
+def _tick_label(value: float, neutral: float) -> str:
+    """`value` to 4 significant digits, or more until it no longer reads as `neutral` (1.0019 -> "1.002")."""
+    for digits in range(4, 16):
+        label = f"{value:.{digits}g}"
+        if value == neutral or label != f"{neutral:.{digits}g}":
+            return label
+    return label
+
+
 def _norm(name: str, values: np.ndarray, scale: str) -> TwoSlopeNorm:
     """Colour scale whose centre (white in the diverging map) is the signal's neutral value.
 
@@ -137,7 +146,8 @@ def signal_heatmaps(
         bar = fig.colorbar(image, ax=ax, pad=0.01, fraction=0.03)
         bar.ax.axhline(neutral, color="black", linewidth=1.5)
         vmin, vmax = image.norm.vmin, image.norm.vmax
-        bar.set_ticks([vmin, neutral, vmax], labels=[f"{vmin:.3g}", f"neutral {neutral:g}", f"{vmax:.3g}"], fontsize=7)
+        labels = [_tick_label(vmin, neutral), f"neutral {neutral:g}", _tick_label(vmax, neutral)]
+        bar.set_ticks([vmin, neutral, vmax], labels=labels, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig

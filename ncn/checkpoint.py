@@ -150,7 +150,7 @@ def _follow_pointer(checkpoints: Path) -> Path:
     return target
 
 
-def resolve(spec: str | Path | None, search_root: Path | None = None) -> Path:
+def resolve(spec: str | Path | None, search_root: Path | None = None, key: str = "checkpoint") -> Path:
     """Checkpoint folder for `spec`: "latest", "best", a checkpoint folder, a run dir or a file in one.
 
     "latest": the checkpoint that `checkpoints/latest` points to in the run (under
@@ -158,13 +158,14 @@ def resolve(spec: str | Path | None, search_root: Path | None = None) -> Path:
     "best": in that same run, the kept checkpoint with the lowest recorded val loss (the
     latest one when none recorded a val loss).
     search_root defaults to the current directory (the launch directory under Hydra 1.3).
+    key: the config key `spec` came from, named in the fix of an error (e.g. "trainer.resume").
 
     Raises:
         CheckpointError: nothing found, or the path is not a checkpoint.
     """
     root = Path.cwd() if search_root is None else Path(search_root)
     if spec is None or str(spec) == "":
-        raise CheckpointError("no checkpoint given: pass checkpoint=latest or checkpoint=<path to a checkpoint folder>")
+        raise CheckpointError(f"no checkpoint given: pass {key}=latest or {key}=<path to a checkpoint folder>")
     if str(spec) in ("latest", "best"):
         pointers = [p for top in ("outputs", "multirun") for p in (root / top).glob(f"**/checkpoints/{POINTER}")]
         if not pointers:
@@ -186,7 +187,7 @@ def resolve(spec: str | Path | None, search_root: Path | None = None) -> Path:
         if (checkpoints / POINTER).is_file():
             return _follow_pointer(checkpoints)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass checkpoint=latest or an existing checkpoint folder")
+        raise CheckpointError(f"checkpoint {path} does not exist: pass {key}=latest or an existing checkpoint folder")
     raise CheckpointError(
         f"{path} is not a checkpoint (no train_state.json, no checkpoints/latest): "
         "pass a folder like outputs/<date>/<time>/checkpoints/step_000100"

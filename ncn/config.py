@@ -7,7 +7,7 @@ construction and raise `NCNConfigError` with a one-line message that names the v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from ncn.errors import NCNConfigError
 
@@ -16,9 +16,13 @@ POOLINGS = ("causal", "global", "none")
 ACTIVATIONS = ("gate", "swish_beta")
 
 
-def _positive(group: str, name: str, value: object) -> None:
+def _positive(cfg: object, group: str, name: str) -> None:
+    """Raise unless field `name` of dataclass `cfg` is an int > 0; the fix suggests the field's default."""
+    value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise NCNConfigError(f"{group}.{name}={value!r} must be a positive integer: set e.g. {group}.{name}=64")
+        default = next(f.default for f in fields(cfg) if f.name == name)  # type: ignore[arg-type]
+        example = "null" if default is None or default is MISSING else default  # d_ff: null = 4 * d_model
+        raise NCNConfigError(f"{group}.{name}={value!r} must be a positive integer: set e.g. {group}.{name}={example}")
 
 
 @dataclass
@@ -47,9 +51,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head"):
-            _positive("model", name, getattr(self, name))
+            _positive(self, "model", name)
         if self.d_ff is not None:
-            _positive("model", "d_ff", self.d_ff)
+            _positive(self, "model", "d_ff")
         if self.d_model % self.n_head != 0:
             example = self.n_head * max(1, round(self.d_model / self.n_head))
             raise NCNConfigError(
@@ -112,8 +116,8 @@ class ModulationConfig:
             raise NCNConfigError(
                 f"ncn.activation={self.activation!r} is unknown: choose one of {', '.join(ACTIVATIONS)}"
             )
-        _positive("ncn", "hidden_dim", self.hidden_dim)
-        _positive("ncn", "heads", self.heads)
+        _positive(self, "ncn", "hidden_dim")
+        _positive(self, "ncn", "heads")
         if not self.homeostatic_lambda >= 0.0:
             raise NCNConfigError(
                 f"ncn.homeostatic_lambda={self.homeostatic_lambda} is negative: use a value >= 0 (default 0.01)"

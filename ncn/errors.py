@@ -5,7 +5,16 @@ these exceptions; `run.py` prints its one-line message as the last line of stder
 exits with status 2, instead of a traceback.
 """
 
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from hydra.errors import OverrideParseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
+
+# Example values of the keys that a group option leaves mandatory (`???`), for the fix of a missing one.
+MISSING_EXAMPLES = {
+    "data.path": "data.path=<folder|glob|file> for data=text_files, data.path=<hub id|folder> for data=hf",
+}
+# Appended to Hydra's error for a command-line override it cannot parse (an unquoted space or comma).
+QUOTE_HINT = ("quote a value with spaces or commas, e.g. \"prompt='To be, or not'\" "
+              "(the double quotes are for the shell, the single quotes for Hydra)")
 
 
 class NCNConfigError(ValueError):
@@ -31,6 +40,12 @@ def one_line(exc: BaseException) -> str:
     for e, line in zip(chain, first):
         if isinstance(e, NCNConfigError):
             return line
+        if isinstance(e, OverrideParseException) or line.startswith("Ambiguous value for argument"):
+            return f"{line}: {QUOTE_HINT}"
+        if isinstance(e, MissingMandatoryValue) and e.full_key:  # a `???` the chosen option needs
+            example = MISSING_EXAMPLES.get(e.full_key)
+            fix = f" (e.g. {example})" if example else ""
+            return f"{e.full_key} is required here: set {e.full_key}=<value>{fix}"
         if getattr(e, "options", None):  # Hydra's MissingConfigException: an unknown group option
             return f"{line}: choose one of {', '.join(e.options)}"
         if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and e.parent_node is not None:  # a typo'd key

@@ -2,7 +2,9 @@
 
 `python run.py task=generate checkpoint=latest prompt="Once upon a time" max_new_tokens=200
 temperature=0.8 top_k=50 seed=0` decodes with the KV cache and the controller's constant-size
-salience state (NCN paper §5); the same seed gives the same text.
+salience state (NCN paper §5); the same seed gives the same text. A checkpoint trained with
+ncn.pooling=global (the leaking reference mode) cannot decode incrementally: it is decoded
+without the cache (the full forward per token), with a one-line warning.
 """
 
 from __future__ import annotations
@@ -90,9 +92,14 @@ def main(cfg: DictConfig) -> float:
     prompt = encode_prompt(cfg.prompt, encoding)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    # global pooling's salience at t sees tokens after t: no KV cache can reproduce its forward pass
+    use_cache = model.controller is None or model.modulation_config.pooling != "global"
+    if not use_cache:
+        print("warning: ncn.pooling=global (the leaking mode) cannot use the KV cache: "
+              "re-running the full forward pass for every token (slower)", file=sys.stderr)
 
     # stream() checks its arguments when called, so a bad setting fails before any output.
-    new_tokens = model.stream(idx, int(cfg.max_new_tokens), float(cfg.temperature), cfg.top_k, generator)
+    new_tokens = model.stream(idx, int(cfg.max_new_tokens), float(cfg.temperature), cfg.top_k, generator, use_cache)
     count = 0
 
     def counted() -> Iterator[int]:
@@ -110,5 +117,6 @@ def main(cfg: DictConfig) -> float:
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
     speed = count / seconds
-    print(f"{count} tokens in {seconds:.2f} s: {speed:.1f} tokens/s (KV cache, {device.type})", file=sys.stderr)
+    mode = "KV cache" if use_cache else "no cache"
+    print(f"{count} tokens in {seconds:.2f} s: {speed:.1f} tokens/s ({mode}, {device.type})", file=sys.stderr)
     return speed

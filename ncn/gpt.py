@@ -191,7 +191,8 @@ class ModulatedGPT(nn.Module):
         if self.controller is not None and m.pooling == "global":
             raise NCNConfigError(
                 "ncn.pooling=global cannot decode incrementally (its salience pools over future tokens): "
-                "generate with use_cache=False, or use a model trained with ncn.pooling=causal"
+                "call generate()/stream() with the Python argument use_cache=False (task=generate does so "
+                "itself), or use a model trained with ncn.pooling=causal"
             )
         sal = None
         if self.controller is not None and self.controller.salience is not None:

@@ -26,6 +26,8 @@ from ncn.errors import NCNConfigError
 
 # Group options whose default is not worth repeating in every run name.
 NAME_DEFAULTS = {"data": "shakespeare", "optim": "adamw"}
+# ncn options that build the plain Transformer (no targets); the run name says so.
+BASELINE_OPTIONS = ("none", "none_iso")
 # glibc mallopt(3) parameters (malloc.h) and the largest value it takes (a C int).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _INT_MAX = -1, -3, 2**31 - 1
 
@@ -45,6 +47,20 @@ def default_run_name(choices: Mapping[str, str], seed: int) -> str:
     parts = [choices.get("model", "model"), choices.get("ncn", "ncn")]
     parts += [choices[g] for g, default in NAME_DEFAULTS.items() if choices.get(g, default) != default]
     return "-".join([*parts, f"s{seed}"])
+
+
+def check_baseline_choice(choices: Mapping[str, str], targets: list[str]) -> None:
+    """Refuse empty `ncn.targets` under an NCN option, so the run name never claims a controller it lacks.
+
+    Raises:
+        NCNConfigError: targets == [] while the ncn option is not a baseline option (none, none_iso).
+    """
+    option = choices.get("ncn")
+    if not targets and option is not None and option not in BASELINE_OPTIONS:
+        raise NCNConfigError(
+            f"ncn.targets=[] builds the plain Transformer: use ncn=none (the baseline option) "
+            f"instead of emptying ncn={option}'s targets"
+        )
 
 
 def run_context() -> tuple[Path, Path, dict[str, str]]:

@@ -6,12 +6,14 @@ the logged `model.vocab_size` is the real one), `${launch_dir:}` (absolute launc
 repository's conf/, which sweeps/*.yaml put on the search path); the last two in ncn/sweep.py.
 Structured-config schemas in the ConfigStore group `schema/` (`schema/model`, `schema/ncn`,
 `schema/optim`, `schema/trainer`): option files extend them, so a typo'd key or a wrongly typed
-value fails at compose time, and `ncn=glob(*)` sweeps only real options.
+value fails at compose time, and `ncn=glob(*)` sweeps only real options. `schema/run`
+(`RunConfig`) types the top-level keys of conf/config.yaml, which extends it.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -22,6 +24,22 @@ from ncn.config import ModelConfig, ModulationConfig
 from ncn.optim import OptimConfig
 from ncn.sweep import conf_dir, iso_d_ff
 from ncn.train import TrainerConfig
+
+
+@dataclass
+class RunConfig:
+    """Types of conf/config.yaml's top-level keys (values and their meaning live there)."""
+
+    seed: int = 0
+    task: str = "train"
+    run_name: str | None = None
+    checkpoint: str | None = None
+    prompt: str = ""
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_k: int | None = None
+    sweep_run: str | None = None
+
 
 SCHEMAS: dict[str, type] = {"model": ModelConfig, "ncn": ModulationConfig, "optim": OptimConfig, "trainer": TrainerConfig}
 
@@ -56,6 +74,9 @@ def register() -> None:
     store = ConfigStore.instance()
     for group, cls in SCHEMAS.items():
         store.store(group="schema", name=group, node=schema_node(cls))
+    run = OmegaConf.structured(RunConfig)
+    OmegaConf.set_struct(run, False)  # the group nodes (model, ncn, ...) join it; Hydra re-closes the root
+    store.store(group="schema", name="run", node=run)
 
 
 register()

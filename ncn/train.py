@@ -35,7 +35,7 @@ from ncn import checkpoint
 from ncn.errors import NCNConfigError
 from ncn.gpt import ModulatedGPT
 from ncn.optim import OptimConfig, build_optimizer, build_scheduler, load_optimizer_state
-from ncn.runtime import build, default_run_name, git_commit, run_context, setup_device
+from ncn.runtime import build, check_baseline_choice, default_run_name, git_commit, run_context, setup_device
 from ncn.tracking import NullTracker, Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,14 @@ def total_steps(cfg: TrainerConfig, state: TrainState, blocks_per_epoch: int, gl
     return min(bounds)
 
 
+def _interrupted(step: int, checkpoints: Path) -> str:
+    """run.py's last line after Ctrl-C/SIGTERM: where training stopped and how to go on."""
+    if (checkpoints / checkpoint.POINTER).is_file():
+        last = checkpoints / (checkpoints / checkpoint.POINTER).read_text().strip()
+        return f"interrupted at step {step} (last checkpoint: {last}): resume with trainer.resume=latest"
+    return f"interrupted at step {step}, before this run's first checkpoint: rerun to start over"
+
+
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -349,12 +357,13 @@ def main(cfg: DictConfig) -> float:
     ocfg: OptimConfig = build(cfg.optim)
     model_cfg, mod_cfg = build(cfg.model), build(cfg.ncn)
     run_dir, launch, choices = run_context()
+    check_baseline_choice(choices, mod_cfg.targets)
     if cfg.run_name is None:
         cfg.run_name = default_run_name(choices, int(cfg.seed))
     device, rank, world_size = setup_device(tcfg.device, tcfg.precision, tcfg.threads, tcfg.deterministic)
     tracker = build(cfg.tracking, run_dir=run_dir) if rank == 0 else NullTracker()
     tracker.check()
-    resume = checkpoint.load(checkpoint.resolve(tcfg.resume, launch)) if tcfg.resume else None
+    resume = checkpoint.load(checkpoint.resolve(tcfg.resume, launch, key="trainer.resume")) if tcfg.resume else None
     if resume is not None:
         checkpoint.check_compatible(resume, cfg)
     datamodule = build(cfg.data)
@@ -448,9 +457,9 @@ def main(cfg: DictConfig) -> float:
         if rank == 0:
             (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
             tracker.log_artifact(run_dir / "metrics.json")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         tracker.end("KILLED")
-        raise
+        raise KeyboardInterrupt(_interrupted(state.step, run_dir / "checkpoints")) from exc
     except BaseException:
         tracker.end("FAILED")
         raise

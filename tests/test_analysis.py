@@ -125,6 +125,13 @@ def test_heatmap_panels_labels_and_neutral_tick(signals, tmp_path):
         assert 700 <= png.size[0] <= 4000 and 300 <= png.size[1] <= 4000
 
 
+def test_colour_bar_labels_near_neutral_do_not_read_as_neutral():
+    """A gain of 1.0019 must not be labelled "1" next to "neutral 1" (3 significant digits did that)."""
+    gain = torch.tensor([[1.0019, 0.9990], [1.0, 1.0005]]).unsqueeze(0)  # (B=1, T=2, L=2)
+    fig = signal_heatmaps({"gain": gain}, ["a", "b"], scale="data")
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["0.9981", "neutral 1", "1.002"]
+
+
 def test_colour_scale_is_centred_and_clipped(signals):
     data = signal_heatmaps(signals, TOKENS, index=1, scale="data")
     full = signal_heatmaps(signals, TOKENS, index=1, scale="range")

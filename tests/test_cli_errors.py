@@ -32,7 +32,7 @@ class Case:
     id: str
     args: tuple[str, ...]
     expect: tuple[str, ...]
-    data: str = "{corpus}"  # data.path of the text_files source (training cases)
+    data: str = "{corpus}"  # data.path of the text_files source (training cases); "" = not set
     uri: str = "{store}"  # tracking.uri
 
 
@@ -76,6 +76,18 @@ CASES = [
     Case("no_step_bound", ("trainer.max_steps=null",),
          ("trainer.max_steps, trainer.epochs and trainer.max_tokens are all null", "trainer.max_steps=300")),
     Case("unknown_task", ("task=fit",), ("task=fit is unknown", "choose one of train, prepare, generate")),
+    Case("seed_not_int", ("seed=abc",), ("seed=abc is invalid", "could not be converted to Integer", "seed=0")),
+    Case("max_new_tokens_not_int", ("task=generate", "checkpoint={checkpoint}", "max_new_tokens=abc"),
+         ("max_new_tokens=abc is invalid", "use a value like max_new_tokens=200")),
+    Case("data_path_missing", (), ("data.path is required here: set data.path=<value>",
+                                   "data.path=<folder|glob|file> for data=text_files"), data=""),
+    Case("prompt_unquoted", ("task=generate", "checkpoint={checkpoint}", "prompt=To", "be,", "or", "not"),
+         ("LexerNoViableAltException: be,", "quote a value with spaces or commas", "\"prompt='To be, or not'\"")),
+    Case("resume_missing_folder", ("trainer.resume={tmp}/nowhere",),
+         ("checkpoint {tmp}/nowhere does not exist", "pass trainer.resume=latest or an existing checkpoint folder")),
+    Case("empty_targets_of_ncn_option", ("ncn=full", "ncn.targets=[]"),
+         ("ncn.targets=[] builds the plain Transformer",
+          "use ncn=none (the baseline option) instead of emptying ncn=full's targets")),
 ]
 
 
@@ -125,7 +137,7 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path: Path, corpora
     if not any(a.startswith("hydra.run.dir=") for a in args):
         args.append(f"hydra.run.dir={tmp_path / 'outputs' / 'run'}")
     if not any(a.startswith("task=generate") for a in args):
-        args += [*TRAIN, "data=text_files", f"data.path={case.data.format(**paths)}"]
+        args += [*TRAIN, "data=text_files", *([f"data.path={case.data.format(**paths)}"] if case.data else [])]
     args.append(f"tracking.uri={case.uri.format(**paths)}")
 
     started = time.monotonic()
@@ -139,7 +151,7 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path: Path, corpora
         assert part.format(**paths) in last, f"{part!r} not in {last!r}"
     assert "Traceback" not in done.stderr
     assert_nothing_lost(tmp_path, store, cache)
-    if case.id.startswith("mlflow_"):  # fails fast: before the token cache is even looked at
+    if case.id.startswith("mlflow_") or case.id == "data_path_missing":  # fails fast: before the token cache
         assert not cache.exists() and seconds < 60
 
 

@@ -111,3 +111,22 @@ def test_bad_sampling_setting_fails_before_output(run, capsys, compose_config):
     with pytest.raises(NCNConfigError, match=r"^top_k=0 must be >= 1 \(or null for no top-k filtering\)$"):
         main(compose_config(["task=generate", f"checkpoint={run.checkpoint}", "prompt=Hello", "top_k=0"]))
     assert capsys.readouterr().out == ""
+
+
+def test_global_pooling_checkpoint_generates_without_cache(run, tmp_path, capsys, compose_config):
+    """ncn.pooling=global cannot decode incrementally: task=generate decodes uncached, with one warning line."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    ckpt = tmp_path / "global" / "step_000006"
+    shutil.copytree(run.checkpoint, ckpt)
+    config = OmegaConf.load(ckpt / "config.yaml")
+    config.ncn.pooling = "global"  # same parameters as causal pooling: only the mask differs
+    (ckpt / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    main(compose_config(["task=generate", f"checkpoint={ckpt}", "prompt=To be", "max_new_tokens=3", "temperature=0"]))
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warning == ["warning: ncn.pooling=global (the leaking mode) cannot use the KV cache: "
+                       "re-running the full forward pass for every token (slower)"]
+    assert re.search(r"^3 tokens in [\d.]+ s: [\d.]+ tokens/s \(no cache, cpu\)$", err, re.M)

@@ -61,7 +61,8 @@ def test_unknown_activation():
         ({"targets": ["gain", "gain"]}, r"repeats a target"),
         ({"precision_max": 0.5}, r"ncn\.precision_max=0\.5 is below the neutral precision 1"),
         ({"homeostatic_lambda": -0.1}, r"ncn\.homeostatic_lambda=-0\.1 is negative"),
-        ({"hidden_dim": 0}, r"ncn\.hidden_dim=0 must be a positive integer"),
+        ({"hidden_dim": 0}, r"ncn\.hidden_dim=0 must be a positive integer: set e\.g\. ncn\.hidden_dim=64$"),
+        ({"heads": 0}, r"ncn\.heads=0 must be a positive integer: set e\.g\. ncn\.heads=2$"),
     ],
 )
 def test_other_modulation_errors(kwargs, match):
@@ -72,8 +73,9 @@ def test_other_modulation_errors(kwargs, match):
     ("kwargs", "match"),
     [
         ({"dropout": 1.0}, r"model\.dropout=1\.0 is outside \[0, 1\)"),
-        ({"block_size": 0}, r"model\.block_size=0 must be a positive integer"),
-        ({"d_ff": -4}, r"model\.d_ff=-4 must be a positive integer"),
+        ({"block_size": 0}, r"model\.block_size=0 must be a positive integer: set e\.g\. model\.block_size=256$"),
+        ({"n_layer": 0}, r"model\.n_layer=0 must be a positive integer: set e\.g\. model\.n_layer=6$"),  # its default
+        ({"d_ff": -4}, r"model\.d_ff=-4 must be a positive integer: set e\.g\. model\.d_ff=null$"),
     ],
 )
 def test_other_model_errors(kwargs, match):

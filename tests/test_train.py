@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,7 +146,7 @@ def test_nonfinite_loss_stops_failed_or_is_skipped(tmp_path: Path, mlflow_store)
 def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
     uri = mlflow_store(tmp_path / "mlflow.db")
     cmd = [sys.executable, str(REPO / "run.py"), *SMOKE, "trainer.max_steps=10000", "trainer.log_every=1",
-           f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"]
+           "trainer.checkpoint_every=1", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 180
@@ -155,7 +156,10 @@ def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+    last = stderr.strip().splitlines()[-1]  # where it stopped and how to resume
+    checkpoints = re.escape(str(tmp_path / "run" / "checkpoints"))
+    assert re.fullmatch(rf"error: interrupted at step \d+ \(last checkpoint: {checkpoints}/step_\d{{6}}\): "
+                        r"resume with trainer.resume=latest", last), last
     assert _only_run(uri)[1].info.status == "KILLED"
 
 
