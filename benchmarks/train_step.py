@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --model paper_18m --ncn none,full --steps 5
 
 Variants (conf/ncn options; `--compile both` adds `<option>+compile`) run the trainer's own
-process setup (`ncn.runtime.setup_device`) and step (`ncn.train._step`) on random tokens, one
+process setup (`ncn.runtime.setup_device`) and step (`ncn.train.optimizer_step`) on random tokens, one
 step each in turn; medians after warm-up. CUDA: bf16 + compile and MFU. Writes JSON to
 benchmarks/results/; the last line is `ratio full/none: <x.xxx>` when both ran.
 """
@@ -36,7 +36,7 @@ from ncn import ModulatedGPT  # noqa: E402
 from ncn.optim import build_optimizer, build_scheduler  # noqa: E402
 from ncn.runtime import setup_device  # noqa: E402
 from ncn.tracking import NullTracker  # noqa: E402
-from ncn.train import Parts, TrainerConfig, _step  # noqa: E402
+from ncn.train import Parts, TrainerConfig, optimizer_step  # noqa: E402
 
 # Dense bf16 tensor-core peak, TFLOP/s (NVIDIA data sheets, SXM parts); first substring match wins.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -123,7 +123,7 @@ def timed_step(v: Variant, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[fl
     if v.parts.device.type == "cuda":
         torch.cuda.synchronize()
     start, cpu = time.perf_counter(), time.process_time()
-    result = _step(v.parts, itertools.repeat(batch), v.cfg, inject=False)
+    result = optimizer_step(v.parts, itertools.repeat(batch), v.cfg, inject=False)
     if v.parts.device.type == "cuda":
         torch.cuda.synchronize()
     if result is None:

@@ -203,8 +203,14 @@ def _injected_nonfinite() -> set[int]:
     return {int(s) for s in raw.split(",") if s.strip()}
 
 
-def _step(parts: Parts, batches: Iterator, cfg: TrainerConfig, inject: bool) -> dict[str, float] | None:
-    """One optimizer step over cfg.grad_accum micro-batches; None when it had a NaN/Inf."""
+def optimizer_step(parts: Parts, batches: Iterator, cfg: TrainerConfig, inject: bool) -> dict[str, float] | None:
+    """One optimizer step over cfg.grad_accum micro-batches of (x, y) int64 (B, block_size) from `batches`.
+
+    Autocast per cfg.precision, backward (GradScaler for fp16), grad-norm clipping, AdamW, LR schedule.
+    Returns the metrics train/loss, train/ce_loss, train/reg_loss (sums of the micro-batch means / grad_accum,
+    averaged over DDP ranks), train/ppl = exp(ce), train/grad_norm and train/lr, or None when the loss or
+    the gradients were NaN/Inf (nothing is updated then). `inject` forces a NaN loss (the test hook).
+    """
     model, optimizer, scaler = parts.train_model, parts.optimizer, parts.scaler
     optimizer.zero_grad(set_to_none=True)
     losses = torch.zeros(3, device=parts.device)  # loss, ce, reg summed over micro-batches
@@ -279,7 +285,7 @@ def train(parts: Parts, state: TrainState, cfg: TrainerConfig, total_steps: int,
             if done:
                 return metrics
             started = time.perf_counter()
-            result = _step(parts, batches, cfg, inject=(state.step + 1) in inject)
+            result = optimizer_step(parts, batches, cfg, inject=(state.step + 1) in inject)
             step_seconds += time.perf_counter() - started
             inject.discard(state.step + 1)
             if result is None:

@@ -20,7 +20,7 @@ from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn import checkpoint as ckpt
 from ncn.optim import OptimConfig, build_optimizer, build_scheduler
 from ncn.tracking import NullTracker
-from ncn.train import NONFINITE_ENV, Parts, TrainerConfig, _step
+from ncn.train import NONFINITE_ENV, Parts, TrainerConfig, optimizer_step
 
 ARGS = ["model=tiny", "trainer=smoke", "trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.eval_every=4",
         "trainer.eval_batches=1", "trainer.probe_tokens=0", "trainer.threads=1"]
@@ -105,18 +105,18 @@ def test_a_bad_step_changes_no_weight_optimizer_state_or_schedule() -> None:
     x = torch.randint(0, 128, (2, 17))
     x[0, 0] = 5  # the token whose embedding overflows below
     batches = iter([(x[:, :-1], x[:, 1:])] * 3)
-    good = _step(parts, batches, cfg, inject=False)
+    good = optimizer_step(parts, batches, cfg, inject=False)
     assert good is not None and math.isfinite(good["train/loss"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = [parts.optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
     lr, epoch = parts.optimizer.param_groups[0]["lr"], parts.scheduler.last_epoch
 
-    assert _step(parts, batches, cfg, inject=True) is None  # the hook: NaN loss
+    assert optimizer_step(parts, batches, cfg, inject=True) is None  # the hook: NaN loss
     with torch.no_grad():
         model.tok_emb.weight[5, 0] = float("inf")  # a real overflow: inf - inf in the first norm, NaN loss
     before["tok_emb.weight"][5, 0] = float("inf")
     before["lm_head.weight"][5, 0] = float("inf")  # tied to the embedding
-    assert _step(parts, batches, cfg, inject=False) is None
+    assert optimizer_step(parts, batches, cfg, inject=False) is None
 
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
