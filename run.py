@@ -1,8 +1,10 @@
 """Entry point: `python run.py [group=option ...] [key=value ...]` composes conf/ and runs `task`.
 
-Tasks: train (default), prepare, generate, analyze, eval, report; each is `ncn.<module>.main(cfg)`,
-imported only when chosen. A config mistake ends with `error: <message>` as the last stderr
-line and exit status 2; the returned value (final val loss for train) is a sweeper's objective.
+Tasks: train (default), prepare, generate, analyze, eval, report; each is
+`ncn.tasks.<module>.main(cfg, ctx)` with a typed `RunConfig` and `RunContext`, imported only when
+chosen. A user mistake ends with `error: <message>` as the last stderr line and exit status 2, a
+run that failed on its own (divergence) with 3, an interrupt with 130 (docs/errors.md). The
+returned value (final val loss for train) is a sweeper's objective.
 """
 
 import importlib
@@ -11,23 +13,20 @@ import sys
 
 import hydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-import ncn.schema  # noqa: F401  (registers resolvers and schema/ configs before composition)
-from ncn.errors import NCNConfigError, one_line
+from ncn import cli
+from ncn.errors import NCNConfigError, RunFailedError, exit_code
 
-TASKS = {"train": "ncn.train", "prepare": "ncn.data", "generate": "ncn.generate",
-         "analyze": "ncn.analysis", "eval": "ncn.evaluate", "report": "ncn.report"}
+TASK_MODULES = {"train": "train", "prepare": "prepare", "generate": "generate", "analyze": "analyze",
+                "eval": "evaluate", "report": "report"}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    if cfg.task not in TASKS:
-        raise NCNConfigError(f"task={cfg.task} is unknown: choose one of {', '.join(TASKS)}")
-    for key in sorted(OmegaConf.missing_keys(cfg)):  # a `???` left unset: fail before any heavy import
-        OmegaConf.select(cfg, key, throw_on_missing=True)  # raises MissingMandatoryValue naming the key
-    return importlib.import_module(TASKS[cfg.task]).main(cfg)
+    run_cfg, ctx = cli.typed(cfg)
+    return importlib.import_module(f"ncn.tasks.{TASK_MODULES[run_cfg.task]}").main(run_cfg, ctx)
 
 
 if __name__ == "__main__":
@@ -36,17 +35,12 @@ if __name__ == "__main__":
     os.environ["HYDRA_FULL_ERROR"] = "1"  # config errors reach us as exceptions, not as a printed report
     try:
         main()
-    except (NCNConfigError, HydraException, OmegaConfBaseException) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+    except (NCNConfigError, RunFailedError, HydraException, OmegaConfBaseException, KeyboardInterrupt) as exc:
+        print(f"error: {cli.one_line(exc)}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, (HydraException, OmegaConfBaseException)) else exit_code(exc))
     except OSError as exc:
         if exc.filename is None:  # not a bad path: a real failure, keep its traceback
             raise
         print(f"error: cannot write {exc.filename} ({exc.strerror}): check the path and its permissions "
               "(e.g. hydra.run.dir=<writable folder>)", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as exc:  # train says where it stopped and how to resume
-        message = str(exc) if str(exc).startswith("interrupted") else (
-            "interrupted (a stopped training run resumes from its last checkpoint with trainer.resume=latest)")
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(130)

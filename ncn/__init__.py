@@ -1,10 +1,27 @@
-"""Neuromodulatory Control Networks (NCN paper, see ../shared/spec/ncn.md).
+"""Neuromodulatory Control Networks (NCN paper; the method in our words: docs/method.md).
 
-A GPT-style language model whose attention temperature, residual gains and FFN
-activation are set token by token and layer by layer by a small controller network.
+A GPT-style language model whose attention temperature, residual gains and FFN activation are
+set token by token and layer by layer by a small controller network. The model API below is
+imported on first use (PEP 562), so `import ncn.config` stays free of torch; nothing here
+imports Hydra or MLflow.
 """
 
-from ncn.config import ModelConfig, ModulationConfig
-from ncn.gpt import ModelOutput, ModulatedGPT, ParamCount
+from __future__ import annotations
 
-__all__ = ["ModelConfig", "ModulationConfig", "ModulatedGPT", "ModelOutput", "ParamCount"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelConfig": "ncn.config",
+    "ModulationConfig": "ncn.config",
+    "ModulatedGPT": "ncn.gpt",
+    "ModelOutput": "ncn.gpt",
+    "ParamCount": "ncn.gpt",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ncn' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,17 +1,16 @@
-"""Self-describing, atomically written training checkpoints and their safe loading.
+"""Self-describing, atomically written training checkpoints: finding, reading, restoring them.
 
 Layout: `<run dir>/checkpoints/step_000123/{model.pt, optim.pt, rng.pt, train_state.json,
 config.yaml}` plus a `checkpoints/latest` text pointer. A folder is written under a temporary
 name and renamed, the pointer replaced with `os.replace`, so a crash never leaves a half
-checkpoint in use. Loading uses `torch.load(weights_only=True)`: nothing is ever unpickled
-beyond tensors and plain containers. Test hook: `NCN_TEST_CRASH_BEFORE_RENAME=<step>` exits
-the process (`os._exit(CRASH_EXIT_CODE)`) after the checkpoint of that step is fully written to
-its temporary folder, before the rename.
+checkpoint in use. Tensors load with `torch.load(weights_only=True)`: nothing is ever unpickled
+beyond tensors and plain containers. Each file read back has one typed reader that checks its
+shape (`read_pointer`, `read_train_state`, `read_config`) and raises a `CheckpointError` naming
+the file. `restore` puts a run back exactly where its checkpoint left it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -19,43 +18,83 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+import torch.distributed as torch_dist
+import yaml
 
+from ncn.config import RESUME_FIXED_GROUPS, RESUME_MUTABLE, OptimConfig, RunConfig, config_from_dict
 from ncn.errors import CheckpointError, NCNConfigError
 from ncn.gpt import ModulatedGPT
+from ncn.optim import apply_settings
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: config.yaml still held Hydra's `_target_`/`_convert_` keys (see _upgrade_config)
 POINTER = "latest"
-CRASH_ENV = "NCN_TEST_CRASH_BEFORE_RENAME"
-CRASH_EXIT_CODE = 70
 STEP_DIR = re.compile(r"^step_(\d+)$")
-# Settings that may change on resume; every other model/ncn key must match the checkpoint.
-RESUME_MUTABLE = {"model.dropout", "ncn.homeostatic_lambda"}
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class TrainState:
+    """All mutable loop state that a checkpoint carries (train_state.json).
+
+    step: optimizer steps done. tokens_seen: training tokens over all ranks. data: the loader's
+    {"epoch", "position"}. nonfinite_skipped: steps skipped for NaN/Inf. val_loss: the val CE
+    (nats/token) of the eval at `step`, None before the first. mlflow_run_id: the run this
+    training records into. run_name: the run's name.
+    """
+
+    step: int = 0
+    tokens_seen: int = 0
+    data: dict[str, int] = field(default_factory=dict)
+    nonfinite_skipped: int = 0
+    val_loss: float | None = None
+    mlflow_run_id: str | None = None
+    run_name: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, state[name])
+
+
+@dataclass
+class Snapshot:
+    """What `save` writes: loop state, uncompiled model weights, optimizer and scaler state, every
+    rank's RNG state, the resolved run config, and descriptive extras (world size, batch, ...)."""
+
+    state: TrainState
+    model: dict[str, torch.Tensor]
+    optim: dict[str, Any]
+    rng: dict[str, Any]
+    config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Checkpoint:
-    """One loaded checkpoint folder.
-
-    model: uncompiled `state_dict` (CPU tensors). optim: {"optimizer", "scheduler", "scaler"}.
-    rng: {"ranks": [per-rank RNG state]} (see `capture_rng`). train_state: the JSON metadata
-    (step, tokens_seen, data loader position, mlflow_run_id, ...). config: resolved run config.
-    """
+    """One loaded checkpoint folder: CPU tensors, the validated `TrainState` and `RunConfig`."""
 
     path: Path
     model: dict[str, torch.Tensor]
     optim: dict[str, Any]
     rng: dict[str, Any]
-    train_state: dict[str, Any]
-    config: DictConfig
+    state: TrainState
+    config: RunConfig
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line naming what this checkpoint is: run name, step, val loss / ppl, folder, MLflow run."""
+        s = self.state
+        val = "no eval yet" if s.val_loss is None else f"val loss {s.val_loss:.4f}, ppl {np.exp(min(s.val_loss, 700)):,.2f}"
+        run = f"MLflow run {s.mlflow_run_id}" if s.mlflow_run_id else "no MLflow run"
+        return f"checkpoint of run {s.run_name or self.config.run_name or '?'} at step {s.step} ({val}): {self.path} ({run})"
 
 
 def step_dir(step: int) -> str:
@@ -71,37 +110,26 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(
-    directory: Path,
-    step: int,
-    *,
-    model: dict[str, torch.Tensor],
-    optim: dict[str, Any],
-    rng: dict[str, Any],
-    train_state: dict[str, Any],
-    config_yaml: str,
-    keep: int,
-) -> Path:
+def save(directory: Path, snapshot: Snapshot, keep: int) -> Path:
     """Write checkpoint `directory/step_<step>` atomically, point `latest` at it, keep the last `keep`.
 
-    Returns the checkpoint folder. The best checkpoint by `train_state["val_loss"]` is never
-    pruned, so `trainer.resume=best` keeps working.
+    Returns the checkpoint folder. The best checkpoint by finite val loss is never pruned, so
+    `best` keeps working. The caller guarantees finite weights and val loss (`trainer.py`).
     """
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".tmp-*"):  # left behind by a crash during an earlier write
         shutil.rmtree(stale, ignore_errors=True)
-    final = directory / step_dir(step)
+    final = directory / step_dir(snapshot.state.step)
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    torch.save(model, tmp / "model.pt")
-    torch.save(optim, tmp / "optim.pt")
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "train_state.json").write_text(json.dumps({"format": FORMAT_VERSION, **train_state}, indent=2))
-    (tmp / "config.yaml").write_text(config_yaml)
+    torch.save(snapshot.model, tmp / "model.pt")
+    torch.save(snapshot.optim, tmp / "optim.pt")
+    torch.save(snapshot.rng, tmp / "rng.pt")
+    state = {"format": FORMAT_VERSION, **snapshot.state.state_dict(), **snapshot.extra}
+    (tmp / "train_state.json").write_text(json.dumps(state, indent=2))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(snapshot.config, sort_keys=False))
     for file in tmp.iterdir():
         _fsync(file)
-    if os.environ.get(CRASH_ENV) == str(step):
-        os._exit(CRASH_EXIT_CODE)
     if final.exists():  # a resume into the same run dir replays this step: the new one wins
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -122,10 +150,10 @@ def _steps(directory: Path) -> list[Path]:
 
 def _val_loss(folder: Path) -> float:
     try:
-        value = json.loads((folder / "train_state.json").read_text()).get("val_loss")
-    except (OSError, ValueError):
+        value = read_train_state(folder / "train_state.json").val_loss
+    except CheckpointError:
         return float("inf")
-    return float("inf") if value is None else float(value)
+    return float("inf") if value is None or not np.isfinite(value) else float(value)
 
 
 def _best(directory: Path) -> Path | None:
@@ -142,21 +170,116 @@ def _prune(directory: Path, keep: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _follow_pointer(checkpoints: Path) -> Path:
-    pointer = checkpoints / POINTER
-    target = checkpoints / pointer.read_text().strip()
+def read_pointer(pointer: Path) -> Path:
+    """The checkpoint folder a `latest` pointer file names (a sibling `step_<N>` folder).
+
+    Raises:
+        CheckpointError: unreadable, not one line naming a step folder, or that folder is incomplete.
+    """
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{pointer} is unreadable ({type(exc).__name__}): pass an explicit checkpoint folder") from None
+    if not STEP_DIR.match(name):
+        raise CheckpointError(f"{pointer} does not name a checkpoint folder (holds {name[:40]!r}): "
+                              "pass an explicit checkpoint folder, e.g. checkpoints/step_000100")
+    target = pointer.parent / name
     if not (target / "train_state.json").is_file():
-        raise CheckpointError(f"{pointer} points to {target}, which is not a complete checkpoint: pass an explicit checkpoint folder")
+        raise CheckpointError(f"{pointer} points to {target}, which is not a complete checkpoint: "
+                              "pass an explicit checkpoint folder")
     return target
 
 
-def resolve(spec: str | Path | None, search_root: Path | None = None, key: str = "checkpoint") -> Path:
-    """Checkpoint folder for `spec`: "latest", "best", a checkpoint folder, a run dir or a file in one.
+def read_train_state(file: Path) -> TrainState:
+    """The `TrainState` of a train_state.json (format 1 or 2); unknown extra keys are allowed.
 
-    "latest": the checkpoint that `checkpoints/latest` points to in the run (under
-    `<search_root>/outputs` and `<search_root>/multirun`) whose pointer was written last.
-    "best": in that same run, the kept checkpoint with the lowest recorded val loss (the
-    latest one when none recorded a val loss).
+    Raises:
+        CheckpointError: missing, not JSON, not an object, another format, or a field of the wrong type.
+    """
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: {file.parent} is not a complete checkpoint") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is corrupt ({type(exc).__name__}): use an earlier checkpoint folder") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a training state: use an earlier checkpoint folder")
+    if data.get("format") not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{file} has format {data.get('format')!r}, expected {FORMAT_VERSION}: "
+                              "it was not written by this version of ncn")
+    types = {"step": int, "tokens_seen": int, "data": dict, "nonfinite_skipped": int, "val_loss": (int, float, type(None)),
+             "mlflow_run_id": (str, type(None)), "run_name": (str, type(None))}
+    values = {}
+    for f in fields(TrainState):
+        value = data.get(f.name, None if f.name == "run_name" else ...)
+        if value is ... or isinstance(value, bool) or not isinstance(value, types[f.name]):
+            raise CheckpointError(f"{file}: {f.name}={value if value is not ... else '<missing>'} is not a valid "
+                                  "training state: use an earlier checkpoint folder")
+        values[f.name] = value
+    if not all(isinstance(values["data"].get(k, 0), int) for k in ("epoch", "position")) or values["step"] < 0:
+        raise CheckpointError(f"{file}: step={values['step']}, data={values['data']} is not a valid training state: "
+                              "use an earlier checkpoint folder")
+    return TrainState(**values)
+
+
+def _upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: drop Hydra's `_target_`/`_convert_` keys; the tracker class becomes `tracking.backend`."""
+    tracking = config.get("tracking") or {}
+    upgraded = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
+                for k, v in config.items()}
+    if isinstance(tracking, dict) and "_target_" in tracking:
+        upgraded["tracking"]["backend"] = "none" if tracking["_target_"].endswith("NullTracker") else "mlflow"
+    if upgraded.get("prompt") == "":
+        upgraded["prompt"] = None
+    return upgraded
+
+
+def read_config(file: Path, version: int = FORMAT_VERSION) -> tuple[RunConfig, dict[str, Any]]:
+    """(typed RunConfig, plain dict) of a checkpoint's config.yaml, upgraded from `version`.
+
+    Raises:
+        CheckpointError: missing, not YAML, not a mapping, or a key/value the schema rejects.
+    """
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: {file.parent} is not a complete checkpoint") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{file} is corrupt ({type(exc).__name__}): use an earlier checkpoint folder") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a run config: use an earlier checkpoint folder")
+    data = _upgrade_config(data) if version == 1 else data
+    try:
+        return config_from_dict(data), data
+    except NCNConfigError as exc:
+        raise CheckpointError(f"{file} does not describe a valid run ({exc}): use an earlier checkpoint folder") from None
+
+
+def _checkpoints_under(root: Path) -> list[Path]:
+    """Every `checkpoints/` folder with a `latest` pointer under `<root>/outputs` and `<root>/multirun`."""
+    return [p.parent for top in ("outputs", "multirun") for p in (root / top).glob(f"**/checkpoints/{POINTER}")]
+
+
+def _run_checkpoints(root: Path, spec: str) -> Path | None:
+    """The newest `checkpoints/` folder of the run named `spec` or with MLflow run id `spec`, or None."""
+    matches = []
+    for folder in _checkpoints_under(root):
+        try:
+            state = read_train_state(read_pointer(folder / POINTER) / "train_state.json")
+        except CheckpointError:
+            continue
+        if spec in (state.mlflow_run_id, state.run_name):
+            matches.append(folder)
+    return max(matches, key=lambda p: (p / POINTER).stat().st_mtime_ns) if matches else None
+
+
+def resolve(spec: str | Path | None, search_root: Path | None = None, key: str = "checkpoint") -> Path:
+    """Checkpoint folder for `spec`.
+
+    spec: "latest" (the newest checkpoint of the run under `<search_root>/outputs` and
+    `<search_root>/multirun` that checkpointed last), "best" (in that same run, the kept
+    checkpoint with the lowest finite val loss), a run name or MLflow run id (that run's newest
+    checkpoint), a checkpoint folder, a run dir, or a file in a checkpoint folder.
     search_root defaults to the current directory (the launch directory under Hydra 1.3).
     key: the config key `spec` came from, named in the fix of an error (e.g. "trainer.resume").
 
@@ -166,17 +289,18 @@ def resolve(spec: str | Path | None, search_root: Path | None = None, key: str =
     root = Path.cwd() if search_root is None else Path(search_root)
     if spec is None or str(spec) == "":
         raise CheckpointError(f"no checkpoint given: pass {key}=latest or {key}=<path to a checkpoint folder>")
-    if str(spec) in ("latest", "best"):
-        pointers = [p for top in ("outputs", "multirun") for p in (root / top).glob(f"**/checkpoints/{POINTER}")]
-        if not pointers:
+    spec = str(spec)
+    if spec in ("latest", "best"):
+        folders = _checkpoints_under(root)
+        if not folders:
             raise CheckpointError(
                 f"no checkpoint found under {root / 'outputs'} or {root / 'multirun'}: "
                 "train first (python run.py) or pass an explicit checkpoint path"
             )
-        newest = max(pointers, key=lambda p: p.stat().st_mtime_ns)
-        if str(spec) == "latest":
-            return _follow_pointer(newest.parent)
-        return _best(newest.parent) or _follow_pointer(newest.parent)
+        newest = max(folders, key=lambda p: (p / POINTER).stat().st_mtime_ns)
+        if spec == "best":
+            return _best(newest) or read_pointer(newest / POINTER)
+        return read_pointer(newest / POINTER)
     path = Path(spec).expanduser()
     path = path if path.is_absolute() else root / path
     if path.is_file():
@@ -185,9 +309,13 @@ def resolve(spec: str | Path | None, search_root: Path | None = None, key: str =
         return path
     for checkpoints in (path, path / "checkpoints"):
         if (checkpoints / POINTER).is_file():
-            return _follow_pointer(checkpoints)
+            return read_pointer(checkpoints / POINTER)
+    if not path.exists() and "/" not in spec and (run := _run_checkpoints(root, spec)) is not None:
+        return read_pointer(run / POINTER)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass {key}=latest or an existing checkpoint folder")
+        what = "MLflow run id" if RUN_ID.match(spec) else "path or run name"
+        raise CheckpointError(f"{key}={spec}: no checkpoint folder, run name or MLflow run id matches this {what} under "
+                              f"{root}: pass {key}=latest, {key}=best, a run name, or an existing checkpoint folder")
     raise CheckpointError(
         f"{path} is not a checkpoint (no train_state.json, no checkpoints/latest): "
         "pass a folder like outputs/<date>/<time>/checkpoints/step_000100"
@@ -222,62 +350,20 @@ def _load_tensors(file: Path) -> Any:
         ) from None
 
 
-def load(path: Path) -> Checkpoint:
-    """Load every file of checkpoint folder `path` (see `resolve`) onto the CPU.
+def load(path: Path, tensors: bool = True) -> Checkpoint:
+    """Load checkpoint folder `path` (see `resolve`) onto the CPU; with tensors=False only its metadata.
 
     Raises:
         CheckpointError: a missing, truncated, random, foreign or unsafe file (names it), or a
             checkpoint written by a newer format.
     """
-    state_file, config_file = path / "train_state.json", path / "config.yaml"
-    try:
-        train_state = json.loads(state_file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{state_file} is corrupt ({exc}): use an earlier checkpoint folder") from None
-    if not isinstance(train_state, dict) or train_state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{state_file} has format {train_state.get('format') if isinstance(train_state, dict) else None!r}, "
-            f"expected {FORMAT_VERSION}: it was not written by this version of ncn"
-        )
-    try:
-        config = OmegaConf.load(config_file)
-    except FileNotFoundError:
-        raise CheckpointError(f"{config_file} is missing: {path} is not a complete checkpoint") from None
-    except Exception as exc:  # any YAML or OmegaConf parse error means the same thing here
-        raise CheckpointError(f"{config_file} is corrupt ({str(exc).splitlines()[0]})") from None
-    return Checkpoint(
-        path=path,
-        model=_load_tensors(path / "model.pt"),
-        optim=_load_tensors(path / "optim.pt"),
-        rng=_load_tensors(path / "rng.pt"),
-        train_state=train_state,
-        config=config,
-    )
-
-
-def _leaves(node: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}.{key}").items()}
-    return {prefix: node}
-
-
-def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:
-    """Check that `cfg`'s model and ncn settings match the checkpoint's (resume).
-
-    Raises:
-        CheckpointError: naming the first differing key and both values.
-    """
-    for group in ("model", "ncn"):
-        saved = _leaves(OmegaConf.to_container(ckpt.config[group], resolve=True), group)
-        current = _leaves(OmegaConf.to_container(cfg[group], resolve=True), group)
-        for key in sorted(set(saved) | set(current)):
-            if key not in RESUME_MUTABLE and saved.get(key) != current.get(key):
-                raise CheckpointError(
-                    f"{ckpt.path} was trained with {key}={saved.get(key)}, this run has {key}={current.get(key)}: "
-                    f"resume with the model/ncn options of the original run (see {ckpt.path / 'config.yaml'})"
-                )
+    state = read_train_state(path / "train_state.json")
+    raw = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
+    config, _ = read_config(path / "config.yaml", version=raw["format"])
+    extra = {k: v for k, v in raw.items() if k not in TrainState.__dataclass_fields__ and k != "format"}
+    files = ("model.pt", "optim.pt", "rng.pt")
+    model, optim, rng = (_load_tensors(path / f) for f in files) if tensors else ({}, {}, {})
+    return Checkpoint(path, model, optim, rng, state, config, extra)
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
@@ -292,41 +378,60 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], file: P
         ) from None
 
 
-@contextlib.contextmanager
-def restoring(path: Path) -> Iterator[None]:
-    """Context for restoring run state from checkpoint folder `path`: files that load but hold
-    another structure (a foreign optimizer or RNG state, missing train_state keys) raise a
-    one-line `CheckpointError` naming the folder instead of a KeyError/TypeError traceback."""
-    try:
-        yield
-    except NCNConfigError:
-        raise
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(
-            f"{path} does not hold a ncn training state this run can restore ({type(exc).__name__}: {detail}): "
-            "resume from a checkpoint written by ncn's training with the same model/ncn options"
-        ) from None
-
-
-def load_model(spec: str | Path, device: str | torch.device = "cpu", search_root: Path | None = None) -> tuple[ModulatedGPT, DictConfig]:
-    """Rebuild the model of a checkpoint from its own saved config and load its weights.
-
-    spec: as for `resolve` ("latest", "best", a folder or file). Returns (model on `device` in
-    eval mode, the run's resolved config).
+def load_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> ModulatedGPT:
+    """The checkpoint's model, rebuilt from its own saved config, on `device` in eval mode.
 
     Raises:
-        CheckpointError: see `resolve` and `load`.
+        CheckpointError: the weights do not fit the saved config.
     """
-    path = resolve(spec, search_root)
-    ckpt = load(path)
-    try:
-        model = ModulatedGPT(instantiate(ckpt.config.model), instantiate(ckpt.config.ncn))
-    except Exception as exc:  # a hand-edited config.yaml: report the file, not a Hydra traceback
-        cause = exc.__cause__ or exc
-        raise CheckpointError(f"{path / 'config.yaml'} does not describe a valid model ({cause})") from None
-    load_weights(model, ckpt.model, path / "model.pt")
-    return model.to(device).eval(), ckpt.config
+    model = ModulatedGPT(ckpt.config.model, ckpt.config.ncn)
+    load_weights(model, ckpt.model, ckpt.path / "model.pt")
+    return model.to(device).eval()
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def _overridden(key: str, overridden: frozenset[str]) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in overridden for i in range(1, len(parts) + 1))
+
+
+def resume_config(cfg: RunConfig, ckpt: Checkpoint, overridden: frozenset[str]) -> RunConfig:
+    """The config a resume from `ckpt` runs with: the checkpoint's, except keys set on the command line.
+
+    `overridden` holds the keys and groups the command line set (`RunContext.overridden`). The
+    model, ncn and data groups and the seed describe what was trained: an override of one of
+    their keys (other than those in `RESUME_MUTABLE`) to a value other than the checkpoint's is
+    refused. Everything else (trainer, optim, tracking, ...) may change.
+
+    Raises:
+        CheckpointError: naming the first such key, the checkpoint's value and the new one.
+    """
+    current, saved = _flat(asdict(cfg)), _flat(asdict(ckpt.config))
+    merged = {}
+    for key in current:
+        fixed = key.split(".")[0] in RESUME_FIXED_GROUPS or key == "seed"
+        if not _overridden(key, overridden) or key == "task":
+            merged[key] = saved.get(key, current[key])
+            continue
+        if fixed and key not in RESUME_MUTABLE and current[key] != saved.get(key, current[key]):
+            raise CheckpointError(
+                f"{key}={current[key]} differs from the checkpoint's {key}={saved[key]} ({ckpt.path}): a resume "
+                "continues the checkpoint's model, ncn and data settings; drop the override, or start a new run"
+            )
+        merged[key] = current[key]
+    nested: dict[str, Any] = {}
+    for key, value in merged.items():
+        *groups, leaf = key.split(".")
+        node = nested
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[leaf] = value
+    return replace(config_from_dict(nested), task=cfg.task)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -341,6 +446,15 @@ def capture_rng() -> dict[str, Any]:
     }
 
 
+def gather_rng(world_size: int) -> list[dict[str, Any]]:
+    """Every rank's `capture_rng()`, in rank order (a collective under DDP; valid on rank 0)."""
+    if world_size == 1:
+        return [capture_rng()]
+    states: list[Any] = [None] * world_size
+    torch_dist.all_gather_object(states, capture_rng())
+    return states
+
+
 def restore_rng(state: dict[str, Any]) -> None:
     """Inverse of `capture_rng`; CUDA states are restored only when the device count matches."""
     py_version, py_state, py_gauss = state["python"]
@@ -350,3 +464,65 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore(
+    ckpt: Checkpoint,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    optim_cfg: OptimConfig,
+    scaler: torch.amp.GradScaler,
+    loader: Any,
+    rank: int,
+    seed: int,
+) -> TrainState:
+    """Put a run back where `ckpt` left it; returns its `TrainState` (step, data position, MLflow run).
+
+    Loads the weights into `model`, the Adam moments into `optimizer` (with `optim_cfg`'s
+    hyperparameters, so a resume may change them), the GradScaler's state, this rank's RNG state
+    (a rank the checkpoint did not have is seeded from seed + rank + step) and the data position
+    into `loader` (a `BlockLoader`). The LR schedule is a function of the step: build it after this.
+
+    Raises:
+        CheckpointError: files that load but hold another structure, naming the folder.
+    """
+    try:
+        load_weights(model, ckpt.model, ckpt.path / "model.pt")
+        loader.load_state_dict(ckpt.state.data)
+        optimizer.load_state_dict(ckpt.optim["optimizer"])
+        apply_settings(optimizer, optim_cfg)
+        if ckpt.optim.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt.optim["scaler"])
+        ranks = ckpt.rng["ranks"]
+        if rank < len(ranks):
+            restore_rng(ranks[rank])
+        else:
+            torch.manual_seed(seed + rank + ckpt.state.step)
+    except NCNConfigError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{ckpt.path} does not hold a ncn training state this run can restore ({type(exc).__name__}: {detail}): "
+            "resume from a checkpoint written by ncn's training with the same model/ncn options"
+        ) from None
+    return replace(ckpt.state)
+
+
+def open_checkpoint(spec: str | None, launch_dir: Path, overridden: frozenset[str],
+                    allowed: frozenset[str] = frozenset()) -> Checkpoint:
+    """Resolve and load the checkpoint a task uses (`checkpoint=`), refusing settings it would ignore.
+
+    A checkpoint carries its own model and ncn settings; a command-line override of a `model.*`
+    or `ncn.*` key (or of the `model`/`ncn` group) other than those in `allowed` would be
+    silently ignored, so it is refused.
+
+    Raises:
+        CheckpointError: see `resolve` and `load`; or such an override, named.
+    """
+    refused = sorted(k for k in overridden if k.split(".")[0] in ("model", "ncn") and k not in allowed)
+    if refused:
+        also = f" (only {', '.join(sorted(allowed))} may be set here)" if allowed else ""
+        raise CheckpointError(f"{refused[0]} cannot be set together with checkpoint=: a checkpoint carries its own "
+                              f"model and ncn settings{also}; drop the override")
+    return load(resolve(spec, launch_dir))

@@ -1,35 +1,68 @@
-"""Typed configuration of the base Transformer and of the NCN controller.
+"""Typed configuration of every part of a run, plus the context a run was launched in.
 
-`ModelConfig` describes the base GPT (NCN paper §2), `ModulationConfig` the controller and
-which layer computations it modulates (NCN paper §3, §7). Both validate themselves on
-construction and raise `NCNConfigError` with a one-line message that names the value and the fix.
+One dataclass per config group of `conf/` (NCN paper §2, §3, §6): `ModelConfig` (base GPT),
+`ModulationConfig` (the controller), `DataConfig`, `OptimConfig`, `TrainerConfig`,
+`TrackingConfig`, and `RunConfig`, the whole composed config. Each validates itself on
+construction and raises `NCNConfigError` with one line naming the value and the fix. The
+defaults here are the only defaults: the YAML options in `conf/` set what differs. This module
+imports neither torch nor Hydra, so composing and validating a config is fast.
 """
 
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 from ncn.errors import NCNConfigError
 
 TARGETS = ("temperature", "gain", "activation")
 POOLINGS = ("causal", "global", "none")
 ACTIVATIONS = ("gate", "swish_beta")
+SOURCES = ("shakespeare", "text_files", "hf")
+# Tokenizers a token cache can be built with, and their vocabulary sizes (end-of-text included).
+TOKENIZERS = {"gpt2": 50257, "bytes": 257}
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("mlflow", "none")
+TASKS = ("train", "prepare", "generate", "analyze", "eval", "report")
+# Keys a resume may set to a value other than the checkpoint's; every other model/ncn/data key,
+# and the seed, come from the checkpoint (the trainer, optim and tracking groups may all change).
+RESUME_MUTABLE = frozenset({
+    "model.dropout", "ncn.homeostatic_lambda",
+    "data.cache_dir", "data.num_proc", "data.num_workers", "data.pin_memory", "data.total_tokens",
+})
+RESUME_FIXED_GROUPS = ("model", "ncn", "data")
 
 
-def _positive(cfg: object, group: str, name: str) -> None:
-    """Raise unless field `name` of dataclass `cfg` is an int > 0; the fix suggests the field's default."""
+def _default(cfg: object, name: str) -> Any:
+    default = next(f for f in fields(cfg) if f.name == name)  # type: ignore[arg-type]
+    return None if default.default is MISSING else default.default
+
+
+def _positive(cfg: object, group: str, name: str, optional: bool = False) -> None:
+    """Raise unless field `name` of dataclass `cfg` is an int > 0 (or None when `optional`)."""
     value = getattr(cfg, name)
+    if optional and value is None:
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        default = next(f.default for f in fields(cfg) if f.name == name)  # type: ignore[arg-type]
-        example = "null" if default is None or default is MISSING else default  # d_ff: null = 4 * d_model
+        example = _default(cfg, name)
+        example = "null" if example is None else example  # d_ff: null = 4 * d_model
         raise NCNConfigError(f"{group}.{name}={value!r} must be a positive integer: set e.g. {group}.{name}={example}")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...] | dict[str, Any]) -> None:
+    """Raise unless `value` (of config key `key`) is one of `choices`."""
+    if value not in choices:
+        raise NCNConfigError(f"{key}={value} is unknown: choose one of {', '.join(choices)}")
 
 
 @dataclass
 class ModelConfig:
     """Shape of the base pre-norm GPT (NCN paper §2).
 
-    vocab_size: token ids are in [0, vocab_size); pad GPT-2's 50257 to 50304 for speed.
+    vocab_size: token ids are in [0, vocab_size); conf/config.yaml sets it from the data's
+        tokenizer (GPT-2's 50257 padded to 50304, or 257 bytes padded to 320).
     block_size: longest sequence (positions of the learned position embedding).
     d_model, n_layer, n_head: width, depth, attention heads (d_model % n_head == 0).
     d_ff: FFN hidden width; None means 4 * d_model.
@@ -52,8 +85,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head"):
             _positive(self, "model", name)
-        if self.d_ff is not None:
-            _positive(self, "model", "d_ff")
+        _positive(self, "model", "d_ff", optional=True)
         if self.d_model % self.n_head != 0:
             example = self.n_head * max(1, round(self.d_model / self.n_head))
             raise NCNConfigError(
@@ -89,7 +121,7 @@ class ModulationConfig:
         NCNConfigError: unknown target/pooling/activation, repeated target, bad sizes or ranges.
     """
 
-    targets: list[str] = field(default_factory=lambda: ["temperature", "gain", "activation"])
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
     hidden_dim: int = 64
     heads: int = 2
     pooling: str = "causal"
@@ -101,7 +133,6 @@ class ModulationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             raise NCNConfigError(f"ncn.targets={self.targets!r} must be a list: write ncn.targets=[{self.targets}]")
-        # Hydra hands over a ListConfig; the model only ever sees plain Python lists.
         self.targets = [str(t) for t in self.targets]
         for target in self.targets:
             if target not in TARGETS:
@@ -110,12 +141,8 @@ class ModulationConfig:
                 )
         if len(set(self.targets)) != len(self.targets):
             raise NCNConfigError(f"ncn.targets={self.targets} repeats a target: list each target once")
-        if self.pooling not in POOLINGS:
-            raise NCNConfigError(f"ncn.pooling={self.pooling!r} is unknown: choose one of {', '.join(POOLINGS)}")
-        if self.activation not in ACTIVATIONS:
-            raise NCNConfigError(
-                f"ncn.activation={self.activation!r} is unknown: choose one of {', '.join(ACTIVATIONS)}"
-            )
+        _choice("ncn.pooling", self.pooling, POOLINGS)
+        _choice("ncn.activation", self.activation, ACTIVATIONS)
         _positive(self, "ncn", "hidden_dim")
         _positive(self, "ncn", "heads")
         if not self.homeostatic_lambda >= 0.0:
@@ -141,3 +168,293 @@ def check_compatible(model: ModelConfig, modulation: ModulationConfig) -> None:
             f"ncn.heads={modulation.heads} does not divide model.d_model={model.d_model}: "
             f"choose ncn.heads among the divisors of d_model (e.g. ncn.heads={nearest})"
         )
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized and split (`conf/data/*.yaml`, NCN paper §6).
+
+    source: "shakespeare" (the embedded plays), "text_files" (`path`: a folder searched
+        recursively, a glob, or one file of UTF-8 .txt) or "hf" (`path`: a hub id or a local
+        dataset folder, opened by `datasets.load_dataset`).
+    tokenizer: "gpt2" (GPT-2 BPE, 50,257 ids, the paper's) or "bytes" (257 ids: one per byte
+        plus end-of-text).
+    name, data_files, split, val_split, text_column: passed to `datasets.load_dataset` (hf);
+        val_split None holds out `val_fraction` of the documents, chosen with `split_seed`.
+    cache_dir: parent of the token caches; None = $NCN_CACHE_DIR, else ~/.cache/ncn.
+    num_proc: tokenizer processes, int >= 1 or "auto". num_workers: DataLoader workers,
+        int >= 0 or "auto". pin_memory: true, false or "auto" (= CUDA available).
+    pad_vocab_to: `model.vocab_size` is the tokenizer's vocabulary rounded up to this multiple.
+    total_tokens: None, or the train + val token count the cache must hold (a check).
+
+    Raises:
+        NCNConfigError: an unknown source or tokenizer, a value outside the ranges above.
+    """
+
+    source: str = "shakespeare"
+    tokenizer: str = "gpt2"
+    path: str | None = None
+    name: str | None = None
+    data_files: Any = None
+    split: str = "train"
+    val_split: str | None = None
+    text_column: str = "text"
+    cache_dir: str | None = None
+    val_fraction: float = 0.05
+    split_seed: int = 42
+    num_proc: Any = "auto"
+    num_workers: Any = 0
+    pin_memory: Any = "auto"
+    pad_vocab_to: int = 64
+    total_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("data.source", self.source, SOURCES)
+        _choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        if self.source != "shakespeare" and not self.path:
+            raise NCNConfigError(f"data.source={self.source} needs data.path: e.g. data.path=/path/to/texts")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise NCNConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1): e.g. data.val_fraction=0.05")
+        if self.num_proc != "auto" and not (isinstance(self.num_proc, int) and self.num_proc >= 1):
+            raise NCNConfigError(f"data.num_proc={self.num_proc!r} must be an integer >= 1 or 'auto'")
+        if self.num_workers != "auto" and not (isinstance(self.num_workers, int) and self.num_workers >= 0):
+            raise NCNConfigError(
+                f"data.num_workers={self.num_workers!r} must be an integer >= 0 or 'auto': e.g. data.num_workers=0"
+            )
+        if self.pin_memory not in (True, False, "auto"):
+            raise NCNConfigError(f"data.pin_memory={self.pin_memory!r} must be true, false or 'auto'")
+        _positive(self, "data", "pad_vocab_to")
+        if self.total_tokens is not None and not (isinstance(self.total_tokens, int) and self.total_tokens > 0):
+            raise NCNConfigError(
+                f"data.total_tokens={self.total_tokens!r} must be a positive integer or null (counted for you)"
+            )
+
+
+def vocab_size(tokenizer: str, pad_to: int) -> int:
+    """The tokenizer's vocabulary rounded up to a multiple of `pad_to` (gpt2: 64 -> 50304; bytes: 64 -> 320).
+
+    Raises:
+        NCNConfigError: an unknown tokenizer, or pad_to < 1.
+    """
+    _choice("data.tokenizer", tokenizer, TOKENIZERS)
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+        raise NCNConfigError(f"data.pad_vocab_to={pad_to!r} must be an integer >= 1: use 1 (no padding) or 64")
+    return -(-TOKENIZERS[tokenizer] // pad_to) * pad_to
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and learning-rate schedule settings (`conf/optim/adamw.yaml`, NCN paper §6).
+
+    lr: peak learning rate (> 0), reached after `warmup_steps` optimizer steps.
+    min_lr: floor of the cosine decay, in [0, lr]; held after the last scheduled step.
+    warmup_steps: linear warm-up length in optimizer steps (>= 0).
+    weight_decay: decoupled AdamW decay (>= 0), applied to >= 2-D weights only.
+    beta1, beta2: Adam moment coefficients in [0, 1). eps: Adam epsilon (> 0).
+    fused: fused AdamW kernel; None = on when the parameters live on CUDA.
+
+    Raises:
+        NCNConfigError: a value outside the ranges above.
+    """
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise NCNConfigError(f"optim.lr={self.lr} must be > 0: use e.g. optim.lr=6e-4")
+        if not 0 <= self.min_lr <= self.lr:
+            raise NCNConfigError(
+                f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]: use e.g. optim.min_lr={self.lr / 10:g}"
+            )
+        if self.warmup_steps < 0:
+            raise NCNConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0: use e.g. optim.warmup_steps=100")
+        if not self.weight_decay >= 0:
+            raise NCNConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0: use e.g. optim.weight_decay=0.1")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise NCNConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1): use e.g. optim.{name}=0.9")
+        if not self.eps > 0:
+            raise NCNConfigError(f"optim.eps={self.eps} must be > 0: use e.g. optim.eps=1e-8")
+
+
+@dataclass
+class TrainerConfig:
+    """How to train (`conf/trainer/*.yaml`). Steps are optimizer steps; defaults = the CPU default run.
+
+    Bounds (the first reached stops; at least one is required): max_steps, epochs (passes over
+    the train split, may be fractional), max_tokens (tokens over all ranks).
+    batch_size: sequences per micro-batch and rank; grad_accum: micro-batches per step.
+    grad_clip: max global grad norm (0 = no clipping). precision: fp32 | bf16 | fp16 (fp16
+    needs CUDA and uses a GradScaler). compile: torch.compile the model. device: auto | cpu | cuda.
+    eval_every / eval_batches: evaluate every N steps (and at the end) on the first
+    eval_batches fixed val batches of batch_size. log_every: train metrics every N steps.
+    checkpoint_every / keep_checkpoints: checkpoint every N steps (and at the end), keep the
+    last K (and the best). resume: null | latest | best | PATH | run name | MLflow run id.
+    skip_nonfinite: skip up to N steps with a NaN/Inf loss or grad norm instead of stopping.
+    activation_checkpointing: recompute blocks in backward. threads: torch CPU threads per
+    process (null = cores / local processes). deterministic: deterministic algorithms (exact
+    resume on CPU). progress: tqdm bar on an interactive terminal. probe_tokens: at each eval,
+    log the signal heatmaps of the first N val tokens (0 = off; NCN paper §8).
+
+    Raises:
+        NCNConfigError: no bound, a non-positive count, an unknown precision or device.
+    """
+
+    max_steps: int | None = 250
+    epochs: float | None = None
+    max_tokens: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    compile: bool = False
+    device: str = "auto"
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    resume: str | None = None
+    skip_nonfinite: int = 0
+    activation_checkpointing: bool = False
+    threads: int | None = None
+    deterministic: bool = True
+    progress: bool = True
+    probe_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.epochs is None and self.max_tokens is None:
+            raise NCNConfigError(
+                "trainer.max_steps, trainer.epochs and trainer.max_tokens are all null: set one, e.g. trainer.max_steps=300"
+            )
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "max_steps", "max_tokens", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise NCNConfigError(f"trainer.{name}={value} must be >= 1: e.g. trainer.{name}=1")
+        if self.epochs is not None and not self.epochs > 0:
+            raise NCNConfigError(f"trainer.epochs={self.epochs} must be > 0: e.g. trainer.epochs=1")
+        for name in ("skip_nonfinite", "grad_clip", "probe_tokens"):
+            if not getattr(self, name) >= 0:
+                raise NCNConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0: e.g. trainer.{name}=0")
+        _choice("trainer.precision", self.precision, PRECISIONS)
+        _choice("trainer.device", self.device, DEVICES)
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are recorded (`conf/tracking/*.yaml`).
+
+    backend: "mlflow" or "none" (only the local metrics.jsonl).
+    uri: MLflow tracking URI; None = `sqlite:///<launch dir>/mlflow.db` (an absolute path, so
+        every job and `mlflow ui` see one store).
+    experiment: experiment name. parent_run_id: a sweep's parent run (set by the sweep).
+    artifact_location: None = `<store folder>/mlartifacts/<experiment>`.
+
+    Raises:
+        NCNConfigError: an unknown backend, an empty experiment name.
+    """
+
+    backend: str = "mlflow"
+    uri: str | None = None
+    experiment: str = "ncn"
+    parent_run_id: str | None = None
+    artifact_location: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("tracking.backend", self.backend, BACKENDS)
+        if not self.experiment:
+            raise NCNConfigError("tracking.experiment is empty: name the experiment, e.g. tracking.experiment=ncn")
+
+
+@dataclass
+class RunConfig:
+    """The composed config of one `python run.py` (conf/config.yaml explains each key).
+
+    task: what to run (`TASKS`). seed: init, data order and sampling seed. run_name: None =
+    `<model>-<ncn>[-<data>][-<optim>]-s<seed>`. checkpoint: what generate/analyze/eval load
+    (latest | best | PATH | run name | MLflow run id). prompt: generate/analyze text (None =
+    generate from a fresh document; analyze the training probe). max_new_tokens, temperature
+    (0 = greedy), top_k: sampling. sweep_run: the sweep a report is about.
+
+    Raises:
+        NCNConfigError: an unknown task.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ncn: ModulationConfig = field(default_factory=ModulationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    task: str = "train"
+    run_name: str | None = None
+    checkpoint: str | None = None
+    prompt: str | None = None
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_k: int | None = None
+    sweep_run: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where and how a run was launched; built once by the entry point (run.py) from Hydra.
+
+    run_dir: the run's output folder (checkpoints, logs). launch_dir: where `run.py` was
+    started (`latest` and the default MLflow store are searched there). choices: the chosen
+    option of each config group ({"model": "small", "ncn": "full", ...}). overridden: config
+    keys and groups set on the command line ({"model", "trainer.max_steps", ...}). config: the
+    resolved composed config as plain containers (logged to MLflow, saved in checkpoints).
+    command: the command line. job: a sweep job's number, None outside a sweep.
+    """
+
+    run_dir: Path
+    launch_dir: Path
+    choices: dict[str, str] = field(default_factory=dict)
+    overridden: frozenset[str] = frozenset()
+    config: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+    job: int | None = None
+
+    @classmethod
+    def here(cls, config: dict[str, Any] | None = None) -> RunContext:
+        """Context of a run outside Hydra (tests, notebooks): run and launch dir = the current directory."""
+        return cls(Path.cwd(), Path.cwd(), config=config or {})
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A `RunConfig` from plain containers (a checkpoint's config.yaml), typed and validated.
+
+    Keys missing from `data` take the schema's defaults (configs written before a field
+    existed still load).
+
+    Raises:
+        NCNConfigError: a key that is not a setting, a value of the wrong type or out of range
+            (the message names the key); TypeError: `data` is not a mapping.
+    """
+    from omegaconf import OmegaConf  # only readers of saved configs pay for it
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(data, dict):
+        raise TypeError(f"a config is a mapping of groups, not {type(data).__name__}")
+    try:
+        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
+    except OmegaConfBaseException as exc:
+        if isinstance(exc.__cause__, NCNConfigError):
+            raise exc.__cause__ from None
+        where = f"{exc.full_key}: " if getattr(exc, "full_key", None) else ""
+        raise NCNConfigError(where + str(exc).strip().splitlines()[0]) from None
+    assert isinstance(run, RunConfig)
+    return run

@@ -1,8 +1,7 @@
 """Training data (NCN paper §6): a token cache plus resumable, DDP-sharded block batches.
 
-`DataModule` (built from `conf/data/<option>.yaml`) prepares the token cache of a source
-and serves epochs of non-overlapping `block_size + 1`-token blocks in a seeded per-epoch
-order. `python run.py task=prepare data=<option>` builds the cache without training.
+`DataModule(DataConfig)` prepares the token cache of a source and serves epochs of
+non-overlapping `block_size + 1`-token blocks in a seeded per-epoch order.
 """
 
 from __future__ import annotations
@@ -11,18 +10,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import hydra.utils
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from ncn import token_cache
+from ncn.config import DataConfig, vocab_size
 from ncn.errors import NCNConfigError
 from ncn.sources import make_source
 from ncn.token_cache import TOKEN_DTYPE, PreparedData
-from ncn.tokenizer import gpt2_encoding, padded_vocab_size
-
-__all__ = ["BlockLoader", "DataModule", "PreparedData", "gpt2_encoding", "main", "padded_vocab_size"]
+from ncn.tokenizer import get_encoding
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -157,65 +153,21 @@ def _resolve_workers(num_workers: int | str) -> int:
 
 
 class DataModule:
-    """A text source, its token cache, and the batches cut from it (contract: Data API).
+    """A text source, its token cache, and the batches cut from it (`DataConfig`, NCN paper §6).
 
-    Args:
-        source: "shakespeare" (embedded plays), "text_files" or "hf".
-        path, name, data_files, split, val_split, text_column: where the text is (see
-            `ncn.sources.make_source`); `path` is required for text_files and hf.
-        cache_dir: parent of the token caches (`~` expanded).
-        val_fraction: share of documents for validation, in (0, 1), when the source has
-            no validation split of its own; split_seed: seed of that choice.
-        num_proc: processes for tokenizing, int >= 1 or "auto".
-        num_workers: DataLoader workers for training batches, int >= 0 or "auto".
-        pin_memory: bool, or "auto" (True when CUDA is available).
-        pad_vocab_to: `vocab_size` is 50257 rounded up to this multiple (64 -> 50304).
-        total_tokens: None, or the expected train + val token count (checked after prepare).
     Raises:
-        NCNConfigError: any invalid value above, a missing path, no .txt files.
+        NCNConfigError: the source cannot be found (a missing path, no .txt files).
     """
 
-    def __init__(
-        self,
-        source: str = "shakespeare",
-        path: str | None = None,
-        name: str | None = None,
-        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
-        split: str = "train",
-        val_split: str | None = None,
-        text_column: str = "text",
-        cache_dir: str | os.PathLike = "~/.cache/ncn",
-        val_fraction: float = 0.05,
-        split_seed: int = 42,
-        num_proc: int | str = "auto",
-        num_workers: int | str = 0,
-        pin_memory: bool | str = "auto",
-        pad_vocab_to: int = 64,
-        total_tokens: int | None = None,
-    ) -> None:
-        if not 0.0 < val_fraction < 1.0:
-            raise NCNConfigError(f"data.val_fraction={val_fraction} must be in (0, 1): e.g. data.val_fraction=0.05")
-        if num_proc != "auto" and not (isinstance(num_proc, int) and num_proc >= 1):
-            raise NCNConfigError(f"data.num_proc={num_proc!r} must be an integer >= 1 or 'auto'")
-        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
-            raise NCNConfigError(
-                f"data.num_workers={num_workers!r} must be an integer >= 0 or 'auto': e.g. data.num_workers=0"
-            )
-        if pin_memory not in (True, False, "auto"):
-            raise NCNConfigError(f"data.pin_memory={pin_memory!r} must be true, false or 'auto'")
-        if total_tokens is not None and not (isinstance(total_tokens, int) and total_tokens > 0):
-            raise NCNConfigError(
-                f"data.total_tokens={total_tokens!r} must be a positive integer or null (counted for you)"
-            )
-        self.source = make_source(source, path, name, data_files, split, val_split, text_column)
-        self.cache_dir = Path(cache_dir).expanduser()
-        self.val_fraction, self.split_seed = float(val_fraction), int(split_seed)
-        self.num_proc = None if num_proc == "auto" else num_proc
-        self.num_workers = _resolve_workers(num_workers)
-        self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else pin_memory
-        self.total_tokens = total_tokens
-        self.encoding = gpt2_encoding()
-        self.vocab_size = padded_vocab_size(pad_vocab_to, self.encoding.n_vocab)
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.source = make_source(cfg.source, cfg.path, cfg.name, cfg.data_files, cfg.split, cfg.val_split,
+                                  cfg.text_column)
+        self.cache_dir = Path(cfg.cache_dir or os.environ.get("NCN_CACHE_DIR") or "~/.cache/ncn").expanduser()
+        self.num_workers = _resolve_workers(cfg.num_workers)
+        self.pin_memory = torch.cuda.is_available() if cfg.pin_memory == "auto" else cfg.pin_memory
+        self.encoding = get_encoding(cfg.tokenizer)
+        self.vocab_size = vocab_size(cfg.tokenizer, cfg.pad_vocab_to)
         self._prepared: PreparedData | None = None
 
     def prepare(self) -> PreparedData:
@@ -225,13 +177,14 @@ class DataModule:
             NCNConfigError: the source cannot be loaded, or `total_tokens` disagrees with it.
         """
         if self._prepared is None:
+            num_proc = None if self.cfg.num_proc == "auto" else self.cfg.num_proc
             info = token_cache.prepare(
-                self.source, self.cache_dir, self.encoding, self.val_fraction, self.split_seed, self.num_proc
+                self.source, self.cache_dir, self.encoding, self.cfg.val_fraction, self.cfg.split_seed, num_proc
             )
             counted = info.train_tokens + info.val_tokens
-            if self.total_tokens is not None and self.total_tokens != counted:
+            if self.cfg.total_tokens is not None and self.cfg.total_tokens != counted:
                 raise NCNConfigError(
-                    f"data.total_tokens={self.total_tokens} does not match {info.cache_dir / 'meta.json'} "
+                    f"data.total_tokens={self.cfg.total_tokens} does not match {info.cache_dir / 'meta.json'} "
                     f"(train {info.train_tokens} + val {info.val_tokens} = {counted} tokens): "
                     f"set data.total_tokens=null (tokens are counted for you) or {counted}"
                 )
@@ -291,9 +244,3 @@ class DataModule:
                 f"probe of {n_tokens} tokens: the val split has {info.val_tokens} tokens ({info.cache_dir})"
             )
         return np.memmap(info.cache_dir / "val.bin", dtype=TOKEN_DTYPE, mode="r")[:n_tokens].tolist()
-
-
-def main(cfg: DictConfig) -> None:
-    """`python run.py task=prepare data=<option>`: build or verify the token cache and print its summary."""
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare()

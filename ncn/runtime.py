@@ -1,26 +1,25 @@
-"""Process-level setup of a job: Hydra run context, run name, device, DDP process group, threads.
+"""Process-level setup of a job: run name, device, DDP process group, threads, autocast, signals.
 
-`run_context()` says where the run writes (Hydra output dir) and where it was launched;
 `setup_device()` picks the device, joins the torchrun process group (gloo on CPU, nccl on
-CUDA), sets CPU threads, deterministic algorithms and (CPU) `keep_freed_memory()`. `build()`
-instantiates a config node.
+CUDA), sets CPU threads, deterministic algorithms and (CPU) `keep_freed_memory()`;
+`default_device()` is where inference tasks run; `autocast()` applies a trainer precision;
+`sigterm_as_interrupt()` turns SIGTERM (preemption, `kill`) into KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import signal
 import subprocess
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from ncn.errors import NCNConfigError
 
@@ -30,16 +29,7 @@ NAME_DEFAULTS = {"data": "shakespeare", "optim": "adamw"}
 BASELINE_OPTIONS = ("none", "none_iso")
 # glibc mallopt(3) parameters (malloc.h) and the largest value it takes (a C int).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _INT_MAX = -1, -3, 2**31 - 1
-
-
-def build(node: DictConfig, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate(node, **kwargs)`, re-raising our one-line NCNConfigError unwrapped."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as exc:
-        if isinstance(exc.__cause__, NCNConfigError):
-            raise exc.__cause__ from None
-        raise
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_run_name(choices: Mapping[str, str], seed: int) -> str:
@@ -61,15 +51,6 @@ def check_baseline_choice(choices: Mapping[str, str], targets: list[str]) -> Non
             f"ncn.targets=[] builds the plain Transformer: use ncn=none (the baseline option) "
             f"instead of emptying ncn={option}'s targets"
         )
-
-
-def run_context() -> tuple[Path, Path, dict[str, str]]:
-    """(run dir, launch dir, Hydra group choices); outside a Hydra app: (cwd, cwd, {})."""
-    if not HydraConfig.initialized():
-        return Path.cwd(), Path.cwd(), {}
-    hydra_cfg = HydraConfig.get()
-    choices = {k: str(v) for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
-    return Path(hydra_cfg.runtime.output_dir), Path(hydra_cfg.runtime.cwd), choices
 
 
 def git_commit(directory: Path) -> str | None:
@@ -135,3 +116,33 @@ def setup_device(device: str, precision: str, threads: int | None, deterministic
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
     return where, rank, world_size
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU: where generate, analyze and eval run a checkpoint."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """`torch.autocast` to bf16/fp16 on `device` for trainer precision "bf16"/"fp16"; nothing for "fp32"."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt(enabled: bool = True) -> Iterator[None]:
+    """Within the block, SIGTERM (cluster preemption, `kill`) raises KeyboardInterrupt like Ctrl-C,
+    so a run ends KILLED with its checkpoint named; the previous handler is restored afterwards.
+    Signal handlers belong to the main thread: elsewhere (or with enabled=False) this does nothing."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,47 +1,30 @@
-"""Hydra registration that must happen before `conf/` is composed (imported by run.py and tests).
+"""Hydra registration that must happen before `conf/` is composed (imported by ncn.cli and tests).
 
-OmegaConf resolvers: `${gpt2_vocab:<multiple>}` (the tokenizer's vocab padded to a multiple, so
-the logged `model.vocab_size` is the real one), `${launch_dir:}` (absolute launch directory) and
-`${iso_d_ff:<targets>}` (the iso-parameter baseline's FFN width) and `${conf_dir:}` (this
-repository's conf/, which sweeps/*.yaml put on the search path); the last two in ncn/sweep.py.
-Structured-config schemas in the ConfigStore group `schema/` (`schema/model`, `schema/ncn`,
-`schema/optim`, `schema/trainer`): option files extend them, so a typo'd key or a wrongly typed
-value fails at compose time, and `ncn=glob(*)` sweeps only real options. `schema/run`
-(`RunConfig`) types the top-level keys of conf/config.yaml, which extends it.
+The schema: `RunConfig` (ncn/config.py) stored as the config `ncn_schema`, which
+conf/config.yaml extends, so every group (`model`, `ncn`, `data`, ...) is typed: a typo'd key
+or a wrongly typed value fails at compose time, and `ncn=glob(*)` sweeps only real options. It
+is not a config group, so `--help` lists only the groups a user picks.
+
+OmegaConf resolvers: `${vocab_size:<tokenizer>,<multiple>}` (the tokenizer's vocabulary padded
+to a multiple), `${launch_dir:}` (absolute launch directory), `${conf_dir:}` (this repository's
+conf/, which sweeps/*.yaml put on the search path) and `${iso_d_ff:<targets>}` (the
+iso-parameter baseline's FFN width; it builds a controller on the meta device, so only configs
+that use it import torch).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ncn.config import ModelConfig, ModulationConfig
-from ncn.optim import OptimConfig
-from ncn.sweep import conf_dir, iso_d_ff
-from ncn.train import TrainerConfig
+from ncn.config import ModelConfig, ModulationConfig, RunConfig, vocab_size
 
-
-@dataclass
-class RunConfig:
-    """Types of conf/config.yaml's top-level keys (values and their meaning live there)."""
-
-    seed: int = 0
-    task: str = "train"
-    run_name: str | None = None
-    checkpoint: str | None = None
-    prompt: str = ""
-    max_new_tokens: int = 200
-    temperature: float = 1.0
-    top_k: int | None = None
-    sweep_run: str | None = None
-
-
-SCHEMAS: dict[str, type] = {"model": ModelConfig, "ncn": ModulationConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+SCHEMA_NAME = "ncn_schema"
 
 
 def launch_dir() -> str:
@@ -49,34 +32,45 @@ def launch_dir() -> str:
     return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
 
 
-def gpt2_vocab(multiple: Any) -> int:
-    """GPT-2's 50,257 tokens rounded up to a multiple of `multiple` (64 -> 50304)."""
-    from ncn.data import padded_vocab_size  # the tokenizer loads only when a config needs it
+def conf_dir() -> str:
+    """Absolute path of this repository's conf/ (resolver `${conf_dir:}`): sweeps/*.yaml put it on
+    Hydra's search path, so `-cd <repo>/sweeps` works from any launch directory."""
+    return str(Path(__file__).resolve().parents[1] / "conf")
 
-    return padded_vocab_size(int(multiple))
+
+def iso_d_ff(*targets: str, _root_: DictConfig) -> int:
+    """FFN width that gives the plain Transformer the parameter count of the NCN with `targets`.
+
+    Resolver `${iso_d_ff:temperature,gain,activation}` (conf/ncn/none_iso.yaml, NCN paper §7).
+    Widening d_ff by one adds n_layer·(2·d_model + 1) parameters (fc weight row + bias, proj
+    weight column), so d_ff = 4·d_model + round(controller params / (n_layer·(2·d_model + 1)));
+    the residual mismatch is at most n_layer·(d_model + 1) parameters (< 0.01 % for the presets).
+    The controller is built on the meta device (no memory, no init cost) with the run's own
+    `ncn.*` settings and `targets`.
+    """
+    import torch
+
+    from ncn.gpt import ModulatedGPT
+
+    m, settings = _root_.model, OmegaConf.to_container(_root_.ncn, resolve=True)
+    settings["targets"] = list(targets)
+    shape = ModelConfig(vocab_size=1, block_size=1, d_model=int(m.d_model), n_layer=int(m.n_layer), n_head=int(m.n_head))
+    with torch.device("meta"):
+        controller = ModulatedGPT(shape, ModulationConfig(**settings)).num_parameters().controller
+    return 4 * shape.d_model + round(controller / (shape.n_layer * (2 * shape.d_model + 1)))
 
 
-def schema_node(cls: type) -> DictConfig:
-    """Typed node of dataclass `cls` plus its `_target_`, so option files can name the target."""
-    node = OmegaConf.structured(cls)
-    OmegaConf.set_struct(node, False)
-    node["_target_"] = f"{cls.__module__}.{cls.__qualname__}"
-    OmegaConf.set_struct(node, True)
-    return node
+def _vocab_size(tokenizer: Any, multiple: Any) -> int:
+    return vocab_size(str(tokenizer), int(multiple))
 
 
 def register() -> None:
-    """Register the resolvers and the `schema/` configs (idempotent)."""
-    for name, fn in (("gpt2_vocab", gpt2_vocab), ("launch_dir", launch_dir), ("iso_d_ff", iso_d_ff),
+    """Register the resolvers and the schema config (idempotent)."""
+    for name, fn in (("vocab_size", _vocab_size), ("launch_dir", launch_dir), ("iso_d_ff", iso_d_ff),
                      ("conf_dir", conf_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-    store = ConfigStore.instance()
-    for group, cls in SCHEMAS.items():
-        store.store(group="schema", name=group, node=schema_node(cls))
-    run = OmegaConf.structured(RunConfig)
-    OmegaConf.set_struct(run, False)  # the group nodes (model, ncn, ...) join it; Hydra re-closes the root
-    store.store(group="schema", name="run", node=run)
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
 
 
 register()

@@ -24,7 +24,7 @@ import tiktoken
 
 from ncn.errors import NCNConfigError
 from ncn.sources import Corpus, Source
-from ncn.tokenizer import encoding_hash
+from ncn.tokenizer import tokenizer_hash
 
 # Bump when the bytes a cache holds change for the same inputs (cleaning, EOS rule, layout).
 CACHE_VERSION = 1
@@ -69,7 +69,7 @@ def cache_key(source_fingerprint: str, split_rule: dict, encoding: tiktoken.Enco
     key = {
         "source": source_fingerprint,
         "split": split_rule,
-        "tokenizer": [encoding.name, encoding_hash(encoding)],
+        "tokenizer": [encoding.name, tokenizer_hash(encoding.name)],
         "version": CACHE_VERSION,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -198,7 +198,7 @@ def _build(
         "split": {**split_rule, **split_info},
         "tokenizer": {
             "name": encoding.name,
-            "hash": encoding_hash(encoding),
+            "hash": tokenizer_hash(encoding.name),
             "n_vocab": encoding.n_vocab,
             "eot": encoding.eot_token,
         },

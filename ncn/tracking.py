@@ -1,10 +1,14 @@
 """Experiment tracking behind a small interface: MLflow, or nothing, plus a local metrics.jsonl.
 
-`MLflowTracker` talks to one store through `MlflowClient` only (no fluent global run, so a
-crashed job can never leave an "active run" for the next one), creates the experiment with an
-absolute artifact location, and continues the same run on resume without re-logging changed
-params. `NullTracker` keeps only the local `metrics.jsonl`. Metric keys are namespaced
-(`train/loss`, `val/ppl`, `signals/precision/L3/mean`).
+`open_tracker(cfg, launch_dir, run_dir)` gives an `MLflowTracker` or a `NullTracker`. A tracker
+writes one run (`start`, `log_*`, `end`) and answers the questions the sweep, the report and
+the analysis ask of the store (`get_run`, `child_runs`, `find_sweep`, `metric_history`, ...);
+nothing outside this module talks to MLflow. `MLflowTracker` uses `MlflowClient` only (no
+fluent global run, so a crashed job can never leave an "active run" for the next one), creates
+the experiment with an absolute artifact location, continues the same run on resume without
+re-logging changed params, and never builds a search filter from user text: runs are found by
+the ids recorded for them and matched in Python. Metric keys are namespaced (`train/loss`,
+`val/ppl`, `signals/precision/L3/mean`).
 """
 
 from __future__ import annotations
@@ -16,16 +20,19 @@ import math
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
+from ncn.config import TrackingConfig
 from ncn.errors import NCNConfigError
 
 log = logging.getLogger(__name__)
 MAX_PARAM_VALUE = 6000  # MLflow silently truncates longer values
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
@@ -48,13 +55,31 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as the store holds it: ids, name, status (RUNNING, FINISHED, FAILED, KILLED), start
+    time (ms since the epoch), and its params, tags and latest metric values."""
+
+    run_id: str
+    name: str
+    status: str
+    experiment_id: str
+    start_time: int
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 class Tracker:
     """Base tracker: appends metrics to `<run_dir>/metrics.jsonl` (nothing when run_dir is None).
 
-    Every remote operation is a no-op here; `MLflowTracker` overrides them.
+    Every store operation is a no-op here, and every query raises: `MLflowTracker` overrides them.
+    `enabled` tells whether runs are recorded in a store.
     """
 
+    enabled = False
     run_id: str | None = None
+    uri: str | None = None
 
     def __init__(self, run_dir: Path | None = None) -> None:
         self.metrics_file = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
@@ -62,7 +87,8 @@ class Tracker:
     def check(self) -> None:
         """Fail fast (NCNConfigError) when the store is unusable; before any training work."""
 
-    def start(self, run_name: str, run_id: str | None = None, resume_step: int | None = None, tags: Mapping[str, str] | None = None) -> str | None:
+    def start(self, run_name: str, run_id: str | None = None, resume_step: int | None = None,
+              tags: Mapping[str, str] | None = None) -> str | None:
         """Open a new run, or continue `run_id` (resume at `resume_step`); returns the run id."""
         return None
 
@@ -75,8 +101,8 @@ class Tracker:
             with self.metrics_file.open("a") as f:
                 f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Copy a file or folder into the run's artifacts."""
+    def log_artifact(self, path: Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
+        """Copy a file or folder into the artifacts of this run (or of `run_id`, whose status stays as it is)."""
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """Store `data` as a JSON/YAML artifact (by the file's extension)."""
@@ -84,15 +110,49 @@ class Tracker:
     def log_figure(self, fig: Any, artifact_file: str) -> None:
         """Store a matplotlib figure as an image artifact."""
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        """Set (mutable) tags on the run."""
+    def set_tags(self, tags: Mapping[str, str], run_id: str | None = None) -> None:
+        """Set (mutable) tags on this run, or on run `run_id`."""
 
     def end(self, status: str) -> None:
-        """Close the run with status "FINISHED", "FAILED" or "KILLED"."""
+        """Close this run with status "FINISHED", "FAILED" or "KILLED"."""
+
+    def _needs_store(self, what: str) -> NCNConfigError:
+        return NCNConfigError(f"{what} reads runs from MLflow but tracking=none: use tracking=mlflow "
+                              "(and tracking.uri=<the store>)")
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with id `run_id`, or None when the store has no such run."""
+        raise self._needs_store("looking up a run")
+
+    def child_runs(self, parent_id: str) -> list[RunRecord]:
+        """Every run tagged `mlflow.parentRunId = parent_id` (a sweep's jobs), oldest first."""
+        raise self._needs_store("a sweep")
+
+    def find_sweep(self, spec: str | None) -> RunRecord:
+        """A sweep's parent run: `spec` as a run id, else the newest sweep of experiment `spec`
+        (None: of this tracker's experiment), else the newest sweep named `spec`."""
+        raise self._needs_store("task=report")
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every logged value of metric `key` of run `run_id`, in step order."""
+        raise self._needs_store("a metric history")
+
+    def create_run(self, run_name: str, tags: Mapping[str, str], status: str | None = None) -> str:
+        """A new run in this tracker's experiment (closed with `status` if given); returns its id."""
+        raise self._needs_store("a sweep")
+
+    def terminate(self, run_id: str, status: str) -> None:
+        """Set the end status of run `run_id`."""
+        raise self._needs_store("a sweep")
 
 
 class NullTracker(Tracker):
     """No tracking server (`tracking=none`): only the local metrics.jsonl."""
+
+
+def default_uri(launch_dir: Path) -> str:
+    """The default store: `sqlite:////<launch dir>/mlflow.db` (absolute, four slashes)."""
+    return f"sqlite:///{Path(launch_dir).absolute() / 'mlflow.db'}"
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -100,12 +160,19 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]).absolute() if uri.startswith("sqlite:///") else None
 
 
+def _record(run: Any) -> RunRecord:
+    info, data = run.info, run.data
+    return RunRecord(info.run_id, info.run_name or "", info.status, info.experiment_id, int(info.start_time or 0),
+                     dict(data.params), dict(data.tags), dict(data.metrics))
+
+
 class MLflowTracker(Tracker):
     """MLflow tracking through `MlflowClient` (NCN runs as MLflow runs).
 
-    uri: tracking URI; `sqlite:////abs/mlflow.db` (default: mlflow.db in the launch directory).
+    uri: tracking URI (`sqlite:////abs/mlflow.db`, `http://host:port`, ...).
     experiment: experiment name, created on first use with artifacts under `artifact_location`
-        (default: `mlartifacts/<experiment>` next to a sqlite store).
+        (default: `mlartifacts/<experiment>` next to a sqlite store) and tagged so the MLflow UI
+        opens on its training-runs table (`EXPERIMENT_KIND`).
     parent_run_id: id of a sweep's parent run; the run is tagged `mlflow.parentRunId` (works
         across processes, unlike `nested=True`).
     run_dir: where metrics.jsonl goes.
@@ -114,14 +181,10 @@ class MLflowTracker(Tracker):
         NCNConfigError: from `check()` when the store cannot be reached or written.
     """
 
-    def __init__(
-        self,
-        uri: str,
-        experiment: str = "ncn",
-        parent_run_id: str | None = None,
-        artifact_location: str | None = None,
-        run_dir: Path | None = None,
-    ) -> None:
+    enabled = True
+
+    def __init__(self, uri: str, experiment: str = "ncn", parent_run_id: str | None = None,
+                 artifact_location: str | None = None, run_dir: Path | None = None) -> None:
         super().__init__(run_dir)
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
         db = _sqlite_path(uri)
@@ -162,10 +225,13 @@ class MLflowTracker(Tracker):
                 experiment = self.client.get_experiment_by_name(self.experiment)
                 if experiment is None:
                     self.experiment_id = self.client.create_experiment(
-                        self.experiment, artifact_location=self.artifact_location
+                        self.experiment, artifact_location=self.artifact_location, tags=EXPERIMENT_KIND
                     )
                 else:
                     self.experiment_id = experiment.experiment_id
+                    if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+                        for key, value in EXPERIMENT_KIND.items():
+                            self.client.set_experiment_tag(self.experiment_id, key, value)
         except Exception as exc:  # MLflow/SQLAlchemy/OS errors all mean "cannot use this store"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise NCNConfigError(
@@ -173,17 +239,22 @@ class MLflowTracker(Tracker):
                 "or use tracking=none"
             ) from None
 
-    def start(self, run_name: str, run_id: str | None = None, resume_step: int | None = None, tags: Mapping[str, str] | None = None) -> str:
+    def _ready(self) -> Any:
         if self.experiment_id is None:
             self.check()
-        if run_id is not None and self._exists(run_id):
+        return self.client
+
+    def start(self, run_name: str, run_id: str | None = None, resume_step: int | None = None,
+              tags: Mapping[str, str] | None = None) -> str:
+        client = self._ready()
+        if run_id is not None and self.get_run(run_id) is not None:
             self.run_id, self._resume_step = run_id, resume_step
-            self._seen_params = dict(self.client.get_run(run_id).data.params)
+            self._seen_params = dict(client.get_run(run_id).data.params)
             # A killed attempt may have logged steps after its last checkpoint; skipping them
             # keeps one continuous history (with exact resume the values are identical anyway).
-            for key in self.client.get_run(run_id).data.metrics:
-                self._metric_until[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
-            self.client.update_run(run_id, status="RUNNING")
+            for key in client.get_run(run_id).data.metrics:
+                self._metric_until[key] = max(m.step for m in client.get_metric_history(run_id, key))
+            client.update_run(run_id, status="RUNNING")
             self.set_tags(dict(tags or {}))
             return run_id
         all_tags = dict(tags or {})
@@ -192,17 +263,8 @@ class MLflowTracker(Tracker):
             all_tags["ncn.resumed_from_run"] = run_id
         if self.parent_run_id:
             all_tags["mlflow.parentRunId"] = self.parent_run_id
-        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        self.run_id = client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
         return self.run_id
-
-    def _exists(self, run_id: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_run(run_id)
-        except MlflowException:
-            return False
-        return True
 
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
@@ -233,11 +295,12 @@ class MLflowTracker(Tracker):
         for i in range(0, len(items), 1000):  # MLflow's batch limit for metrics
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
+        client, target = self._ready(), run_id or self.run_id
         if Path(path).is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            client.log_artifacts(target, str(path), artifact_path)
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            client.log_artifact(target, str(path), artifact_path)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, dict(data), artifact_file)
@@ -245,12 +308,69 @@ class MLflowTracker(Tracker):
     def log_figure(self, fig: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, fig, artifact_file)
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
+    def set_tags(self, tags: Mapping[str, str], run_id: str | None = None) -> None:
         from mlflow.entities import RunTag
 
         if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self._ready().log_batch(run_id or self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def end(self, status: str) -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return _record(self._ready().get_run(run_id))
+        except MlflowException:
+            return None
+
+    def _search(self, experiment_ids: Iterable[str], filter_string: str = "") -> list[RunRecord]:
+        runs = self._ready().search_runs(list(experiment_ids), filter_string, max_results=50000,
+                                         order_by=["attributes.start_time ASC"])
+        return [_record(r) for r in runs]
+
+    def child_runs(self, parent_id: str) -> list[RunRecord]:
+        parent = self.get_run(parent_id)
+        if parent is None:
+            return []
+        assert all(c in "0123456789abcdef" for c in parent_id), parent_id  # an id, never user text
+        return self._search([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+    def find_sweep(self, spec: str | None) -> RunRecord:
+        client = self._ready()
+        if spec and (run := self.get_run(spec)) is not None:
+            return run
+        name = spec or self.experiment
+        experiment = client.get_experiment_by_name(name)
+        ids = [experiment.experiment_id] if experiment is not None else [e.experiment_id for e in client.search_experiments()]
+        sweeps = [r for r in self._search(ids) if "ncn.sweep" in r.tags
+                  and (experiment is not None or r.tags["ncn.sweep"] == name)]
+        if sweeps:
+            return max(sweeps, key=lambda r: r.start_time)
+        if experiment is not None:
+            raise NCNConfigError(f"experiment {name} has no sweep runs: launch one with python run.py -cd sweeps -cn ablation")
+        raise NCNConfigError(f"sweep_run={name} is neither a run id, an experiment nor a sweep name in {self.uri}: "
+                             "pass the parent run id (printed at the sweep's start and end), an experiment or a "
+                             "sweep name (e.g. ablation)")
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in self._ready().get_metric_history(run_id, key))
+
+    def create_run(self, run_name: str, tags: Mapping[str, str], status: str | None = None) -> str:
+        run_id = self._ready().create_run(self.experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+        if status is not None:
+            self.client.set_terminated(run_id, status)
+        return run_id
+
+    def terminate(self, run_id: str, status: str) -> None:
+        self._ready().set_terminated(run_id, status)
+
+
+def open_tracker(cfg: TrackingConfig, launch_dir: Path, run_dir: Path | None = None) -> Tracker:
+    """The tracker `cfg` describes; an MLflow store defaults to `default_uri(launch_dir)`. Not yet checked."""
+    if cfg.backend == "none":
+        return NullTracker(run_dir)
+    return MLflowTracker(cfg.uri or default_uri(launch_dir), cfg.experiment, cfg.parent_run_id,
+                         cfg.artifact_location, run_dir)

@@ -1,7 +1,7 @@
 """Ablation report of a sweep: a Markdown + CSV table per variant and a val-loss-vs-tokens plot.
 
 Run: `python run.py task=report sweep_run=<parent run id | experiment | sweep name>` (into the
-Hydra run dir) or `python -m ncn.report [<same>] [--uri URI] [--out DIR]` (into <sweep dir>/report).
+run dir) or `python -m ncn.tasks.report [<same>] [--uri URI] [--out DIR]` (into <sweep dir>/report).
 An experiment (or nothing: `tracking.experiment`) means its newest sweep, a sweep name its newest
 launch. The files are also logged to the parent run under `report/`; statistics: docs/sweeps.md.
 """
@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
-import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
+from ncn.config import RunConfig, RunContext, TrackingConfig
 from ncn.errors import NCNConfigError
+from ncn.tracking import RunRecord, Tracker, open_tracker
 
 FIELDS = ["variant", "seeds", "runs", "params", "controller_share_pct", "val_loss_mean", "val_loss_std",
           "val_ppl_mean", "val_ppl_std", "delta_val_loss", "delta_ci_low", "delta_ci_high", "delta_method",
@@ -71,63 +71,29 @@ def delta_interval(variant: dict[int, float], baseline: dict[int, float]) -> tup
     return delta, math.nan, math.nan, "n/a"
 
 
-def find_sweep(client: Any, sweep_run: str | None, experiment: str) -> Any:
-    """The parent run: `sweep_run` as a run id, else the newest sweep of experiment `sweep_run`
-    (or of `experiment` when sweep_run is None), else the newest launch of the sweep named so.
-
-    Raises:
-        NCNConfigError: no such run or experiment, or an experiment without sweeps.
-    """
-    from mlflow.exceptions import MlflowException
-
-    if sweep_run and re.fullmatch(r"[0-9a-f]{32}", sweep_run):
-        try:
-            return client.get_run(sweep_run)
-        except MlflowException:
-            raise NCNConfigError(f"sweep_run={sweep_run} is not a run in {client.tracking_uri}: "
-                                 "pass the parent run id printed by the sweep, or an experiment name") from None
-    name = sweep_run or experiment
-    exp = client.get_experiment_by_name(name)
-    if exp is None:  # a sweep name: its newest launch in any experiment
-        ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids, f"tags.`ncn.sweep` = '{name}'", order_by=["attributes.start_time DESC"],
-                                  max_results=1) if ids else []
-        if runs:
-            return runs[0]
-        raise NCNConfigError(f"sweep_run={name} is neither a run id, an experiment nor a sweep name in "
-                             f"{client.tracking_uri}: pass the parent run id (the sweep's first log line), an "
-                             "experiment or a sweep name (e.g. ablation)")
-    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000):
-        if "ncn.sweep" in run.data.tags:
-            return run
-    raise NCNConfigError(f"experiment {name} has no sweep runs: launch one with python run.py -cd sweeps -cn ablation")
-
-
-def _variant(run: Any, keys: list[str]) -> str:
+def _variant(run: RunRecord, keys: list[str]) -> str:
     values = []
     for key in keys:
-        value = run.data.tags.get(f"hydra.choices.{key}", run.data.params.get(key, "?"))
+        value = run.tags.get(f"hydra.choices.{key}", run.params.get(key, "?"))
         values.append(value if len(keys) == 1 else f"{key}={value}")
     return " ".join(values)
 
 
-def collect(client: Any, parent: Any) -> tuple[list[RunResult], list[str], list[str]]:
+def collect(tracker: Tracker, parent: RunRecord) -> tuple[list[RunResult], list[str], list[str]]:
     """(finished child results, variant labels in grid order, names of children that did not finish)."""
-    grid: dict[str, Any] = json.loads(parent.data.tags.get("ncn.sweep.grid", "{}"))
+    grid: dict[str, Any] = json.loads(parent.tags.get("ncn.sweep.grid", "{}"))
     keys = [k for k in grid if k != "seed"] or ["ncn"]
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                                  max_results=50000)
     results, failed = [], []
-    for run in children:
-        if run.info.status != "FINISHED" or "val/loss" not in run.data.metrics:
-            failed.append(f"{run.info.run_name} ({run.info.status})")
+    for run in tracker.child_runs(parent.run_id):
+        if run.status != "FINISHED" or "val/loss" not in run.metrics:
+            failed.append(f"{run.name} ({run.status})")
             continue
-        p = run.data.params
+        p = run.params
         per_step = float(p.get("tokens_per_step", "nan"))
-        speed = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
-        curve = sorted((m.step * per_step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss"))
+        speed = [v for _, v in tracker.metric_history(run.run_id, "train/tokens_per_s")]
+        curve = [(step * per_step, v) for step, v in tracker.metric_history(run.run_id, "val/loss")]
         results.append(RunResult(_variant(run, keys), int(p.get("seed", 0)), int(p.get("n_params", 0)),
-                                 float(p.get("controller_share_pct", "nan")), run.data.metrics["val/loss"],
+                                 float(p.get("controller_share_pct", "nan")), run.metrics["val/loss"],
                                  statistics.fmean(speed) if speed else math.nan, curve))
     order = _grid_order(grid, keys)
     labels = sorted({r.variant for r in results}, key=lambda v: order.index(v) if v in order else len(order))
@@ -135,8 +101,6 @@ def collect(client: Any, parent: Any) -> tuple[list[RunResult], list[str], list[
 
 
 def _grid_order(grid: dict[str, Any], keys: list[str]) -> list[str]:
-    import itertools
-
     lists = [grid[k] if isinstance(grid.get(k), list) else [] for k in keys]
     if len(keys) == 1:
         return list(lists[0])
@@ -204,39 +168,23 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
 
 def plot(results: list[RunResult], labels: list[str], title: str, path: Path) -> Path:
     """PNG of val loss vs tokens seen: per variant the mean over seeds, band = ± 1 std (>= 2 seeds)."""
-    import matplotlib
+    from ncn.plots import loss_curves  # matplotlib loads only for a report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label in labels:
-        curves = [dict(r.curve) for r in results if r.variant == label]
-        xs = sorted(set.intersection(*(set(c) for c in curves)))
-        stats = [mean_std([c[x] for c in curves]) for x in xs]
-        mean = [m for m, _ in stats]
-        line, = ax.plot(xs, mean, label=f"{label} (n={len(curves)})")
-        if len(curves) > 1:
-            ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(), alpha=0.2)
-    ax.set(xlabel="tokens seen", ylabel="val loss (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    curves = {label: [dict(r.curve) for r in results if r.variant == label] for label in labels}
+    loss_curves(curves, title, "val loss (nats/token)").savefig(path, dpi=120)
     return path
 
 
-def report(client: Any, parent: Any, out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+def report(tracker: Tracker, parent: RunRecord, out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
     """Write report.md, report.csv, val_loss.png into out_dir and log them to the parent run
     under `report/`; returns (rows, paths)."""
-    results, labels, failed = collect(client, parent)
+    results, labels, failed = collect(tracker, parent)
     if not results:
-        raise NCNConfigError(f"sweep run {parent.info.run_id} has no finished child runs with a val/loss: "
+        raise NCNConfigError(f"sweep run {parent.run_id} has no finished child runs with a val/loss: "
                              "nothing to report (check the sweep's job logs)")
-    grid = json.loads(parent.data.tags.get("ncn.sweep.grid", "{}"))
+    grid = json.loads(parent.tags.get("ncn.sweep.grid", "{}"))
     rows = table(results, labels, grid)
-    title = f"{parent.data.tags.get('ncn.sweep', parent.info.run_name)} ({parent.info.run_id[:8]})"
+    title = f"sweep {parent.tags.get('ncn.sweep', parent.name)} (parent run {parent.run_id[:8]})"
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "report.md"
     md.write_text(markdown(rows, title, failed))
@@ -246,44 +194,37 @@ def report(client: Any, parent: Any, out_dir: Path) -> tuple[list[dict[str, Any]
         writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows)
     paths = [md, out_dir / "report.csv", plot(results, labels, title, out_dir / "val_loss.png")]
     for path in paths:
-        client.log_artifact(parent.info.run_id, str(path), "report")
+        tracker.log_artifact(path, "report", run_id=parent.run_id)
     return rows, paths
 
 
-def main(cfg: DictConfig) -> None:
-    """`python run.py task=report sweep_run=<id | experiment>`: report into the Hydra run dir.
+def _write(tracker: Tracker, sweep_run: str | None, out: Path | None) -> None:
+    tracker.check()
+    parent = tracker.find_sweep(sweep_run)
+    out = out or Path(parent.tags.get("ncn.sweep.dir", ".")) / "report"
+    _, paths = report(tracker, parent, out)
+    print(paths[0].read_text() + f"\nwritten: {', '.join(str(p) for p in paths)} (and to run {parent.run_id})")
+
+
+def main(cfg: RunConfig, ctx: RunContext) -> None:
+    """`python run.py task=report sweep_run=<id | experiment | sweep name>`: report into the run dir.
 
     Raises:
-        NCNConfigError: tracking=none, or see `find_sweep`.
+        NCNConfigError: tracking=none, or no such sweep (see `Tracker.find_sweep`).
     """
-    from mlflow import MlflowClient
-
-    from ncn.runtime import run_context
-
-    if "uri" not in cfg.tracking:
-        raise NCNConfigError("task=report reads runs from MLflow but tracking=none: use tracking=mlflow "
-                             "(and tracking.uri=<the sweep's store>)")
-    client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    parent = find_sweep(client, cfg.sweep_run, cfg.tracking.experiment)
-    _, paths = report(client, parent, run_context()[0] / "report")
-    print(paths[0].read_text() + f"\nwritten: {', '.join(str(p) for p in paths)} (and to run {parent.info.run_id})")
+    _write(open_tracker(cfg.tracking, ctx.launch_dir), cfg.sweep_run, ctx.run_dir / "report")
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """`python -m ncn.report [SWEEP_RUN] [--uri URI] [--experiment NAME] [--out DIR]`."""
-    from mlflow import MlflowClient
-
-    parser = argparse.ArgumentParser(prog="python -m ncn.report", description=__doc__.splitlines()[0])
+    """`python -m ncn.tasks.report [SWEEP_RUN] [--uri URI] [--experiment NAME] [--out DIR]`."""
+    parser = argparse.ArgumentParser(prog="python -m ncn.tasks.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_run", nargs="?", help="parent run id, experiment or sweep name (default: newest sweep)")
-    parser.add_argument("--uri", default=f"sqlite:///{Path('mlflow.db').absolute()}", help="tracking URI")
+    parser.add_argument("--uri", help="tracking URI (default: sqlite:///<cwd>/mlflow.db)")
     parser.add_argument("--experiment", default="ncn", help="experiment searched when sweep_run is not given")
     parser.add_argument("--out", type=Path, help="output folder (default: <sweep dir>/report)")
     args = parser.parse_args(argv)
-    client = MlflowClient(tracking_uri=args.uri)
-    parent = find_sweep(client, args.sweep_run, args.experiment)
-    out = args.out or Path(parent.data.tags.get("ncn.sweep.dir", ".")) / "report"
-    _, paths = report(client, parent, out)
-    print(paths[0].read_text() + f"\nwritten: {', '.join(str(p) for p in paths)} (and to run {parent.info.run_id})")
+    tracking = TrackingConfig(uri=args.uri, experiment=args.experiment)
+    _write(open_tracker(tracking, Path.cwd()), args.sweep_run, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,153 @@
+"""Figures: signal heatmaps ("brain scans", NCN paper §8) and a sweep's val-loss curves.
+
+Every figure is a plain `matplotlib.figure.Figure` (no pyplot state; rendered by Agg on
+`savefig`), safe in headless training loops and needing no `plt.close`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
+
+from ncn.signals import NEUTRAL, RANGES
+
+MAX_X_LABELS = 96  # beyond this many tokens only every k-th token is labelled, so labels stay legible
+
+
+def signal_rows(signals: Mapping[str, torch.Tensor], index: int = 0) -> dict[str, np.ndarray]:
+    """One batch row of `signals` as float64 arrays (T, L) or (T, L, H), in the model's order.
+
+    Raises:
+        ValueError: a signal that is not (B, T, L) or (B, T, L, H).
+    """
+    rows = {}
+    for name, value in signals.items():
+        if value.dim() not in (3, 4):
+            raise ValueError(f"signal {name!r} has shape {tuple(value.shape)}: expected (B, T, L) or (B, T, L, H)")
+        rows[name] = value[index].detach().to(device="cpu", dtype=torch.float64).numpy()
+    return rows
+
+
+def _axis_label(text: str) -> str:
+    """A token string made visible on an axis: spaces as '·', newlines and tabs escaped."""
+    return text.replace(" ", "·").replace("\n", "\\n").replace("\t", "\\t").replace("$", r"\$")
+
+
+def _tick_label(value: float, neutral: float) -> str:
+    """`value` to 4 significant digits, or more until it no longer reads as `neutral` (1.0019 -> "1.002")."""
+    for digits in range(4, 16):
+        label = f"{value:.{digits}g}"
+        if value == neutral or label != f"{neutral:.{digits}g}":
+            return label
+    return label
+
+
+def _norm(name: str, values: np.ndarray, scale: str) -> TwoSlopeNorm:
+    """Colour scale whose centre (white in the diverging map) is the signal's neutral value.
+
+    scale="data": neutral ± the largest deviation in `values`, so the same colour intensity
+    means the same deviation on both sides; scale="range": the signal's whole range, so figures
+    of different checkpoints or training steps share one scale. Both are clipped to the
+    signal's range (`ncn.signals.RANGES`, widened to the data if a value lies outside it).
+    """
+    if scale not in ("data", "range"):
+        raise ValueError(f"scale={scale!r}: choose 'data' or 'range'")
+    neutral = NEUTRAL[name]
+    low, high = RANGES[name]
+    low = min(low, float(values.min()))  # a model with precision_max > 4 still gets a true scale
+    high = max(high, float(values.max()))
+    half = float(np.max(np.abs(values - neutral))) if scale == "data" else math.inf
+    eps = 1e-6  # TwoSlopeNorm needs vmin < vcenter < vmax, also for a perfectly neutral signal
+    return TwoSlopeNorm(
+        vcenter=neutral, vmin=min(max(neutral - half, low), neutral - eps), vmax=max(min(neutral + half, high), neutral + eps)
+    )
+
+
+def signal_heatmaps(
+    signals: Mapping[str, torch.Tensor],
+    tokens: Sequence[str],
+    index: int = 0,
+    scale: str = "data",
+    title: str | None = None,
+) -> Figure:
+    """One figure with a heatmap panel per signal: layers (rows, y axis "layer") × tokens (x axis "token").
+
+    Args:
+        signals: `model(idx).signals`, each (B, T, L) or (B, T, L, H) (per-head precision).
+        tokens: T token strings for the x axis (see `ncn.tokenizer.token_labels`).
+        index: the batch row to draw.
+        scale: "data" or "range", see `_norm`. Each colour bar is centred on the signal's
+            neutral value (`ncn.signals.NEUTRAL`, white), marks it with a black line and has
+            five ticks: both ends, neutral, and the midpoints between them.
+        title: figure title; say what was drawn (run name, step, checkpoint).
+
+    Per-head signals are drawn as the mean over heads (the panel title says so).
+
+    Raises:
+        ValueError: no signals (a plain-Transformer checkpoint), or len(tokens) != T.
+    """
+    rows = signal_rows(signals, index)
+    if not rows:
+        raise ValueError("no modulation signals to draw: the model is a plain Transformer (ncn.targets=[])")
+    n_tokens, n_layer = next(iter(rows.values())).shape[:2]
+    if len(tokens) != n_tokens:
+        raise ValueError(f"{len(tokens)} token labels for {n_tokens} positions: pass one label per position")
+
+    width = min(max(8.0, 2.5 + 0.18 * min(n_tokens, MAX_X_LABELS * 2)), 40.0)
+    panel_height = 1.3 + 0.28 * n_layer
+    fig = Figure(figsize=(width, 0.6 + panel_height * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    step = max(1, math.ceil(n_tokens / MAX_X_LABELS))
+    for ax, (name, values) in zip(axes, rows.items()):
+        per_head = values.ndim == 3
+        grid = values.mean(axis=2) if per_head else values  # (T, L)
+        image = ax.imshow(grid.T, aspect="auto", cmap="RdBu_r", norm=_norm(name, grid, scale), interpolation="nearest")
+        neutral = NEUTRAL[name]
+        heads = f", mean over {values.shape[2]} heads" if per_head else ""
+        ax.set_title(f"{name} (neutral {neutral:g}{heads})", fontsize=10, loc="left")
+        ax.set_yticks(range(n_layer), [f"L{i}" for i in range(n_layer)], fontsize=7)
+        ax.set_ylabel("layer", fontsize=8)
+        positions = range(0, n_tokens, step)
+        ax.set_xticks(positions, [_axis_label(tokens[i]) for i in positions], rotation=90, fontsize=7)
+        ax.set_xlabel("token", fontsize=8)
+        bar = fig.colorbar(image, ax=ax, pad=0.01, fraction=0.03)
+        bar.ax.axhline(neutral, color="black", linewidth=1.5)
+        vmin, vmax = image.norm.vmin, image.norm.vmax
+        ticks = [vmin, (vmin + neutral) / 2, neutral, (neutral + vmax) / 2, vmax]
+        labels = [_tick_label(v, neutral) for v in ticks]
+        labels[2] = f"neutral {neutral:g}"
+        bar.set_ticks(ticks, labels=labels, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def loss_curves(curves: Mapping[str, Sequence[Mapping[float, float]]], title: str, ylabel: str) -> Figure:
+    """Val loss vs tokens seen: per variant the mean over its seeds' curves, band = ± 1 std (>= 2 seeds).
+
+    curves: variant label -> one {tokens seen: value} per seed; only token counts present in
+    every seed's curve are drawn. The y axis shows plain values (no offset, no scientific notation).
+    """
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for label, runs in curves.items():
+        xs = sorted(set.intersection(*(set(c) for c in runs)))
+        values = np.array([[c[x] for x in xs] for c in runs])  # (seeds, points)
+        mean = values.mean(axis=0)
+        (line,) = ax.plot(xs, mean, label=f"{label} (n={len(runs)})")
+        if len(runs) > 1:
+            std = values.std(axis=0, ddof=1)
+            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    ax.yaxis.set_major_formatter(formatter)
+    ax.set(xlabel="tokens seen", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig

@@ -1,0 +1,157 @@
+"""`python run.py task=analyze checkpoint=latest [prompt="..."]`: what the controller tells each layer at each token.
+
+Runs a prompt (default: the probe training logged, the first `trainer.probe_tokens` val tokens)
+through a checkpoint and writes a heatmap PNG ("brain scan", NCN paper §8), the raw signal values
+as CSV and summary statistics as JSON under the run dir, and attaches them to the checkpoint's
+MLflow run when it is in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ncn.checkpoint import load_model, open_checkpoint
+from ncn.config import RunConfig, RunContext
+from ncn.data import DataModule
+from ncn.errors import NCNConfigError
+from ncn.evaluation import run_signals
+from ncn.plots import signal_heatmaps, signal_rows
+from ncn.runtime import default_device
+from ncn.tokenizer import encode_prompt, get_encoding, token_labels
+from ncn.tracking import open_tracker
+
+log = logging.getLogger(__name__)
+
+GATE_THRESHOLD = 0.5  # ffn_gate below this = the layer's FFN is mostly switched off ("throttled")
+DEFAULT_PROBE_TOKENS = 32  # the default run's trainer.probe_tokens: the probe of a run trained without one
+
+
+def signal_table(signals: dict[str, torch.Tensor], tokens: Sequence[str], index: int = 0) -> pd.DataFrame:
+    """The raw signal values of one sequence in long format, one row per value.
+
+    Columns: signal (str), layer (int), head (nullable int: the head for per-head signals,
+    <NA> otherwise), position (int, 0-based), token (str), value (float). A (T, L) signal gives
+    T·L rows, a (T, L, H) signal T·L·H rows. Rows are ordered signal, position, layer, head.
+    """
+    frames = []
+    for name, values in signal_rows(signals, index).items():
+        if len(tokens) != values.shape[0]:
+            raise ValueError(f"{len(tokens)} tokens for {values.shape[0]} positions: pass one token per position")
+        grids = np.meshgrid(*(np.arange(n) for n in values.shape), indexing="ij")  # position, layer[, head]
+        head = pd.array(grids[2].ravel() if values.ndim == 3 else [pd.NA] * values.size, dtype="Int64")
+        frames.append(
+            pd.DataFrame(
+                {
+                    "signal": name,
+                    "layer": grids[1].ravel(),
+                    "head": head,
+                    "position": grids[0].ravel(),
+                    "token": np.asarray(tokens, dtype=object)[grids[0].ravel()],
+                    "value": values.ravel(),
+                }
+            )
+        )
+    columns = ["signal", "layer", "head", "position", "token", "value"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def signal_summary(signals: dict[str, torch.Tensor], index: int = 0) -> dict[str, float]:
+    """Per-layer statistics of each signal over the tokens (and heads) of one sequence.
+
+    Keys are ``<signal>/L<layer>/<stat>`` (the tracking namespace, e.g. ``precision/L3/min``):
+    mean, std (population, ddof=0), min, max for every signal, and for ffn_gate also
+    ``frac_below_0.5``, the fraction of tokens whose gate is < 0.5 (FFN mostly off).
+    """
+    summary = {}
+    for name, values in signal_rows(signals, index).items():
+        for layer in range(values.shape[1]):
+            v = values[:, layer]  # (T,) or (T, H)
+            prefix = f"{name}/L{layer}"
+            summary[f"{prefix}/mean"] = float(v.mean())
+            summary[f"{prefix}/std"] = float(v.std())
+            summary[f"{prefix}/min"] = float(v.min())
+            summary[f"{prefix}/max"] = float(v.max())
+            if name == "ffn_gate":
+                summary[f"{prefix}/frac_below_{GATE_THRESHOLD:g}"] = float((v < GATE_THRESHOLD).mean())
+    return summary
+
+
+def summary_table(summary: dict[str, float]) -> pd.DataFrame:
+    """`signal_summary` as a table: one row per (signal, layer), one column per statistic."""
+    keys = pd.Series(list(summary)).str.split("/", n=2, expand=True)
+    layer = keys[1].str[1:].astype(int)  # "L10" after "L9", not after "L1"
+    table = pd.DataFrame({"signal": keys[0], "layer": layer, "stat": keys[2], "value": list(summary.values())})
+    wide = table.pivot(index=["signal", "layer"], columns="stat", values="value")
+    return wide[[c for c in ("mean", "std", "min", "max", f"frac_below_{GATE_THRESHOLD:g}") if c in wide.columns]]
+
+
+
+def main(cfg: RunConfig, ctx: RunContext) -> None:
+    """`task=analyze`: signals of `cfg.prompt` (None: the training probe) under `cfg.checkpoint`, saved and tracked.
+
+    Writes `<run dir>/analysis/{signals.png, signals.csv, summary.json}` (see `signal_heatmaps`,
+    `signal_table`, `signal_summary`), prints their paths and the summary, and attaches the files
+    to the checkpoint's MLflow run under `analysis/<run dir name>/` (its status is unchanged) when
+    tracking is on and the run is in the store (the checkpoint's store unless `tracking` is
+    overridden). A prompt longer than block_size is cropped from the left with a warning.
+
+    Raises:
+        CheckpointError: unusable checkpoint; NCNConfigError: a plain-Transformer checkpoint
+            (no signals), an unusable tracking store.
+    """
+    ckpt = open_checkpoint(cfg.checkpoint, ctx.launch_dir, ctx.overridden)
+    print(ckpt.describe(), file=sys.stderr, flush=True)
+    model = load_model(ckpt, default_device())
+    if not model.modulation_config.targets:
+        raise NCNConfigError(
+            f"{ckpt.path} is a plain Transformer (ncn.targets=[]) and has no modulation signals: "
+            "analyze a checkpoint trained with an NCN option (e.g. ncn=full)"
+        )
+    encoding = get_encoding(ckpt.config.data.tokenizer)
+    if cfg.prompt:
+        ids, what = encode_prompt(cfg.prompt, encoding), "prompt"
+    else:
+        n = ckpt.config.trainer.probe_tokens or DEFAULT_PROBE_TOKENS
+        ids, what = DataModule(ckpt.config.data).probe_tokens(n), f"probe (first {n} val tokens)"
+        print(f"no prompt given: analyzing the training probe, the first {n} validation tokens", file=sys.stderr)
+    block = model.config.block_size
+    if len(ids) > block:
+        log.warning("prompt of %d tokens is longer than block_size=%d: analyzing its last %d tokens", len(ids), block, block)
+        ids = ids[-block:]
+    signals = run_signals(model, ids)
+    labels = token_labels(ids, encoding)
+
+    out = ctx.run_dir / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "signals.png", out / "signals.csv", out / "summary.json"]
+    name = ckpt.state.run_name or ckpt.config.run_name or ckpt.path.parent.parent.name
+    title = f"{name}, step {ckpt.state.step}: {len(ids)} tokens of the {what}"
+    signal_heatmaps(signals, labels, title=title).savefig(files[0], dpi=120)
+    signal_table(signals, labels).to_csv(files[1], index=False)
+    summary = signal_summary(signals)
+    files[2].write_text(json.dumps({"checkpoint": str(ckpt.path), "run_name": name, "step": ckpt.state.step,
+                                    "tokens": len(ids), "statistics": summary}, indent=2))
+    with pd.option_context("display.width", 120, "display.precision", 4):
+        print(summary_table(summary))
+    for file in files:
+        print(f"wrote {file}")
+
+    tracking_overridden = any(k.split(".")[0] == "tracking" for k in ctx.overridden)
+    tracker = open_tracker(cfg.tracking if tracking_overridden else ckpt.config.tracking, ctx.launch_dir)
+    run_id = ckpt.state.mlflow_run_id
+    if not (tracker.enabled and run_id):
+        return
+    tracker.check()
+    if tracker.get_run(run_id) is None:
+        log.warning("MLflow run %s is not in %s: results are only local", run_id, tracker.uri)
+        return
+    for file in files:
+        tracker.log_artifact(file, f"analysis/{out.parent.name}", run_id=run_id)
+    print(f"logged to MLflow run {run_id} ({tracker.uri}) under analysis/{out.parent.name}/")

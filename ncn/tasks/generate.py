@@ -1,0 +1,70 @@
+"""`python run.py task=generate checkpoint=latest prompt="..." ...`: sample text from a checkpoint, streamed.
+
+Decodes with the KV cache and the controller's constant-size salience state (NCN paper §5);
+the same seed gives the same text. A checkpoint trained with ncn.pooling=global (the leaking
+reference mode) cannot decode incrementally: it is decoded without the cache (the full forward
+per token), with a one-line warning.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+
+from ncn.checkpoint import load_model, open_checkpoint
+from ncn.config import RunConfig, RunContext
+from ncn.runtime import default_device
+from ncn.tokenizer import encode_prompt, get_encoding, stream_text
+
+
+def main(cfg: RunConfig, ctx: RunContext) -> float:
+    """Stream a sample from `cfg.checkpoint` to stdout; returns the decoding speed in tokens/s.
+
+    Reads cfg.checkpoint, cfg.prompt (None = a fresh document), cfg.max_new_tokens,
+    cfg.temperature (0 = greedy), cfg.top_k (null or >= 1) and cfg.seed; the model is rebuilt
+    from the checkpoint's own saved config. The checkpoint is named on stderr first, the prompt is
+    echoed, then each token's text is flushed as soon as it is complete; the speed line goes to stderr.
+
+    Raises:
+        NCNConfigError: negative max_new_tokens or temperature, top_k < 1 (checked by
+            `ModulatedGPT.stream` before any output); CheckpointError: unusable checkpoint.
+    """
+    ckpt = open_checkpoint(cfg.checkpoint, ctx.launch_dir, ctx.overridden)
+    print(ckpt.describe(), file=sys.stderr, flush=True)
+    device = default_device()
+    model = load_model(ckpt, device)
+    encoding = get_encoding(ckpt.config.data.tokenizer)
+    prompt = encode_prompt(cfg.prompt, encoding)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    # global pooling's salience at t sees tokens after t: no KV cache can reproduce its forward pass
+    use_cache = model.controller is None or model.modulation_config.pooling != "global"
+    if not use_cache:
+        print("warning: ncn.pooling=global (the leaking mode) cannot use the KV cache: "
+              "re-running the full forward pass for every token (slower)", file=sys.stderr)
+
+    # stream() checks its arguments when called, so a bad setting fails before any output.
+    new_tokens = model.stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache)
+    count = 0
+
+    def counted() -> Iterator[int]:
+        nonlocal count
+        for token in new_tokens:
+            count += 1
+            yield int(token[0, 0])
+
+    sys.stdout.write(cfg.prompt or "")
+    sys.stdout.flush()
+    start = time.perf_counter()
+    for piece in stream_text(counted(), encoding):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    seconds = time.perf_counter() - start
+    sys.stdout.write("\n")
+    speed = count / seconds
+    mode = "KV cache" if use_cache else "no cache"
+    print(f"{count} tokens in {seconds:.2f} s: {speed:.1f} tokens/s ({mode}, {device.type})", file=sys.stderr)
+    return speed
