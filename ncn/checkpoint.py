@@ -1,7 +1,9 @@
 """Self-describing, atomically written training checkpoints: finding, reading, restoring them.
 
-Layout: `<run dir>/checkpoints/step_000123/{model.pt, optim.pt, rng.pt, train_state.json,
-config.yaml}` plus a `checkpoints/latest` text pointer. A folder is written under a temporary
+Layout: `<run dir>/checkpoints/step_000123/{model.pt, optim.pt, train_state.json, config.yaml}`
+plus a `checkpoints/latest` text pointer. No RNG state is saved: training draws its random numbers
+from seeds derived from (seed, step, micro-batch) (`ncn.trainer.micro_batch_seed`), so a resume
+is exact without one (format 1 checkpoints carried an rng.pt, which is ignored). A folder is written under a temporary
 name and renamed, the pointer replaced with `os.replace`, so a crash never leaves a half
 checkpoint in use. Tensors load with `torch.load(weights_only=True)`: nothing is ever unpickled
 beyond tensors and plain containers. Each file read back has one typed reader that checks its
@@ -14,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 import warnings
@@ -24,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import yaml
 
 from ncn.config import RESUME_FIXED_GROUPS, RESUME_MUTABLE, OptimConfig, RunConfig, config_from_dict
@@ -66,13 +66,12 @@ class TrainState:
 
 @dataclass
 class Snapshot:
-    """What `save` writes: loop state, uncompiled model weights, optimizer and scaler state, every
-    rank's RNG state, the resolved run config, and descriptive extras (world size, batch, ...)."""
+    """What `save` writes: loop state, uncompiled model weights, optimizer and scaler state, the
+    resolved run config, and descriptive extras (world size, batch, ...)."""
 
     state: TrainState
     model: dict[str, torch.Tensor]
     optim: dict[str, Any]
-    rng: dict[str, Any]
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -84,7 +83,6 @@ class Checkpoint:
     path: Path
     model: dict[str, torch.Tensor]
     optim: dict[str, Any]
-    rng: dict[str, Any]
     state: TrainState
     config: RunConfig
     extra: dict[str, Any] = field(default_factory=dict)
@@ -124,7 +122,6 @@ def save(directory: Path, snapshot: Snapshot, keep: int) -> Path:
     tmp.mkdir()
     torch.save(snapshot.model, tmp / "model.pt")
     torch.save(snapshot.optim, tmp / "optim.pt")
-    torch.save(snapshot.rng, tmp / "rng.pt")
     state = {"format": FORMAT_VERSION, **snapshot.state.state_dict(), **snapshot.extra}
     (tmp / "train_state.json").write_text(json.dumps(state, indent=2))
     (tmp / "config.yaml").write_text(yaml.safe_dump(snapshot.config, sort_keys=False))
@@ -180,7 +177,7 @@ def read_pointer(pointer: Path) -> Path:
         name = pointer.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{pointer} is unreadable ({type(exc).__name__}): pass an explicit checkpoint folder") from None
-    if not STEP_DIR.match(name):
+    if not STEP_DIR.fullmatch(name):
         raise CheckpointError(f"{pointer} does not name a checkpoint folder (holds {name[:40]!r}): "
                               "pass an explicit checkpoint folder, e.g. checkpoints/step_000100")
     target = pointer.parent / name
@@ -361,9 +358,8 @@ def load(path: Path, tensors: bool = True) -> Checkpoint:
     raw = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
     config, _ = read_config(path / "config.yaml", version=raw["format"])
     extra = {k: v for k, v in raw.items() if k not in TrainState.__dataclass_fields__ and k != "format"}
-    files = ("model.pt", "optim.pt", "rng.pt")
-    model, optim, rng = (_load_tensors(path / f) for f in files) if tensors else ({}, {}, {})
-    return Checkpoint(path, model, optim, rng, state, config, extra)
+    model, optim = (_load_tensors(path / f) for f in ("model.pt", "optim.pt")) if tensors else ({}, {})
+    return Checkpoint(path, model, optim, state, config, extra)
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
@@ -434,38 +430,6 @@ def resume_config(cfg: RunConfig, ckpt: Checkpoint, overridden: frozenset[str]) 
     return replace(config_from_dict(nested), task=cfg.task)
 
 
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states (python, numpy, torch, CUDA) as tensors and plain containers."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
-        "python": [py_version, torch.tensor(py_state, dtype=torch.int64), py_gauss],
-        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def gather_rng(world_size: int) -> list[dict[str, Any]]:
-    """Every rank's `capture_rng()`, in rank order (a collective under DDP; valid on rank 0)."""
-    if world_size == 1:
-        return [capture_rng()]
-    states: list[Any] = [None] * world_size
-    torch_dist.all_gather_object(states, capture_rng())
-    return states
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of `capture_rng`; CUDA states are restored only when the device count matches."""
-    py_version, py_state, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_state.tolist()), py_gauss))
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def restore(
     ckpt: Checkpoint,
     model: torch.nn.Module,
@@ -473,15 +437,13 @@ def restore(
     optim_cfg: OptimConfig,
     scaler: torch.amp.GradScaler,
     loader: Any,
-    rank: int,
-    seed: int,
 ) -> TrainState:
     """Put a run back where `ckpt` left it; returns its `TrainState` (step, data position, MLflow run).
 
     Loads the weights into `model`, the Adam moments into `optimizer` (with `optim_cfg`'s
-    hyperparameters, so a resume may change them), the GradScaler's state, this rank's RNG state
-    (a rank the checkpoint did not have is seeded from seed + rank + step) and the data position
-    into `loader` (a `BlockLoader`). The LR schedule is a function of the step: build it after this.
+    hyperparameters, so a resume may change them), the GradScaler's state and the data position
+    into `loader` (a `BlockLoader`). The LR schedule and the random numbers of a step are
+    functions of the step: nothing else needs restoring.
 
     Raises:
         CheckpointError: files that load but hold another structure, naming the folder.
@@ -493,11 +455,6 @@ def restore(
         apply_settings(optimizer, optim_cfg)
         if ckpt.optim.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt.optim["scaler"])
-        ranks = ckpt.rng["ranks"]
-        if rank < len(ranks):
-            restore_rng(ranks[rank])
-        else:
-            torch.manual_seed(seed + rank + ckpt.state.step)
     except NCNConfigError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:

@@ -84,8 +84,7 @@ def apply_settings(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
 
     `optimizer.load_state_dict` brings back the checkpoint's hyperparameters with the moments;
     this puts the current config's back, so a resume with e.g. `optim.beta2=0.95` uses it. The
-    decay group keeps `cfg.weight_decay`, the no-decay group 0 (see `param_groups`).
+    groups are `param_groups`' two: decay (`cfg.weight_decay`), then no decay (0).
     """
-    for group in optimizer.param_groups:
-        group["betas"], group["eps"] = (cfg.beta1, cfg.beta2), cfg.eps
-        group["weight_decay"] = cfg.weight_decay if group["weight_decay"] else 0.0
+    for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
+        group["betas"], group["eps"], group["weight_decay"] = (cfg.beta1, cfg.beta2), cfg.eps, decay

@@ -2,9 +2,12 @@
 
 `train(job, state, cfg, total)` runs eval -> checkpoint -> step -> log until `state.step ==
 total`; all mutable loop state is the `TrainState` (ncn/checkpoint.py) a checkpoint carries, all
-runtime objects are one `Job`. On CPU with deterministic settings a resumed run is bitwise
-identical to an uninterrupted one. Under DDP rank 0 alone evaluates, logs and writes checkpoints.
-No checkpoint is ever written whose weights or same-step validation loss are not finite.
+runtime objects are one `Job`. The random numbers of a micro-batch (dropout) come from a seed
+derived from (seed, step, the micro-batch's index in the global batch), so on CPU with
+deterministic settings a resumed run is bitwise identical to an uninterrupted one, and N ranks
+× 1 micro-batch draw the same dropout masks as 1 rank × N accumulated micro-batches. Under DDP
+rank 0 alone evaluates, logs and writes checkpoints. No checkpoint is ever written whose weights
+or same-step validation loss are not finite.
 """
 
 from __future__ import annotations
@@ -63,14 +66,23 @@ class Job:
     probe_labels: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     last_good: Path | None = None
+    seed: int = 0
     rank: int = 0
     world_size: int = 1
 
 
-def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig) -> dict[str, float] | None:
-    """One optimizer step over cfg.grad_accum micro-batches of (x, y) int64 (B, block_size) from `batches`.
+def micro_batch_seed(seed: int, step: int, index: int, per_step: int) -> int:
+    """Seed of the random numbers (dropout) of global micro-batch `index` (0 <= index < per_step) of
+    optimizer step `step` (0-based): depends on nothing else, so a resume, or another split of the
+    same global batch over ranks and accumulation, draws the same numbers. Value in [0, 2**63)."""
+    return hash((seed, step * per_step + index)) & (2**63 - 1)
 
-    Autocast per cfg.precision, backward (GradScaler for fp16), grad-norm clipping, AdamW, LR schedule.
+
+def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -> dict[str, float] | None:
+    """Optimizer step `step` (0-based) over cfg.grad_accum micro-batches of (x, y) int64 (B, block_size) from `batches`.
+
+    Each micro-batch seeds the RNG with `micro_batch_seed`; autocast per cfg.precision, backward
+    (GradScaler for fp16), grad-norm clipping, AdamW, LR schedule.
     Returns the metrics train/loss, train/ce_loss, train/reg_loss (sums of the micro-batch means / grad_accum,
     averaged over DDP ranks), train/ppl = exp(ce), train/grad_norm and train/lr, or None when the loss or
     the gradients were NaN/Inf (nothing is updated then).
@@ -84,6 +96,8 @@ def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig) -> dict[str,
         last = micro == cfg.grad_accum - 1
         # DDP all-reduces gradients only on the last micro-batch of a step
         sync = model.no_sync() if job.world_size > 1 and not last else contextlib.nullcontext()
+        per_step = cfg.grad_accum * job.world_size  # global micro-batch index: the loader's data order
+        torch.manual_seed(micro_batch_seed(job.seed, step, micro * job.world_size + job.rank, per_step))
         with sync:
             with autocast(job.device, cfg.precision):
                 out = model(x, y)
@@ -150,14 +164,13 @@ def save_checkpoint(job: Job, state: TrainState, keep: int) -> Path | None:
         torch_dist.all_reduce(ok, op=torch_dist.ReduceOp.MIN)
     if not ok.item():
         raise _diverged("non-finite weights or validation loss", state.step, job)
-    rngs = checkpoint.gather_rng(job.world_size)
     if job.rank != 0:
         return None
     state.data = job.loader.state_dict()
     snapshot = Snapshot(
         state=state, model=job.model.state_dict(),
         optim={"optimizer": job.optimizer.state_dict(), "scaler": job.scaler.state_dict()},
-        rng={"ranks": rngs}, config=job.config, extra={**job.extra, "time": time.time()},
+        config=job.config, extra={**job.extra, "time": time.time()},
     )
     job.last_good = checkpoint.save(job.checkpoints, snapshot, keep=keep)
     return job.last_good
@@ -220,7 +233,7 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
             if done:
                 return metrics
             step_started = time.perf_counter()
-            result = optimizer_step(job, batches, cfg)
+            result = optimizer_step(job, batches, cfg, state.step)
             step_seconds += time.perf_counter() - step_started
             if result is None:
                 state.nonfinite_skipped += 1

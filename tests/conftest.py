@@ -17,7 +17,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import ncn.schema  # noqa: F401  (resolvers and schema/ configs, as run.py registers them)
+from ncn import cli
+from ncn.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +62,22 @@ def compose_config() -> Callable[..., DictConfig]:
     return _compose
 
 
-def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python run.py *args` in `cwd` (the launch dir), capturing text output."""
+@pytest.fixture
+def typed_config(compose_config) -> Callable[..., RunConfig]:
+    """typed_config(overrides) -> the real config composed and converted as run.py does (`ncn.cli.typed`)."""
+
+    def _typed(overrides: Sequence[str] = ()) -> RunConfig:
+        return cli.typed(compose_config(overrides))[0]
+
+    return _typed
+
+
+def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 240,
+            faults: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """`python run.py *args` in `cwd` (the launch dir), capturing text output; `faults` are
+    `tests/faults.py` options (e.g. ["--nan-steps", "3"]) that run it under fault injection."""
+    command = [str(REPO / "tests" / "faults.py"), *faults, "--"] if faults else [str(REPO / "run.py")]
     return subprocess.run(
-        [sys.executable, str(REPO / "run.py"), *args],
+        [sys.executable, *command, *args],
         cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )

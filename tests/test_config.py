@@ -1,4 +1,4 @@
-"""Config tests: every option of every group in conf/ composes and instantiates to its typed
+"""Config tests: every option of every group in conf/ composes and converts to its typed
 object, schemas reject typos at compose time, run names, and the reference-flag mapping.
 
 Run: python -m pytest -q tests/test_config.py
@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn.optim import OptimConfig
-from ncn.tracking import MLflowTracker, NullTracker
+from ncn.config import DataConfig, OptimConfig, TrackingConfig, TrainerConfig
 from ncn.runtime import default_run_name
-from ncn.train import TrainerConfig
+from ncn.tracking import MLflowTracker, NullTracker, open_tracker
 
-GROUPS = ("model", "ncn", "optim", "trainer", "tracking")
+GROUPS = ("model", "ncn", "data", "optim", "trainer", "tracking")
+TYPES = {"model": ModelConfig, "ncn": ModulationConfig, "data": DataConfig, "optim": OptimConfig,
+         "trainer": TrainerConfig, "tracking": TrackingConfig}
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((REPO / "conf" / g).glob("*.yaml"))]
 TARGETS = {
     "none": [], "none_iso": [], "full": ["temperature", "gain", "activation"], "temperature_only": ["temperature"],
@@ -52,34 +52,53 @@ def test_expected_options_exist() -> None:
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_instantiates(compose_config, tmp_path: Path, group: str, option: str) -> None:
-    cfg = compose_config([f"{group}={option}"] + (["model=tiny"] if group == "ncn" else []))
+def test_every_option_composes_and_converts(typed_config, tmp_path: Path, group: str, option: str) -> None:
+    extra = {"ncn": ["model=tiny"], "data": ["data.path=/texts"] if option in ("text_files", "hf") else []}
+    cfg = typed_config([f"{group}={option}", *extra.get(group, [])])
+    obj = getattr(cfg, group)
+    assert type(obj) is TYPES[group]
     if group == "tracking":
-        tracker = instantiate(cfg.tracking, run_dir=tmp_path)
+        tracker = open_tracker(obj, tmp_path, tmp_path)
         assert isinstance(tracker, {"mlflow": MLflowTracker, "none": NullTracker}[option])
         if option == "mlflow":
-            assert tracker.uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}" and tracker.uri.startswith("sqlite:////")
-        return
-    obj = instantiate(cfg[group])
-    assert type(obj) is {"model": ModelConfig, "ncn": ModulationConfig, "optim": OptimConfig, "trainer": TrainerConfig}[group]
+            assert tracker.uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and tracker.uri.startswith("sqlite:////")
     if group == "model":
         assert obj.vocab_size == 50304  # GPT-2's 50257 padded to a multiple of data.pad_vocab_to=64
     if group == "ncn":
         assert obj.targets == TARGETS[option]
-        model = ModulatedGPT(instantiate(cfg.model), obj)
+        model = ModulatedGPT(cfg.model, obj)
         assert (model.num_parameters().controller > 0) == bool(TARGETS[option])
 
 
-def test_option_specifics(compose_config) -> None:
-    paper = instantiate(compose_config(["model=paper_18m"]).model)
+def test_option_files_set_only_what_differs_from_the_schema() -> None:
+    """Each default lives in one place: an option that repeated a schema default would hide the schema's value.
+    Model presets are exempt: each spells out a whole shape (paper_18m's equals the schema's defaults)."""
+    for group, option in OPTIONS:
+        if group == "model":
+            continue
+        values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / group / f"{option}.yaml"))
+        defaults = TYPES[group]() if group != "data" else DataConfig()
+        for key, value in values.items():
+            if key in ("defaults", "source", "backend"):  # an option's defaults list; the discriminators it names
+                continue
+            assert value != getattr(defaults, key, object()), (
+                f"conf/{group}/{option}.yaml repeats the schema default {key}={value}")
+
+
+def test_option_specifics(typed_config) -> None:
+    paper = typed_config(["model=paper_18m"]).model
     assert (paper.d_model, paper.n_layer, paper.n_head, paper.d_ff, paper.dropout, paper.block_size) == (256, 6, 8, 1024, 0.1, 512)
-    assert instantiate(compose_config(["ncn=paper_global"]).ncn).pooling == "global"
-    assert instantiate(compose_config(["ncn=swish_beta"]).ncn).activation == "swish_beta"
-    assert instantiate(compose_config(["ncn=per_head_temperature"]).ncn).per_head_precision is True
-    gpu = instantiate(compose_config(["trainer=gpu"]).trainer)
+    assert typed_config(["ncn=paper_global"]).ncn.pooling == "global"
+    assert typed_config(["ncn=swish_beta"]).ncn.activation == "swish_beta"
+    assert typed_config(["ncn=per_head_temperature"]).ncn.per_head_precision is True
+    gpu = typed_config(["trainer=gpu"]).trainer
     assert (gpu.precision, gpu.compile, gpu.device) == ("bf16", True, "cuda")
-    smoke = instantiate(compose_config(["trainer=smoke"]).trainer)
+    smoke = typed_config(["trainer=smoke"]).trainer
     assert (smoke.max_steps, smoke.checkpoint_every, smoke.eval_every) == (6, 3, 3)
+    data = typed_config(["data=tinystories"]).data
+    assert (data.source, data.path, data.val_split, data.tokenizer) == ("hf", "roneneldan/TinyStories", "validation", "gpt2")
+    assert typed_config(["data.tokenizer=bytes"]).model.vocab_size == 320  # 257 byte ids padded to 64
+    assert typed_config(["tracking=none"]).tracking.backend == "none"
 
 
 def test_schemas_reject_typos_and_wrong_types(compose_config) -> None:

@@ -5,8 +5,6 @@
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.errors import NCNConfigError
@@ -47,11 +45,11 @@ def test_unknown_target():
 
 
 def test_unknown_pooling():
-    _raises(r"ncn\.pooling='mean' is unknown: choose one of causal, global, none", ModulationConfig, pooling="mean")
+    _raises(r"ncn\.pooling=mean is unknown: choose one of causal, global, none", ModulationConfig, pooling="mean")
 
 
 def test_unknown_activation():
-    _raises(r"ncn\.activation='relu' is unknown: choose one of gate, swish_beta", ModulationConfig, activation="relu")
+    _raises(r"ncn\.activation=relu is unknown: choose one of gate, swish_beta", ModulationConfig, activation="relu")
 
 
 @pytest.mark.parametrize(
@@ -88,13 +86,7 @@ def test_sequence_longer_than_block_size():
     assert "crop the input to the last 8 tokens" in msg
 
 
-def test_hydra_instantiate_gives_plain_lists_and_default_d_ff():
-    cfg = OmegaConf.create(
-        {
-            "model": {"_target_": "ncn.ModelConfig", "vocab_size": 97, "d_model": 32, "n_head": 4},
-            "ncn": {"_target_": "ncn.ModulationConfig", "targets": ["temperature", "gain"]},
-        }
-    )
-    model_cfg, mod_cfg = instantiate(cfg.model), instantiate(cfg.ncn)
-    assert type(mod_cfg.targets) is list and mod_cfg.targets == ["temperature", "gain"]
-    assert model_cfg.ffn_dim == 128 and model_cfg.d_ff is None
+def test_typed_conversion_gives_plain_lists_and_default_d_ff(typed_config):
+    cfg = typed_config(["model=tiny", "ncn=no_activation"])
+    assert type(cfg.ncn.targets) is list and cfg.ncn.targets == ["temperature", "gain"]
+    assert cfg.model.ffn_dim == 128 and cfg.model.d_ff is None

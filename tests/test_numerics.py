@@ -1,8 +1,8 @@
 """Numerical faults: a NaN/Inf loss stops the run (FAILED, last good checkpoint kept) or, with
 `trainer.skip_nonfinite=N`, up to N bad steps are skipped and each one is logged.
 
-Faults come from the documented hook `NCN_TEST_NONFINITE_STEPS=3,6` (ncn/train.py: the loss of each
-listed step becomes NaN once) and, in-process, from a weight set to +inf (a real overflow).
+Faults come from tests/faults.py (`--nan-steps 3,6`: the loss of each listed step becomes NaN once)
+and, in-process, from a weight set to +inf (a real overflow).
 Run: python -m pytest -q tests/test_numerics.py   (~30 s on 2 cores)
 """
 
@@ -18,9 +18,11 @@ from mlflow import MlflowClient
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn import checkpoint as ckpt
-from ncn.optim import OptimConfig, build_optimizer, build_scheduler
+from ncn.config import OptimConfig, TrainerConfig
+from ncn.errors import RUN_FAILED_EXIT
+from ncn.optim import build_optimizer, build_scheduler
 from ncn.tracking import NullTracker
-from ncn.train import NONFINITE_ENV, Parts, TrainerConfig, optimizer_step
+from ncn.trainer import Job, optimizer_step
 
 ARGS = ["model=tiny", "trainer=smoke", "trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.eval_every=4",
         "trainer.eval_batches=1", "trainer.probe_tokens=0", "trainer.threads=1"]
@@ -45,11 +47,11 @@ def test_nonfinite_beyond_the_skip_budget_stops_failed_and_keeps_the_last_good_c
     uri = mlflow_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
     done = run_cli([*ARGS, "trainer.skip_nonfinite=1", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"],
-                   cwd=tmp_path, env={NONFINITE_ENV: "3,6"})
-    assert done.returncode == 2, done.stderr[-3000:]
+                   cwd=tmp_path, faults=["--nan-steps", "3,6"])
+    assert done.returncode == RUN_FAILED_EXIT, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
-        f"error: non-finite loss or gradient at step 6: training stopped (last good checkpoint: "
+        f"error: non-finite loss or gradient at step 6: training diverged (newest good checkpoint: "
         f"{run_dir / 'checkpoints' / 'step_000004'}); lower optim.lr, use trainer.precision=fp32, "
         "or set trainer.skip_nonfinite=N to skip up to N bad steps"
     )
@@ -67,15 +69,15 @@ def test_nonfinite_beyond_the_skip_budget_stops_failed_and_keeps_the_last_good_c
     assert kept.path == checkpoints / "step_000004"
     assert all(torch.isfinite(t).all() for t in kept.model.values())
     # step 3 was retried on the next batch: 4 good steps consumed 5 batches
-    assert (kept.train_state["step"], kept.train_state["nonfinite_skipped"]) == (4, 1)
-    assert kept.train_state["data"] == {"epoch": 0, "position": 5 * 4}
+    assert (kept.state.step, kept.state.nonfinite_skipped) == (4, 1)
+    assert kept.state.data == {"epoch": 0, "position": 5 * 4}
 
 
 def test_skip_nonfinite_skips_each_bad_step_and_logs_it(tmp_path: Path, mlflow_store) -> None:
     uri = mlflow_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
     done = run_cli([*ARGS, "trainer.skip_nonfinite=2", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"],
-                   cwd=tmp_path, env={NONFINITE_ENV: "3,6"})
+                   cwd=tmp_path, faults=["--nan-steps", "3,6"])
     assert done.returncode == 0, done.stderr[-3000:]
     for step, n in ((3, 1), (6, 2)):
         assert f"step {step}: non-finite loss or gradient, skipped ({n} of at most 2)" in done.stdout + done.stderr
@@ -90,33 +92,42 @@ def test_skip_nonfinite_skips_each_bad_step_and_logs_it(tmp_path: Path, mlflow_s
     assert (state["step"], state["nonfinite_skipped"], state["data"]) == (8, 2, {"epoch": 0, "position": 10 * 4})
 
 
-def _parts(model: ModulatedGPT) -> Parts:
+def _job(model: ModulatedGPT, tmp_path: Path) -> Job:
     ocfg = OptimConfig(lr=1e-3, warmup_steps=0)
     optimizer = build_optimizer(model, ocfg)
-    return Parts(model=model, train_model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, ocfg, 10),
-                 scaler=torch.amp.GradScaler("cpu", enabled=False), loader=None, val_batches=[], tracker=NullTracker(),
-                 device=torch.device("cpu"), save=lambda state: None)
+    return Job(model=model, train_model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, ocfg, 10),
+               scaler=torch.amp.GradScaler("cpu", enabled=False), loader=None, val_batches=[], tracker=NullTracker(),
+               device=torch.device("cpu"), checkpoints=tmp_path, config={}, tokens_per_step=32)
 
 
-def test_a_bad_step_changes_no_weight_optimizer_state_or_schedule() -> None:
+def test_a_bad_step_changes_no_weight_optimizer_state_or_schedule(tmp_path: Path, monkeypatch) -> None:
     torch.manual_seed(0)
     model = ModulatedGPT(ModelConfig(vocab_size=128, block_size=16, d_model=32, n_layer=2, n_head=2), ModulationConfig())
-    parts, cfg = _parts(model), TrainerConfig(max_steps=10)
+    parts, cfg = _job(model, tmp_path), TrainerConfig(max_steps=10)
     x = torch.randint(0, 128, (2, 17))
     x[0, 0] = 5  # the token whose embedding overflows below
     batches = iter([(x[:, :-1], x[:, 1:])] * 3)
-    good = optimizer_step(parts, batches, cfg, inject=False)
+    good = optimizer_step(parts, batches, cfg, 0)
     assert good is not None and math.isfinite(good["train/loss"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = [parts.optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
     lr, epoch = parts.optimizer.param_groups[0]["lr"], parts.scheduler.last_epoch
 
-    assert optimizer_step(parts, batches, cfg, inject=True) is None  # the hook: NaN loss
+    forward = model.forward
+
+    def nan_loss(*args):
+        out = forward(*args)
+        out.loss = out.loss * float("nan")
+        return out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "forward", nan_loss)
+        assert optimizer_step(parts, batches, cfg, 1) is None
     with torch.no_grad():
         model.tok_emb.weight[5, 0] = float("inf")  # a real overflow: inf - inf in the first norm, NaN loss
     before["tok_emb.weight"][5, 0] = float("inf")
     before["lm_head.weight"][5, 0] = float("inf")  # tied to the embedding
-    assert optimizer_step(parts, batches, cfg, inject=False) is None
+    assert optimizer_step(parts, batches, cfg, 1) is None
 
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)

@@ -1,5 +1,5 @@
 """Optimizer tests: parameter groups, the warm-up + cosine schedule as a pure function and through
-LambdaLR, config validation, and restoring optimizer state on resume.
+LambdaLR (also started mid-run, as a resume does), config validation, and restoring optimizer state.
 
 Run: python -m pytest -q tests/test_optim.py
 """
@@ -13,7 +13,8 @@ import torch
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.errors import NCNConfigError
-from ncn.optim import OptimConfig, build_optimizer, build_scheduler, load_optimizer_state, lr_at, param_groups
+from ncn.config import OptimConfig
+from ncn.optim import apply_settings, build_optimizer, build_scheduler, lr_at, param_groups
 
 TINY = ModelConfig(vocab_size=128, block_size=16, d_model=32, n_layer=2, n_head=2)
 
@@ -85,21 +86,31 @@ def _trained(model: ModulatedGPT, cfg: OptimConfig, steps: int) -> tuple[torch.o
     return optimizer, scheduler
 
 
-def test_resume_restores_moments_and_schedule_and_applies_new_lr(model: ModulatedGPT) -> None:
+def test_schedule_started_mid_run_equals_the_uninterrupted_one(model: ModulatedGPT) -> None:
     cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2)
-    optimizer, scheduler = _trained(model, cfg, steps=4)
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    fresh_opt = build_optimizer(model, cfg)
-    fresh_sched = build_scheduler(fresh_opt, cfg, total_steps=10)
-    load_optimizer_state(fresh_opt, fresh_sched, state, cfg)
-    assert fresh_sched.last_epoch == 4
+    optimizer, _ = _trained(model, cfg, steps=4)
+    resumed = build_optimizer(model, cfg)
+    scheduler = build_scheduler(resumed, cfg, total_steps=10, start_step=4)
+    assert scheduler.last_epoch == 4
+    assert [g["lr"] for g in resumed.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    for step in range(4, 12):  # bitwise the pure function from the resume step on
+        assert resumed.param_groups[0]["lr"] == lr_at(step, lr=1e-3, min_lr=1e-4, warmup_steps=2, total_steps=10)
+        resumed.step()
+        scheduler.step()
+
+
+def test_resume_restores_moments_and_applies_the_new_settings(model: ModulatedGPT) -> None:
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, weight_decay=0.0)
+    optimizer, _ = _trained(model, cfg, steps=4)
+    state = optimizer.state_dict()
+    new = OptimConfig(lr=5e-4, min_lr=1e-4, warmup_steps=2, weight_decay=0.05, beta2=0.95, eps=1e-6)
+    other = build_optimizer(model, new)
+    other.load_state_dict(state)
+    assert [g["weight_decay"] for g in other.param_groups] == [0.0, 0.0]  # the checkpoint's settings came back
+    apply_settings(other, new)
+    build_scheduler(other, new, total_steps=10, start_step=4)
     for p in model.parameters():
-        assert torch.equal(fresh_opt.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
-    assert [g["lr"] for g in fresh_opt.param_groups] == [g["lr"] for g in optimizer.param_groups]
-    # a resume with a new peak lr really uses it (the checkpoint's hyperparameters do not win)
-    new = OptimConfig(lr=5e-4, min_lr=1e-4, warmup_steps=2, weight_decay=0.05)
-    other_opt = build_optimizer(model, new)
-    other_sched = build_scheduler(other_opt, new, total_steps=10)
-    load_optimizer_state(other_opt, other_sched, state, new)
-    assert other_opt.param_groups[0]["lr"] == pytest.approx(lr_at(4, lr=5e-4, min_lr=1e-4, warmup_steps=2, total_steps=10))
-    assert [g["weight_decay"] for g in other_opt.param_groups] == [0.05, 0.0]
+        assert torch.equal(other.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
+    assert other.param_groups[0]["lr"] == pytest.approx(lr_at(4, lr=5e-4, min_lr=1e-4, warmup_steps=2, total_steps=10))
+    assert [g["weight_decay"] for g in other.param_groups] == [0.05, 0.0]
+    assert [(g["betas"], g["eps"]) for g in other.param_groups] == [((0.9, 0.95), 1e-6)] * 2

@@ -1,8 +1,9 @@
 """Exact resume after a crash: `kill -9` at a random step, or a crash between a checkpoint's write and rename.
 
-Each resumed `model=tiny` run (16 steps, checkpoints every 4) must reproduce an uninterrupted run
-bitwise: the same loss at every step, the same final weights and optimizer state (`torch.equal`),
-and one MLflow run whose metric history has every step exactly once.
+Each resumed `model=tiny` run (16 steps, checkpoints every 4, dropout 0.1 so every step draws random
+numbers, shuffled data order) must reproduce an uninterrupted run bitwise: the same loss at every
+step, the same final weights and optimizer state (`torch.equal`), and one MLflow run whose metric
+history has every step exactly once. The resume repeats none of the original options.
 Run: python -m pytest -q tests/test_resume.py   (about a minute on 2 cores; marked slow)
 """
 
@@ -21,14 +22,16 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO, run_cli
+from faults import CRASH_EXIT_CODE
 from mlflow import MlflowClient
 
 from ncn import checkpoint as ckpt
 
 STEPS, EVERY = 16, 4
 # One CPU thread: bitwise-reproducible and, on a busy 2-core machine, several times faster than two.
-RESUME = ["model=tiny", "trainer=smoke", f"trainer.max_steps={STEPS}", f"trainer.checkpoint_every={EVERY}",
-          "trainer.eval_every=8", "trainer.eval_batches=1", "trainer.probe_tokens=0", "trainer.threads=1"]
+RESUME = ["model=tiny", "model.dropout=0.1", "trainer=smoke", f"trainer.max_steps={STEPS}",
+          f"trainer.checkpoint_every={EVERY}", "trainer.eval_every=8", "trainer.eval_batches=1", "trainer.probe_tokens=0",
+          "trainer.threads=1"]
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +106,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(reference: Path, 
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.status for r in runs] == ["RUNNING"]  # SIGKILL cannot be caught: the resume finishes it
 
-    resumed = run_cli([*RESUME, f"tracking.uri={uri}", "trainer.resume=latest", f"hydra.run.dir={second}"], cwd=tmp_path)
+    resumed = run_cli(["trainer.resume=latest", f"hydra.run.dir={second}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     expected = losses(reference)
@@ -120,21 +123,22 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(reference: Path, 
 def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(reference: Path, tmp_path: Path, mlflow_store) -> None:
     uri = mlflow_store(tmp_path / "mlflow.db")
     first, second = tmp_path / "outputs" / "first", tmp_path / "outputs" / "second"
-    crashed = run_cli([*RESUME, f"tracking.uri={uri}", f"hydra.run.dir={first}"], cwd=tmp_path, env={ckpt.CRASH_ENV: "12"})
-    assert crashed.returncode == ckpt.CRASH_EXIT_CODE, crashed.stderr[-3000:]
+    crashed = run_cli([*RESUME, f"tracking.uri={uri}", f"hydra.run.dir={first}"], cwd=tmp_path,
+                      faults=["--crash-before-rename", "12"])
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
 
     checkpoints = first / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_000008\n"
     assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".tmp-")) == [
         "latest", "step_000004", "step_000008"]
     [unfinished] = checkpoints.glob(".tmp-step_000012-*")  # written, never renamed, never pointed at
-    assert {p.name for p in unfinished.iterdir()} == {"model.pt", "optim.pt", "rng.pt", "train_state.json", "config.yaml"}
+    assert {p.name for p in unfinished.iterdir()} == {"model.pt", "optim.pt", "train_state.json", "config.yaml"}
     previous = ckpt.load(ckpt.resolve("latest", tmp_path))
     assert previous.path == checkpoints / "step_000008"
-    assert (previous.train_state["step"], previous.train_state["data"]) == (8, {"epoch": 0, "position": 32})
+    assert (previous.state.step, previous.state.data) == (8, {"epoch": 0, "position": 32})
     assert sorted(losses(first)) == list(range(1, 13))
 
-    resumed = run_cli([*RESUME, f"tracking.uri={uri}", "trainer.resume=latest", f"hydra.run.dir={second}"], cwd=tmp_path)
+    resumed = run_cli(["trainer.resume=latest", f"hydra.run.dir={second}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = losses(reference)
     assert losses(second) == {s: expected[s] for s in range(9, STEPS + 1)}

@@ -1,6 +1,7 @@
 """Training job tests, each a real `python run.py model=tiny trainer=smoke` subprocess recording into a
 temporary MLflow sqlite store: recorded params/metrics/artifacts, exact resume after a crash into
-the same run, NaN handling (FAILED, or skipped), and Ctrl-C (KILLED).
+the same run (without repeating the original options), NaN handling (FAILED, or skipped), no
+checkpoint of a diverged model, and Ctrl-C (KILLED). Faults come from tests/faults.py.
 
 Run: python -m pytest -q tests/test_train.py   (about a minute on 2 cores)
 """
@@ -22,11 +23,14 @@ import torch
 from conftest import REPO, run_cli
 from mlflow import MlflowClient
 
+from faults import CRASH_EXIT_CODE
+
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn.checkpoint import CRASH_ENV, CRASH_EXIT_CODE
+from ncn.checkpoint import TrainState
+from ncn.config import TrainerConfig
+from ncn.errors import NCNConfigError, RUN_FAILED_EXIT
 from ncn.optim import lr_at
-from ncn.errors import NCNConfigError
-from ncn.train import NONFINITE_ENV, TrainerConfig, TrainState, total_steps
+from ncn.trainer import total_steps
 
 SMOKE = ["model=tiny", "trainer=smoke"]
 
@@ -97,13 +101,15 @@ def test_resume_after_crash_is_exact_and_continues_the_run(reference: tuple[Path
     ref_dir, ref_uri = reference
     uri = mlflow_store(tmp_path / "mlflow.db")
     crashed = run_cli([*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'outputs' / 'a'}"], cwd=tmp_path,
-                      env={CRASH_ENV: "6"})  # dies while writing the final checkpoint
+                      faults=["--crash-before-rename", "6"])  # dies while writing the final checkpoint
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
     client, run = _only_run(uri)
     assert run.info.status == "RUNNING"
-    resumed = run_cli([*SMOKE, f"tracking.uri={uri}", "trainer.resume=latest", f"hydra.run.dir={tmp_path / 'outputs' / 'b'}"],
-                      cwd=tmp_path)
+    # the original options are not repeated: model, ncn, data, trainer and the store come from the checkpoint
+    resumed = run_cli(["trainer.resume=latest", f"hydra.run.dir={tmp_path / 'outputs' / 'b'}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step3 = tmp_path / "outputs" / "a" / "checkpoints" / "step_000003"
+    assert f"resuming run tiny-full-s0 (MLflow run {run.info.run_id}) at step 3 from {step3}" in resumed.stdout
     client, run = _only_run(uri)  # the same run, continued
     assert run.info.status == "FINISHED"
     _, ref_run = _only_run(ref_uri)
@@ -125,22 +131,49 @@ def test_resume_after_crash_is_exact_and_continues_the_run(reference: tuple[Path
 
 def test_nonfinite_loss_stops_failed_or_is_skipped(tmp_path: Path, mlflow_store) -> None:
     uri = mlflow_store(tmp_path / "stop.db")
-    stop = run_cli([*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'stop'}"], cwd=tmp_path, env={NONFINITE_ENV: "5"})
-    assert stop.returncode == 2
-    last = stop.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: non-finite loss or gradient at step 5: training stopped")
-    assert str(tmp_path / "stop" / "checkpoints" / "step_000003") in last and "trainer.skip_nonfinite" in last
+    stop = run_cli([*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'stop'}"], cwd=tmp_path,
+                   faults=["--nan-steps", "5"])
+    assert stop.returncode == RUN_FAILED_EXIT == 3
+    assert stop.stderr.strip().splitlines()[-1] == (
+        f"error: non-finite loss or gradient at step 5: training diverged (newest good checkpoint: "
+        f"{tmp_path / 'stop' / 'checkpoints' / 'step_000003'}); lower optim.lr, use trainer.precision=fp32, "
+        "or set trainer.skip_nonfinite=N to skip up to N bad steps")
     assert _only_run(uri)[1].info.status == "FAILED"
     assert (tmp_path / "stop" / "checkpoints" / "latest").read_text().strip() == "step_000003"
 
     uri = mlflow_store(tmp_path / "skip.db")
     skip = run_cli([*SMOKE, f"tracking.uri={uri}", "trainer.skip_nonfinite=1", f"hydra.run.dir={tmp_path / 'skip'}"],
-                   cwd=tmp_path, env={NONFINITE_ENV: "2"})
+                   cwd=tmp_path, faults=["--nan-steps", "2"])
     assert skip.returncode == 0, skip.stderr[-3000:]
     client, run = _only_run(uri)
     assert run.info.status == "FINISHED"
     assert _history(client, run.info.run_id, "train/nonfinite_skipped") == [(2, 1.0)]
     assert [s for s, _ in _history(client, run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(("overrides", "any_good"), [
+    (["optim.lr=1e6", "optim.warmup_steps=0"], False),  # the eval at step 3 is NaN: nothing is ever saved
+    # no eval until the end: checkpoints while the weights are finite, none once they are not
+    (["optim.lr=1e6", "optim.warmup_steps=0", "trainer.eval_every=1000", "trainer.checkpoint_every=1"], True),
+])
+def test_a_diverged_model_is_never_checkpointed(tmp_path: Path, mlflow_store, overrides: list[str],
+                                                any_good: bool) -> None:
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    run_dir = tmp_path / "run"
+    done = run_cli([*SMOKE, *overrides, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert done.returncode == 3, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "training diverged" in last and "lower optim.lr" in last
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").exists() else []
+    if not any_good:
+        assert "no good checkpoint was written" in last and saved == []
+    else:
+        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+        assert saved and latest == saved[-1] and f"newest good checkpoint: {run_dir / 'checkpoints' / latest})" in last
+    for folder in saved:  # every checkpoint on disk is finite, and `latest` / `best` point at one of them
+        weights = torch.load(run_dir / "checkpoints" / folder / "model.pt", weights_only=True)
+        assert all(torch.isfinite(w).all() for w in weights.values())
+    assert _only_run(uri)[1].info.status == "FAILED"
 
 
 def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
@@ -178,5 +211,5 @@ def test_step_bounds_and_their_resume() -> None:
     assert total_steps(both, TrainState(), 100, 4, tokens_per_step=128) == 3
     with pytest.raises(NCNConfigError, match="are all null: set one"):
         TrainerConfig(max_steps=None)
-    with pytest.raises(NCNConfigError, match="trainer.precision='fp8' is unknown"):
+    with pytest.raises(NCNConfigError, match="trainer.precision=fp8 is unknown"):
         TrainerConfig(max_steps=1, precision="fp8")

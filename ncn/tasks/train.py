@@ -60,7 +60,8 @@ def _build_job(cfg: RunConfig, ctx: RunContext, data: DataModule, tracker: Track
                scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"), loader=loader,
                val_batches=val_batches, tracker=tracker, device=device, checkpoints=ctx.run_dir / "checkpoints",
                config=dataclasses.asdict(cfg), tokens_per_step=tokens_per_step, probe=probe,
-               probe_labels=token_labels(probe, data.encoding), extra=extra, rank=rank, world_size=world_size)
+               probe_labels=token_labels(probe, data.encoding), extra=extra, seed=cfg.seed, rank=rank,
+               world_size=world_size)
 
 
 def _record_start(job: Job, state: TrainState, cfg: RunConfig, ctx: RunContext, data: DataModule,
@@ -121,7 +122,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     job = _build_job(cfg, ctx, data, tracker, device, rank, world_size)
     state = TrainState(run_name=run_name)
     if resumed is not None:
-        state = checkpoint.restore(resumed, job.model, job.optimizer, cfg.optim, job.scaler, job.loader, rank, cfg.seed)
+        state = checkpoint.restore(resumed, job.model, job.optimizer, cfg.optim, job.scaler, job.loader)
         job.last_good = resumed.path
         log.info("resuming run %s (MLflow run %s) at step %d from %s", state.run_name, state.mlflow_run_id,
                  state.step, resumed.path)

@@ -1,0 +1,87 @@
+"""Fault injection for subprocess tests: `python tests/faults.py [FAULTS] -- <run.py overrides>`.
+
+FAULTS: `--nan-steps 3,5` makes the loss of each listed optimizer step NaN once (the step is
+then skipped or stops the run, as a real divergence would); `--crash-before-rename STEP` ends
+the process (exit status `CRASH_EXIT_CODE`) after the checkpoint of STEP is fully written to its
+temporary folder, before it is renamed into place. The faults patch ncn's functions in this
+process only, then run run.py as `__main__`: nothing of this lives in the product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CRASH_EXIT_CODE = 70
+
+
+def inject_nan(steps: set[int]) -> None:
+    """Make the loss NaN once at each optimizer step in `steps` (counted from the run's TrainState)."""
+    import ncn.trainer
+
+    original_train, original_step = ncn.trainer.train, ncn.trainer.optimizer_step
+    current: dict[str, Any] = {}
+
+    def train(job: Any, state: Any, cfg: Any, total: int) -> Any:
+        current["state"] = state
+        return original_train(job, state, cfg, total)
+
+    def optimizer_step(job: Any, batches: Any, cfg: Any, index: int) -> Any:
+        step = current["state"].step + 1
+        if step not in steps:
+            return original_step(job, batches, cfg, index)
+        steps.discard(step)
+        forward = job.train_model.forward
+
+        def nan_forward(*args: Any, **kwargs: Any) -> Any:
+            out = forward(*args, **kwargs)
+            out.loss = out.loss * float("nan")
+            return out
+
+        job.train_model.forward = nan_forward
+        try:
+            return original_step(job, batches, cfg, index)
+        finally:
+            del job.train_model.forward
+
+    ncn.trainer.train, ncn.trainer.optimizer_step = train, optimizer_step
+    import ncn.tasks.train
+
+    ncn.tasks.train.train = train
+
+
+def crash_before_rename(step: int) -> None:
+    """Exit the process when the checkpoint of `step` is about to be renamed into place."""
+    original = os.rename
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(src).name.startswith(f".tmp-step_{step:06d}-"):
+            os._exit(CRASH_EXIT_CODE)
+        original(src, dst, *args, **kwargs)
+
+    os.rename = rename
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nan-steps", default="", help="comma-separated optimizer steps whose loss becomes NaN once")
+    parser.add_argument("--crash-before-rename", type=int, help="step whose checkpoint is never renamed into place")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    if args.nan_steps:
+        inject_nan({int(s) for s in args.nan_steps.split(",")})
+    if args.crash_before_rename is not None:
+        crash_before_rename(args.crash_before_rename)
+    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    sys.argv = [str(REPO / "run.py"), *overrides]
+    runpy.run_path(str(REPO / "run.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
