@@ -23,13 +23,9 @@ import ncn.schema  # noqa: F401  (registers the resolvers and the schema before 
 from ncn.config import RunConfig, RunContext
 from ncn.errors import NCNConfigError, RunFailedError
 
-# Example values of the keys that a group option leaves mandatory (`???`), for the fix of a missing one.
-MISSING_EXAMPLES = {
-    "data.path": "data.path=<folder|glob|file> for data=text_files, data.path=<hub id|folder> for data=hf",
-}
 AMBIGUOUS_HINT = ("quote a value with spaces or commas, e.g. \"prompt='To be, or not'\" "
                   "(the double quotes are for the shell, the single quotes for Hydra)")
-_SHELL_SPECIAL = set('"$`\\!')
+_SHELL_SPECIAL = set("$`\\!")  # special to bash inside double quotes (besides the quote itself)
 
 
 def typed(cfg: DictConfig) -> tuple[RunConfig, RunContext]:
@@ -63,8 +59,8 @@ def shell_quote_override(override: str) -> str:
     """`key=value` quoted so that bash passes it unchanged and Hydra reads `value` as one string.
 
     The value is quoted for Hydra with single quotes (double quotes when it holds a single
-    quote), then the whole override for the shell: in double quotes when nothing in it is
-    special to bash inside double quotes, else with `shlex.quote`.
+    quote), then the whole override for the shell: in double quotes (inner ones escaped) when
+    nothing else in it is special to bash inside double quotes, else with `shlex.quote`.
     """
     key, _, value = override.partition("=")
     if "'" not in value:
@@ -74,7 +70,24 @@ def shell_quote_override(override: str) -> str:
     else:
         hydra_value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     text = f"{key}={hydra_value}"
-    return f'"{text}"' if not (_SHELL_SPECIAL & set(text)) else shlex.quote(text)
+    if _SHELL_SPECIAL & set(text):
+        return shlex.quote(text)
+    return '"' + text.replace('"', '\\"') + '"'
+
+
+def typed_override(fragment: str, argv: list[str]) -> str:
+    """The override as the user meant it: `fragment` (what Hydra could not parse) joined with the
+    shell words around it that belong to the same `key=value`, e.g. "prompt=To be, or not" for
+    `prompt=To be, or not` typed without quotes (the shell split it into four words)."""
+    if fragment not in argv:
+        return fragment
+    start = argv.index(fragment)
+    while start > 0 and "=" not in argv[start]:
+        start -= 1
+    end = argv.index(fragment) + 1
+    while end < len(argv) and "=" not in argv[end]:
+        end += 1
+    return " ".join(argv[start:end]) if "=" in argv[start] else fragment
 
 
 def one_line(exc: BaseException) -> str:
@@ -89,15 +102,17 @@ def one_line(exc: BaseException) -> str:
         if isinstance(e, (NCNConfigError, RunFailedError)):
             return line
         if isinstance(e, OverrideParseException):
+            meant = typed_override(e.override, sys.argv[1:])
             reason = line.removeprefix("LexerNoViableAltException: ")
-            return (f"cannot parse the override {e.override} ({reason}): quote its value, "
-                    f"e.g. {shell_quote_override(e.override)}")
+            if meant != e.override:
+                reason = "unquoted, the shell split it into words at its spaces"
+            elif reason in meant:
+                reason = "a character in it is reserved by Hydra's override grammar"
+            return f"cannot parse the override {meant} ({reason}): quote its value, e.g. {shell_quote_override(meant)}"
         if line.startswith("Ambiguous value for argument"):
             return f"{line}: {AMBIGUOUS_HINT}"
-        if isinstance(e, MissingMandatoryValue) and e.full_key:  # a `???` the chosen option needs
-            example = MISSING_EXAMPLES.get(e.full_key)
-            fix = f" (e.g. {example})" if example else ""
-            return f"{e.full_key} is required here: set {e.full_key}=<value>{fix}"
+        if isinstance(e, MissingMandatoryValue) and e.full_key:  # a `???` left in the config
+            return f"{e.full_key} is required here: set {e.full_key}=<value>"
         if getattr(e, "options", None):  # Hydra's MissingConfigException: an unknown group option
             return f"{line}: choose one of {', '.join(e.options)}"
         if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and e.parent_node is not None:  # a typo'd key

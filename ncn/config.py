@@ -212,7 +212,8 @@ class DataConfig:
         _choice("data.source", self.source, SOURCES)
         _choice("data.tokenizer", self.tokenizer, TOKENIZERS)
         if self.source != "shakespeare" and not self.path:
-            raise NCNConfigError(f"data.source={self.source} needs data.path: e.g. data.path=/path/to/texts")
+            what = "<folder|glob|file> of .txt files" if self.source == "text_files" else "<hub id|local dataset folder>"
+            raise NCNConfigError(f"data.source={self.source} needs data.path: set data.path={what}")
         if not 0.0 < self.val_fraction < 1.0:
             raise NCNConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1): e.g. data.val_fraction=0.05")
         if self.num_proc != "auto" and not (isinstance(self.num_proc, int) and self.num_proc >= 1):

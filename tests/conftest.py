@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from ncn import cli
-from ncn.config import RunConfig
+from ncn.config import RunConfig, RunContext
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,19 @@ def compose_config() -> Callable[..., DictConfig]:
             return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
     return _compose
+
+
+@pytest.fixture
+def task_config(compose_config, tmp_path: Path) -> Callable[..., tuple[RunConfig, RunContext]]:
+    """task_config(overrides) -> (RunConfig, RunContext) as run.py hands them to a task's `main`:
+    run dir `tmp_path`, launch dir the current directory, the overridden keys parsed like Hydra's."""
+
+    def _make(overrides: Sequence[str] = ()) -> tuple[RunConfig, RunContext]:
+        cfg = cli.typed(compose_config(overrides))[0]
+        keys = frozenset(o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides)))
+        return cfg, RunContext(run_dir=tmp_path, launch_dir=Path.cwd(), overridden=keys)
+
+    return _make
 
 
 @pytest.fixture

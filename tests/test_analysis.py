@@ -17,28 +17,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import run_cli
-from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 from PIL import Image
 from tiny_checkpoint import TinyRun, tiny_run
 
-from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn.analysis import (
-    log_to_run,
-    probe_figure,
-    signal_heatmaps,
-    signal_summary,
-    signal_table,
-    summary_table,
-    token_labels,
-)
-from ncn.analysis import main as analysis_main
-from ncn.checkpoint import load_model
-from ncn.data import gpt2_encoding
+from ncn import ModelConfig, ModulatedGPT, ModulationConfig, checkpoint
 from ncn.errors import NCNConfigError
+from ncn.evaluation import run_signals
+from ncn.plots import signal_heatmaps
 from ncn.signals import NEUTRAL, RANGES
+from ncn.tasks.analyze import main as analysis_main
+from ncn.tasks.analyze import signal_summary, signal_table, summary_table
+from ncn.tokenizer import gpt2_encoding, token_labels
+from ncn.tracking import MLflowTracker
 
 TOKENS = ["Once", " upon", " a", " time", "\n"]
 
@@ -112,9 +105,13 @@ def test_heatmap_panels_labels_and_neutral_tick(signals, tmp_path):
     grid = panels[1].images[0].get_array()
     assert grid.shape == (2, 5)
     assert grid[1, 4] == pytest.approx((4 * 6 + 3 + 1) / 10 + 0.5)
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in panels] == [("token", "layer")] * 3
+    assert fig.get_suptitle() == "probe"
     for bar, name in zip(fig.axes[3:], ["gain", "precision", "ffn_gate"]):
         labels = [t.get_text() for t in bar.get_yticklabels()]
-        assert f"neutral {NEUTRAL[name]:g}" in labels
+        assert len(labels) == 5 and labels[2] == f"neutral {NEUTRAL[name]:g}"  # centred on neutral, 5 ticks
+        ticks = bar.get_yticks()
+        assert ticks[2] == NEUTRAL[name] and ticks[1] == pytest.approx((ticks[0] + ticks[2]) / 2)
         assert [tuple(line.get_ydata()) for line in bar.lines] == [(NEUTRAL[name], NEUTRAL[name])]
     for ax, name in zip(panels, ["gain", "precision", "ffn_gate"]):
         norm = ax.images[0].norm
@@ -129,7 +126,7 @@ def test_colour_bar_labels_near_neutral_do_not_read_as_neutral():
     """A gain of 1.0019 must not be labelled "1" next to "neutral 1" (3 significant digits did that)."""
     gain = torch.tensor([[1.0019, 0.9990], [1.0, 1.0005]]).unsqueeze(0)  # (B=1, T=2, L=2)
     fig = signal_heatmaps({"gain": gain}, ["a", "b"], scale="data")
-    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["0.9981", "neutral 1", "1.002"]
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["0.9981", "0.9991", "neutral 1", "1.001", "1.002"]
 
 
 def test_colour_scale_is_centred_and_clipped(signals):
@@ -168,7 +165,9 @@ def test_log_to_finished_run_keeps_status(tmp_path, mlflow_store):
     files = [tmp_path / "out" / "signals.png", tmp_path / "out" / "summary.json"]
     files[0].write_bytes(b"png")
     files[1].write_text(json.dumps({"gain/L0/mean": 1.0}))
-    log_to_run(uri, run_id, files, "analysis/step_000010")
+    tracker = MLflowTracker(uri)
+    for file in files:
+        tracker.log_artifact(file, "analysis/step_000010", run_id=run_id)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     logged = {a.path for a in client.list_artifacts(run_id, "analysis/step_000010")}
@@ -223,11 +222,12 @@ def test_analyze_cli_writes_png_csv_summary_and_mlflow_artifacts(run, tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_probe_figure_draws_the_probe_and_restores_train_mode(run):
-    model = load_model(run.checkpoint)[0].train()
+def test_probe_heatmap_draws_the_probe_and_restores_train_mode(run):
+    model = checkpoint.load_model(checkpoint.load(run.checkpoint)).train()
     probe = gpt2_encoding().encode("Friends, Romans, countrymen, lend me your ears")
-    fig = probe_figure(model, probe, title="step 6")
+    signals = run_signals(model, probe)
     assert model.training
+    fig = signal_heatmaps(signals, token_labels(probe, gpt2_encoding()), scale="range", title="step 6")
     panels = [ax for ax in fig.axes if ax.get_title(loc="left")]
     assert [ax.get_title(loc="left").split(" ")[0] for ax in panels] == ["gain", "precision", "ffn_gate"]
     assert [t.get_text() for t in panels[0].get_xticklabels()][:3] == ["Friends", ",", "·Romans"]
@@ -236,16 +236,15 @@ def test_probe_figure_draws_the_probe_and_restores_train_mode(run):
     assert (gate.norm.vmin, gate.norm.vmax) == pytest.approx((0.0, 1.0))  # fixed scale across steps
     tiny = ModelConfig(vocab_size=50304, block_size=32, d_model=32, n_layer=2, n_head=2)
     baseline = ModulatedGPT(tiny, ModulationConfig(targets=[]))
-    assert probe_figure(baseline, probe) is None
+    assert run_signals(baseline, probe) == {}
 
 
-def test_analyze_crops_a_long_prompt_from_the_left(run, tmp_path, monkeypatch, caplog, compose_config):
-    monkeypatch.chdir(tmp_path)  # outside a Hydra app the results go to ./analysis
+def test_analyze_crops_a_long_prompt_from_the_left(run, tmp_path, caplog, task_config):
     prompt = "".join(f" w{i}" for i in range(40))
     ids = gpt2_encoding().encode(prompt)
     assert len(ids) > 32  # block_size of model=tiny
-    with caplog.at_level("WARNING", logger="ncn.analysis"):
-        analysis_main(compose_config(["task=analyze", f"checkpoint={run.checkpoint}", f"prompt={prompt}", "tracking=none"]))
+    with caplog.at_level("WARNING", logger="ncn.tasks.analyze"):
+        analysis_main(*task_config(["task=analyze", f"checkpoint={run.checkpoint}", f"prompt={prompt}", "tracking=none"]))
     assert f"prompt of {len(ids)} tokens is longer than block_size=32: analyzing its last 32 tokens" in caplog.text
     df = pd.read_csv(tmp_path / "analysis" / "signals.csv", keep_default_na=False, na_values=[""])
     gain = df[(df.signal == "gain") & (df.layer == 1)]
@@ -263,13 +262,28 @@ def test_training_logs_a_probe_heatmap_at_each_eval(run, tmp_path):
         assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 400
 
 
-def test_analyze_refuses_a_plain_transformer_checkpoint(run, tmp_path, compose_config):
-    baseline = tmp_path / "step_000006"
+def test_analyze_refuses_a_plain_transformer_checkpoint(run, tmp_path, task_config):
+    baseline = tmp_path / "baseline" / "step_000006"
     shutil.copytree(run.checkpoint, baseline)
-    cfg = OmegaConf.load(baseline / "config.yaml")
-    cfg.ncn.targets = []
-    OmegaConf.save(cfg, baseline / "config.yaml")
-    model = ModulatedGPT(instantiate(cfg.model), instantiate(cfg.ncn))
+    cfg = yaml.safe_load((baseline / "config.yaml").read_text())
+    cfg["ncn"]["targets"] = []
+    (baseline / "config.yaml").write_text(yaml.safe_dump(cfg))
+    model = ModulatedGPT(ModelConfig(**cfg["model"]), ModulationConfig(**cfg["ncn"]))
     torch.save(model.state_dict(), baseline / "model.pt")
     with pytest.raises(NCNConfigError, match=f"^{baseline} is a plain Transformer \\(ncn.targets=\\[\\]\\)"):
-        analysis_main(compose_config(["task=analyze", f"checkpoint={baseline}", "prompt=Hello", "tracking=none"]))
+        analysis_main(*task_config(["task=analyze", f"checkpoint={baseline}", "prompt=Hello", "tracking=none"]))
+
+
+def test_analyze_without_a_prompt_analyzes_the_training_probe(run, tmp_path, capsys, task_config):
+    """The default prompt is the probe training logged (the first trainer.probe_tokens val tokens), never a lone EOS."""
+    analysis_main(*task_config(["task=analyze", f"checkpoint={run.checkpoint}", "tracking=none"]))
+    err = capsys.readouterr().err
+    assert "no prompt given: analyzing the training probe, the first 32 validation tokens" in err
+    summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
+    assert (summary["tokens"], summary["run_name"], summary["step"]) == (32, "tiny-full-s0", 6)
+    df = pd.read_csv(tmp_path / "analysis" / "signals.csv", keep_default_na=False, na_values=[""])
+    from ncn.config import DataConfig
+    from ncn.data import DataModule
+
+    probe = DataModule(DataConfig()).probe_tokens(32)
+    assert df[(df.signal == "gain") & (df.layer == 0)]["token"].tolist() == token_labels(probe, gpt2_encoding())

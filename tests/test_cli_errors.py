@@ -9,14 +9,18 @@ token cache, no checkpoint folder. Run: python -m pytest -q tests/test_cli_error
 from __future__ import annotations
 
 import random
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+import yaml
+from conftest import REPO, run_cli
 from mlflow import MlflowClient
 from tiny_checkpoint import TinyRun, tiny_run
 
@@ -59,8 +63,16 @@ CASES = [
     Case("resume_without_checkpoint", ("trainer.resume=latest",),
          ("no checkpoint found under {tmp}/outputs or {tmp}/multirun", "train first")),
     Case("resume_incompatible_model", ("trainer.resume={checkpoint}", "model.d_model=64"),
-         ("{checkpoint} was trained with model.d_model=32, this run has model.d_model=64",
-          "resume with the model/ncn options of the original run")),
+         ("model.d_model=64 differs from the checkpoint's model.d_model=32 ({checkpoint})",
+          "a resume continues the checkpoint's model, ncn and data settings; drop the override")),
+    Case("resume_other_ncn_option", ("trainer.resume={checkpoint}", "ncn=temperature_only"),
+         ("ncn.targets=['temperature'] differs from the checkpoint's ncn.targets=['temperature', 'gain', 'activation']",
+          "drop the override")),
+    Case("generate_with_model_override", ("task=generate", "checkpoint={checkpoint}", "model.d_model=64"),
+         ("model.d_model cannot be set together with checkpoint=", "a checkpoint carries its own model and ncn settings",
+          "drop the override")),
+    Case("eval_with_ncn_option", ("task=eval", "checkpoint={checkpoint}", "ncn=gain_only"),
+         ("ncn cannot be set together with checkpoint=", "drop the override")),
     Case("mlflow_unreachable", (), ("tracking.uri=http://127.0.0.1:9 is unreachable", "start the server",
                                     "or use tracking=none"), uri="http://127.0.0.1:9"),
     Case("mlflow_folder_missing", (), ("folder {tmp}/nowhere does not exist", "create it or point tracking.uri"),
@@ -79,12 +91,16 @@ CASES = [
     Case("seed_not_int", ("seed=abc",), ("seed=abc is invalid", "could not be converted to Integer", "seed=0")),
     Case("max_new_tokens_not_int", ("task=generate", "checkpoint={checkpoint}", "max_new_tokens=abc"),
          ("max_new_tokens=abc is invalid", "use a value like max_new_tokens=200")),
-    Case("data_path_missing", (), ("data.path is required here: set data.path=<value>",
-                                   "data.path=<folder|glob|file> for data=text_files"), data=""),
+    Case("data_path_missing", (), ("data.source=text_files needs data.path",
+                                   "set data.path=<folder|glob|file> of .txt files"), data=""),
     Case("prompt_unquoted", ("task=generate", "checkpoint={checkpoint}", "prompt=To", "be,", "or", "not"),
-         ("LexerNoViableAltException: be,", "quote a value with spaces or commas", "\"prompt='To be, or not'\"")),
+         ("cannot parse the override prompt=To be, or not (unquoted, the shell split it into words at its spaces)", "quote its value, e.g. \"prompt='To be, or not'\"")),
+    Case("checkpoint_path_with_equals", ("task=generate", "checkpoint=/runs/x/step=5"),
+         ("cannot parse the override checkpoint=/runs/x/step=5 (mismatched input '=' expecting <EOF>)",
+          "quote its value, e.g. \"checkpoint='/runs/x/step=5'\"")),
     Case("resume_missing_folder", ("trainer.resume={tmp}/nowhere",),
-         ("checkpoint {tmp}/nowhere does not exist", "pass trainer.resume=latest or an existing checkpoint folder")),
+         ("trainer.resume={tmp}/nowhere: no checkpoint folder, run name or MLflow run id matches",
+          "pass trainer.resume=latest, trainer.resume=best, a run name, or an existing checkpoint folder")),
     Case("empty_targets_of_ncn_option", ("ncn=full", "ncn.targets=[]"),
          ("ncn.targets=[] builds the plain Transformer",
           "use ncn=none (the baseline option) instead of emptying ncn=full's targets")),
@@ -136,7 +152,7 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path: Path, corpora
     args = [a.format(**paths) for a in case.args]
     if not any(a.startswith("hydra.run.dir=") for a in args):
         args.append(f"hydra.run.dir={tmp_path / 'outputs' / 'run'}")
-    if not any(a.startswith("task=generate") for a in args):
+    if not any(a.startswith("task=") for a in args):
         args += [*TRAIN, "data=text_files", *([f"data.path={case.data.format(**paths)}"] if case.data else [])]
     args.append(f"tracking.uri={case.uri.format(**paths)}")
 
@@ -153,6 +169,19 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path: Path, corpora
     assert_nothing_lost(tmp_path, store, cache)
     if case.id.startswith("mlflow_") or case.id == "data_path_missing":  # fails fast: before the token cache
         assert not cache.exists() and seconds < 60
+
+
+@pytest.mark.parametrize("value", ["/runs/x/step=5", "To be, or not", "#1 hit", "it's", 'say "hi", then go',
+                                   "a=b, c#d 'e'", "naïve café — ünïcode", "$HOME and `cmd`!"])
+def test_a_rejected_override_suggests_a_quoting_that_works(tmp_path: Path, value: str) -> None:
+    """The suggestion, pasted into bash, reaches the config as exactly the value that was meant."""
+    from ncn.cli import shell_quote_override
+
+    suggestion = shell_quote_override(f"prompt={value}")
+    shown = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} {REPO / 'run.py'} --cfg job {suggestion}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert yaml.safe_load(shown.stdout)["prompt"] == value
 
 
 def test_generate_crops_a_prompt_longer_than_block_size(tmp_path: Path, trained: TinyRun) -> None:

