@@ -237,8 +237,12 @@ class PreparedData:
             docs += f", {s['skipped_empty']:,} empty skipped"
         return (
             f"data {m['source']['name']}: {docs}, {m['tokenizer']['name']} tokens train {self.train_tokens:,} / "
-            f"val {self.val_tokens:,}, {m['text_bytes'] / 1e6:.1f} MB text, {action} -> {self.cache_dir}"
+            f"val {self.val_tokens:,}, {_size(m['text_bytes'])} text, {action} -> {self.cache_dir}"
         )
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 100_000 else f"{n_bytes / 1e3:.1f} kB"
 
 
 def cache_key(source_fingerprint: str, split_rule: dict, tokenizer: str) -> str:

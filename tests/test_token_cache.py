@@ -77,7 +77,7 @@ def test_build_contents_and_meta(corpus, tmp_path):
     assert meta["version"] == token_cache.CACHE_VERSION
     line = info.summary()
     assert "4 documents (3 train / 1 val)" in line and f"gpt2 tokens train {len(expected_train):,}" in line
-    assert line.endswith(str(info.cache_dir))
+    assert f", {meta['text_bytes'] / 1e3:.1f} kB text, tokenized in " in line and line.endswith(str(info.cache_dir))
 
 
 def test_second_prepare_is_a_fast_hit(corpus, tmp_path):
