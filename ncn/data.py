@@ -1,17 +1,20 @@
 """Training data (NCN paper §6): a token cache plus resumable, DDP-sharded block batches.
 
 `DataModule(DataConfig)` prepares the token cache of a source and serves epochs of
-non-overlapping `block_size + 1`-token blocks in a seeded per-epoch order.
+non-overlapping `block_size + 1`-token blocks in a seeded per-epoch order. torch is imported
+only where batches are made, so `task=prepare` on a warm cache imports neither torch nor
+`datasets` and builds no tokenizer.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ncn import token_cache
 from ncn.config import DataConfig, vocab_size
@@ -20,15 +23,19 @@ from ncn.sources import make_source
 from ncn.token_cache import TOKEN_DTYPE, PreparedData
 from ncn.tokenizer import get_encoding
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+if TYPE_CHECKING:
+    import tiktoken
+    import torch
+
+    Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _n_tokens(path: Path) -> int:
     return path.stat().st_size // np.dtype(TOKEN_DTYPE).itemsize
 
 
-class _Blocks(torch.utils.data.Dataset):
-    """Rows of `block_size + 1` tokens of one token file; indexed by an array of block ids."""
+class _Blocks:
+    """Rows of `block_size + 1` tokens of one token file; a map-style dataset indexed by arrays of block ids."""
 
     def __init__(self, path: Path, block_size: int) -> None:
         self.path, self.width = path, block_size + 1
@@ -49,6 +56,8 @@ class _Blocks(torch.utils.data.Dataset):
         return self.n_blocks
 
     def batch(self, ids: np.ndarray) -> Batch:
+        import torch
+
         rows = self.rows()[ids]  # (B, T+1) uint16
         return torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
 
@@ -131,6 +140,8 @@ class BlockLoader:
             epoch, position = epoch + 1, 0
 
     def __iter__(self) -> Iterator[Batch]:
+        import torch
+
         loader = torch.utils.data.DataLoader(
             self.blocks,
             sampler=self._schedule(self.epoch, self.position),
@@ -155,20 +166,37 @@ def _resolve_workers(num_workers: int | str) -> int:
 class DataModule:
     """A text source, its token cache, and the batches cut from it (`DataConfig`, NCN paper §6).
 
+    Attributes:
+        cfg: the data config. source: its `ncn.sources` source. cache_dir: parent of the
+            token caches. num_workers: DataLoader workers. vocab_size: the tokenizer's ids
+            padded to `cfg.pad_vocab_to` (gpt2 50304, bytes 320 with the default 64).
+        encoding, pin_memory: built on first use (a tokenizer; torch's CUDA check).
+
     Raises:
         NCNConfigError: the source cannot be found (a missing path, no .txt files).
     """
 
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
-        self.source = make_source(cfg.source, cfg.path, cfg.name, cfg.data_files, cfg.split, cfg.val_split,
-                                  cfg.text_column)
+        self.source = make_source(cfg)
         self.cache_dir = Path(cfg.cache_dir or os.environ.get("NCN_CACHE_DIR") or "~/.cache/ncn").expanduser()
         self.num_workers = _resolve_workers(cfg.num_workers)
-        self.pin_memory = torch.cuda.is_available() if cfg.pin_memory == "auto" else cfg.pin_memory
-        self.encoding = get_encoding(cfg.tokenizer)
         self.vocab_size = vocab_size(cfg.tokenizer, cfg.pad_vocab_to)
         self._prepared: PreparedData | None = None
+
+    @functools.cached_property
+    def encoding(self) -> tiktoken.Encoding:
+        """The `tiktoken.Encoding` of `cfg.tokenizer` (the token cache does not need it when warm)."""
+        return get_encoding(self.cfg.tokenizer)
+
+    @functools.cached_property
+    def pin_memory(self) -> bool:
+        """`cfg.pin_memory`, with "auto" = CUDA is available."""
+        if self.cfg.pin_memory != "auto":
+            return bool(self.cfg.pin_memory)
+        import torch
+
+        return torch.cuda.is_available()
 
     def prepare(self) -> PreparedData:
         """Build or verify the token cache; print the one-line summary on first call.
@@ -178,9 +206,8 @@ class DataModule:
         """
         if self._prepared is None:
             num_proc = None if self.cfg.num_proc == "auto" else self.cfg.num_proc
-            info = token_cache.prepare(
-                self.source, self.cache_dir, self.encoding, self.cfg.val_fraction, self.cfg.split_seed, num_proc
-            )
+            info = token_cache.prepare(self.source, self.cache_dir, self.cfg.tokenizer, self.cfg.val_fraction,
+                                       self.cfg.split_seed, num_proc)
             counted = info.train_tokens + info.val_tokens
             if self.cfg.total_tokens is not None and self.cfg.total_tokens != counted:
                 raise NCNConfigError(
@@ -192,6 +219,13 @@ class DataModule:
             self._prepared = info
         return self._prepared
 
+    def bits_per_byte(self, ce: float) -> float:
+        """Bits per UTF-8 byte of val text for a val cross-entropy `ce` in nats per token.
+
+        See `PreparedData.bits_per_byte`; prepares the cache if needed.
+        """
+        return self.prepare().bits_per_byte(ce)
+
     def _split_file(self, split: str, block_size: int) -> Path:
         info = self.prepare()
         path = info.cache_dir / f"{split}.bin"
@@ -200,8 +234,9 @@ class DataModule:
             raise NCNConfigError(f"block_size={block_size!r} must be a positive integer")
         if n < block_size + 1:
             raise NCNConfigError(
-                f"data source {self.source.describe()}: the {split} split has {n} tokens ({path}), fewer than "
-                f"block_size + 1 = {block_size + 1}: use a smaller model.block_size or more text"
+                f"data source {self.source.describe()}: the {split} split has {n} tokens ({path}; "
+                f"{_documents(info, split)}), fewer than block_size + 1 = {block_size + 1}: "
+                f"{_fixes(info, block_size + 1)}"
             )
         return path
 
@@ -244,3 +279,29 @@ class DataModule:
                 f"probe of {n_tokens} tokens: the val split has {info.val_tokens} tokens ({info.cache_dir})"
             )
         return np.memmap(info.cache_dir / "val.bin", dtype=TOKEN_DTYPE, mode="r")[:n_tokens].tolist()
+
+
+def _documents(info: PreparedData, split: str) -> str:
+    """The documents of `split`, for an error: the val ones with names and token counts where meta.json lists them."""
+    m = info.meta["split"]
+    if split == "train":
+        return f"{m['train_documents']:,} train documents"
+    if m["rule"] == "token_tail":
+        return f"the last {info.val_tokens:,} tokens of {m.get('val_names', ['the only document'])[0]}"
+    counts = m.get("val_document_tokens")
+    if counts is None:
+        return f"{m['val_documents']:,} val documents"
+    names = m.get("val_names") or [f"#{i + 1}" for i in range(len(counts))]
+    listed = [f"{name} ({count:,} tokens)" for name, count in zip(names[:5], counts[:5])]
+    more = f" and {len(counts) - 5:,} more" if len(counts) > 5 else ""
+    return f"val documents: {', '.join(listed)}{more}"
+
+
+def _fixes(info: PreparedData, need: int) -> str:
+    """What makes both splits hold `need` = block_size + 1 tokens: a block size that fits, a val_fraction, more text."""
+    fixes = []
+    if min(info.train_tokens, info.val_tokens) >= 2:
+        fixes.append(f"model.block_size={min(info.train_tokens, info.val_tokens) - 1} (or smaller)")
+    if (fraction := info.val_fraction_for(need)) is not None:
+        fixes.append(f"data.val_fraction={fraction}")
+    return f"set {' or '.join(fixes)}, or add text" if fixes else "add text"

@@ -1,8 +1,17 @@
 """Token cache: a source tokenized once into `train.bin`/`val.bin` (uint16) + `meta.json`.
 
-The directory `<cache_root>/<source>-<fingerprint[:16]>/` is keyed on the source
-content, the split rule, the tokenizer and `CACHE_VERSION`; it is built in a temporary
-directory under a file lock and renamed into place, so parallel jobs build it once.
+The directory `<cache_root>/<source>-<tokenizer>-<key[:16]>/` is keyed on the source content,
+the split rule, the tokenizer (`tokenizer_hash`) and `CACHE_VERSION`; it is built in a
+temporary directory under a file lock and renamed into place, so parallel jobs build it once.
+A cache hit reads meta.json (checked by `PreparedData.read`, the one reader of its shape) and
+two file sizes: it builds no tokenizer and imports neither `datasets` nor `pyarrow`. A cache
+whose meta.json or files are damaged in any way is rebuilt, with a one-line notice.
+
+Each document is its tokens plus one end-of-text token; empty and whitespace-only documents
+are skipped and counted. Validation (`split_rule`): the source's own split ("source"); else
+whole documents ("documents"), taken in an order seeded by `split_seed`, the prefix whose token
+count is closest to val_fraction × all tokens (at least 1 document, at most all but one); a
+single document gives its last val_fraction of tokens ("token_tail").
 """
 
 from __future__ import annotations
@@ -15,22 +24,134 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import datasets
-import filelock
 import numpy as np
-import pyarrow.compute as pc
-import tiktoken
 
+from ncn.config import TOKENIZERS
 from ncn.errors import NCNConfigError
-from ncn.sources import Corpus, Source
-from ncn.tokenizer import tokenizer_hash
+from ncn.sources import Source
+from ncn.tokenizer import get_encoding, tokenizer_hash
 
-# Bump when the bytes a cache holds change for the same inputs (cleaning, EOS rule, layout).
-CACHE_VERSION = 1
+if TYPE_CHECKING:
+    import datasets
+    import pyarrow as pa
+    import tiktoken
+
+# Bump when the bytes a cache holds change for the same inputs (cleaning, EOS rule, split rule, layout).
+# 2: empty documents skipped, validation chosen by tokens, per-split byte counts in meta.json.
+CACHE_VERSION = 2
 TOKEN_DTYPE = np.uint16  # GPT-2 ids < 65536: half the disk and page cache of int32
-_NAMES_IN_META = 1000  # list document names in meta.json only for small corpora
+RULES = ("documents", "token_tail", "source")
+_NAMES_IN_META = 1000  # list per-document names and token counts in meta.json only for small corpora
 _DOCS_PER_PROCESS = 10_000  # "auto" num_proc: at least this many documents per process
+
+# The shape of meta.json: nested objects of typed fields (int: an integer >= 0; float: any number).
+# split may also hold the lists val_names (str), val_document_tokens and order_tokens (int).
+META_SHAPE: dict[str, Any] = {
+    "fingerprint": str,
+    "version": int,
+    "source": {"name": str, "location": str, "fingerprint": str},
+    "split": {"rule": str, "val_fraction": float, "seed": int, "documents_found": int, "skipped_empty": int,
+              "train_documents": int, "val_documents": int},
+    "tokenizer": {"name": str, "hash": str, "n_vocab": int, "eot": int},
+    "dtype": str,
+    "tokens": {"train": int, "val": int},
+    "bytes": {"train": int, "val": int},
+    "text_bytes": int,
+    "seconds": float,
+}
+_SPLIT_LISTS = {"val_names": str, "val_document_tokens": int, "order_tokens": int}
+
+
+class InvalidCache(Exception):
+    """A token cache folder that cannot be used as it is; the message says why in a few words."""
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_field(value: object, kind: Any, where: str) -> None:
+    """Raise InvalidCache unless `value` has `kind` (a META_SHAPE entry); `where` names it."""
+    if isinstance(kind, dict):
+        if not isinstance(value, dict):
+            raise InvalidCache(f"{where} is {_kind(value)}, not an object")
+        for key, sub in kind.items():
+            if key not in value:
+                raise InvalidCache(f"{where}.{key} is missing")
+            _check_field(value[key], sub, f"{where}.{key}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidCache(f"{where} is {value!r}, not an integer >= 0")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidCache(f"{where} is {value!r}, not a number")
+    elif not isinstance(value, kind):
+        raise InvalidCache(f"{where} is {_kind(value)}, not {kind.__name__}")
+
+
+def _read_meta(cache_dir: Path, key: str) -> dict:
+    """meta.json of `cache_dir`, checked against META_SHAPE, `key`, CACHE_VERSION and the .bin sizes.
+
+    Raises:
+        InvalidCache: anything else (missing, not JSON, another shape, other inputs, file sizes).
+    """
+    path = cache_dir / "meta.json"
+    try:
+        meta = json.loads(path.read_bytes())
+    except OSError as e:
+        raise InvalidCache(f"meta.json cannot be read: {e.strerror}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise InvalidCache(f"meta.json is not JSON: {str(e).splitlines()[0]}") from None
+    _check_field(meta, META_SHAPE, "meta.json")
+    split = meta["split"]
+    for name, kind in _SPLIT_LISTS.items():
+        value = split.get(name, [])
+        if not isinstance(value, list):
+            raise InvalidCache(f"meta.json.split.{name} is {_kind(value)}, not a list")
+        for i, item in enumerate(value):
+            _check_field(item, kind, f"meta.json.split.{name}[{i}]")
+    if meta["fingerprint"] != key:
+        raise InvalidCache("meta.json was written for other inputs")
+    if meta["version"] != CACHE_VERSION or meta["dtype"] != np.dtype(TOKEN_DTYPE).name:
+        raise InvalidCache(f"meta.json has version {meta['version']} of {meta['dtype']} tokens, "
+                           f"this ncn writes version {CACHE_VERSION} of uint16")
+    if split["rule"] not in RULES:
+        raise InvalidCache(f"meta.json.split.rule is {split['rule']!r}, not one of {', '.join(RULES)}")
+    if meta["text_bytes"] != meta["bytes"]["train"] + meta["bytes"]["val"]:
+        raise InvalidCache("meta.json.text_bytes is not bytes.train + bytes.val")
+    for name in ("val_names", "val_document_tokens"):
+        if name in split and len(split[name]) != split["val_documents"]:
+            raise InvalidCache(f"meta.json.split.{name} has {len(split[name])} entries, not val_documents")
+    itemsize = np.dtype(TOKEN_DTYPE).itemsize
+    for s in ("train", "val"):
+        try:
+            size = (cache_dir / f"{s}.bin").stat().st_size
+        except OSError:
+            raise InvalidCache(f"{s}.bin is missing") from None
+        if size != meta["tokens"][s] * itemsize:
+            raise InvalidCache(f"{s}.bin holds {size} bytes, meta.json says {meta['tokens'][s]} tokens")
+    return meta
+
+
+def val_prefix(order_tokens: np.ndarray, val_fraction: float) -> int:
+    """How many documents the "documents" rule holds out, taken in `order_tokens`' order.
+
+    Args:
+        order_tokens: tokens of each (non-empty) document in the seeded order, shape (n,), n >= 2.
+        val_fraction: the share of all tokens wanted for validation, in (0, 1).
+    Returns:
+        k in [1, n - 1]: the prefix whose token count is closest to val_fraction × the total
+        (ties: the shorter prefix).
+    """
+    cum = np.cumsum(order_tokens)
+    return 1 + int(np.argmin(np.abs(cum[:-1] - val_fraction * cum[-1])))
+
+
+def _tail_tokens(total: int, val_fraction: float) -> int:
+    """Tokens the "token_tail" rule holds out of a single document of `total` tokens (at least 1)."""
+    return max(1, math.ceil(val_fraction * total))
 
 
 @dataclass(frozen=True)
@@ -39,65 +160,118 @@ class PreparedData:
 
     Attributes:
         cache_dir: the directory holding train.bin, val.bin, meta.json.
-        train_tokens, val_tokens: token counts of the two files (EOS included).
-        meta: the parsed meta.json.
+        train_tokens, val_tokens: token counts of the two files (one end-of-text token per document included).
+        train_bytes, val_bytes: UTF-8 bytes of the text those tokens encode (end-of-text tokens: 0 bytes).
+        meta: the parsed meta.json (shape: `META_SHAPE`); `meta["split"]` also names the split
+            rule, documents found / skipped empty / per split and, for up to 1,000 documents,
+            val_names, val_document_tokens and order_tokens (document tokens in the seeded order).
         cache_hit: True when an existing cache was verified instead of built.
     """
 
     cache_dir: Path
     train_tokens: int
     val_tokens: int
+    train_bytes: int
+    val_bytes: int
     meta: dict = field(repr=False)
     cache_hit: bool = False
 
+    @classmethod
+    def read(cls, cache_dir: Path, key: str, cache_hit: bool = True) -> PreparedData:
+        """The cache in `cache_dir` if it is complete and was built for `key`.
+
+        Raises:
+            InvalidCache: a missing or damaged meta.json (any shape but the one written), files
+                whose sizes disagree with it, or a cache of other inputs.
+        """
+        meta = _read_meta(cache_dir, key)
+        tokens, n_bytes = meta["tokens"], meta["bytes"]
+        return cls(cache_dir, tokens["train"], tokens["val"], n_bytes["train"], n_bytes["val"], meta, cache_hit)
+
+    def bits_per_byte(self, ce: float) -> float:
+        """Bits per UTF-8 byte of validation text, for a cross-entropy `ce` in nats per val token.
+
+        bpb = ce × val_tokens / (ln 2 × val_bytes): the information of the whole val split in
+        bits over the bytes of its text. val_tokens includes the end-of-text token after each
+        document (the model predicts it, so `ce` averages over it too); val_bytes counts text
+        only (end-of-text has no bytes). Exact when `ce` is the mean over the whole val split;
+        the mean over its first blocks estimates it. For the byte tokenizer val_tokens =
+        val_bytes + val documents, so bpb = ce / ln 2 × val_tokens / val_bytes there too.
+
+        Raises:
+            ValueError: the val split holds no text bytes.
+        """
+        if self.val_bytes <= 0:
+            raise ValueError(f"the val split of {self.cache_dir} holds no text bytes: bits per byte is undefined")
+        return ce * self.val_tokens / (math.log(2) * self.val_bytes)
+
+    def val_fraction_for(self, min_tokens: int) -> float | None:
+        """The smallest data.val_fraction (two decimals) whose split gives both splits >= `min_tokens` tokens.
+
+        None when no value does, when the split is the source's own, or when the corpus is too
+        large for meta.json to list its documents' token counts.
+        """
+        split = self.meta["split"]
+        order = np.asarray(split.get("order_tokens", []), dtype=np.int64)
+        if split["rule"] == "source" or len(order) == 0:
+            return None
+        total = int(order.sum())
+        for percent in range(1, 100):
+            f = percent / 100
+            val = _tail_tokens(total, f) if len(order) == 1 else int(order[: val_prefix(order, f)].sum())
+            if val >= min_tokens and total - val >= min_tokens:
+                return f
+        return None
+
     def summary(self) -> str:
-        """One line for the user: documents, tokens, MB, seconds, cache path."""
-        m = self.meta
-        docs = m["split"]
+        """One line for the user: documents (found, skipped, per split), tokens, MB, seconds, cache path."""
+        m, s = self.meta, self.meta["split"]
         took = f"{m['seconds']:.1f} s"
         action = f"cache hit (built in {took})" if self.cache_hit else f"tokenized in {took}"
+        if s["rule"] == "token_tail":
+            docs = f"1 document (its last {self.val_tokens:,} tokens are val)"
+        else:
+            docs = (f"{s['train_documents'] + s['val_documents']:,} documents "
+                    f"({s['train_documents']:,} train / {s['val_documents']:,} val)")
+        if s["skipped_empty"]:
+            docs += f", {s['skipped_empty']:,} empty skipped"
         return (
-            f"data {m['source']['name']}: {docs['train_documents'] + docs['val_documents']:,} documents "
-            f"({docs['train_documents']:,} train / {docs['val_documents']:,} val), "
-            f"tokens train {self.train_tokens:,} / val {self.val_tokens:,}, "
-            f"{m['text_bytes'] / 1e6:.1f} MB text, {action} -> {self.cache_dir}"
+            f"data {m['source']['name']}: {docs}, {m['tokenizer']['name']} tokens train {self.train_tokens:,} / "
+            f"val {self.val_tokens:,}, {_size(m['text_bytes'])} text, {action} -> {self.cache_dir}"
         )
 
 
-def cache_key(source_fingerprint: str, split_rule: dict, encoding: tiktoken.Encoding) -> str:
-    """sha256 (hex) of everything that decides the cache's bytes."""
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 100_000 else f"{n_bytes / 1e3:.1f} kB"
+
+
+def cache_key(source_fingerprint: str, split_rule: dict, tokenizer: str) -> str:
+    """sha256 (hex) of everything that decides the cache's bytes (the tokenizer by `tokenizer_hash`)."""
     key = {
         "source": source_fingerprint,
         "split": split_rule,
-        "tokenizer": [encoding.name, tokenizer_hash(encoding.name)],
+        "tokenizer": [tokenizer, tokenizer_hash(tokenizer)],
         "version": CACHE_VERSION,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _verified(cache_dir: Path, key: str) -> PreparedData | None:
-    try:
-        meta = json.loads((cache_dir / "meta.json").read_text())
-        counts = meta["tokens"]
-        itemsize = np.dtype(TOKEN_DTYPE).itemsize
-        sizes_ok = all((cache_dir / f"{s}.bin").stat().st_size == counts[s] * itemsize for s in ("train", "val"))
-    except (OSError, ValueError, KeyError):
-        return None
-    if meta.get("fingerprint") != key or not sizes_ok:
-        return None
-    return PreparedData(cache_dir, counts["train"], counts["val"], meta, cache_hit=True)
-
-
-def _encode_batch(batch: dict[str, list], encoding: tiktoken.Encoding, text_column: str, eot: int) -> dict[str, list]:
-    ids = encoding.encode_ordinary_batch(batch[text_column])
-    for doc in ids:
-        doc.append(eot)  # EOS after every document, as GPT-2 was trained
-    return {"ids": ids}
+def _encode_batch(batch: dict[str, list], encoding: tiktoken.Encoding, text_column: str) -> dict[str, list]:
+    # Empty, whitespace-only and null documents become no tokens at all (not even end-of-text).
+    texts = [t if t and not t.isspace() else "" for t in batch[text_column]]
+    ids = encoding.encode_ordinary_batch(texts)
+    return {
+        "ids": [doc + [encoding.eot_token] if text else [] for doc, text in zip(ids, texts)],  # EOS as GPT-2
+        "n_bytes": [len(text.encode()) for text in texts],
+    }
 
 
 def _tokenize(
     ds: datasets.Dataset, text_column: str, encoding: tiktoken.Encoding, num_proc: int | None, out: Path, key: str
 ) -> datasets.Dataset:
+    """Columns "ids" (list of uint16, [] for a skipped document) and "n_bytes" (int64), one row per document."""
+    import datasets
+
     if num_proc is None:
         # tiktoken's batch encoder already runs on threads; extra processes pay off only
         # when converting many documents to Arrow (measured: 38 plays 0.7 s with 1, 1.3 s with 2).
@@ -108,140 +282,174 @@ def _tokenize(
         batch_size=64,
         num_proc=num_proc if num_proc > 1 else None,
         remove_columns=ds.column_names,
-        fn_kwargs={"encoding": encoding, "text_column": text_column, "eot": encoding.eot_token},
-        features=datasets.Features({"ids": datasets.Sequence(datasets.Value("uint16"))}),
+        fn_kwargs={"encoding": encoding, "text_column": text_column},
+        features=datasets.Features({"ids": datasets.Sequence(datasets.Value("uint16")),
+                                    "n_bytes": datasets.Value("int64")}),
         cache_file_name=str(out),
         new_fingerprint=f"{key[:32]}-{out.stem}",  # our key, not a hash of the function
         desc=f"tokenizing {out.stem}",
     )
 
 
-def _count_tokens(tokens: datasets.Dataset) -> int:
-    return int(pc.sum(pc.list_value_length(tokens.data.column("ids"))).as_py() or 0)
+@dataclass(frozen=True)
+class _Tokenized:
+    """One tokenized split of a source: the "ids" column and, per document, tokens (0 = skipped) and bytes."""
+
+    ids: pa.ChunkedArray
+    tokens: np.ndarray  # (documents,) int64, end-of-text included
+    n_bytes: np.ndarray  # (documents,) int64
+
+    @classmethod
+    def of(cls, dataset: datasets.Dataset) -> _Tokenized:
+        import pyarrow.compute as pc
+
+        ids = dataset.data.column("ids")
+        tokens = pc.list_value_length(ids).to_numpy().astype(np.int64)
+        return cls(ids, tokens, dataset.data.column("n_bytes").to_numpy())
+
+    @property
+    def kept(self) -> np.ndarray:
+        """Indices of the documents that hold text."""
+        return np.flatnonzero(self.tokens > 0)
+
+    def append(self, keep: np.ndarray, out: BinaryIO) -> None:
+        """Append the tokens of the documents where `keep` (bool, one per document) is True to `out`, in order."""
+        import pyarrow.compute as pc
+
+        doc = 0
+        for chunk in self.ids.chunks:  # chunk by chunk: the corpus may not fit in memory
+            lengths = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
+            flat = chunk.flatten().to_numpy(zero_copy_only=False)
+            flat[np.repeat(keep[doc : doc + len(chunk)], lengths)].astype(TOKEN_DTYPE, copy=False).tofile(out)
+            doc += len(chunk)
 
 
-def _write_tokens(tokens: datasets.Dataset, path: Path, start: int, stop: int) -> int:
-    """Write tokens[start:stop] of the concatenated "ids" lists to `path`; return the count."""
-    if stop <= start:
-        path.touch()
-        return 0
-    out = np.memmap(path, dtype=TOKEN_DTYPE, mode="w+", shape=(stop - start,))
-    offset = 0
-    for chunk in tokens.data.column("ids").chunks:  # chunk by chunk: the corpus may not fit in memory
-        flat = chunk.flatten().to_numpy(zero_copy_only=False)
-        lo, hi = max(start, offset), min(stop, offset + len(flat))
-        if hi > lo:
-            out[lo - start : hi - start] = flat[lo - offset : hi - offset]
-        offset += len(flat)
-    out.flush()
-    return stop - start
+def _split_source(train: _Tokenized, val: _Tokenized, out: tuple[BinaryIO, BinaryIO]) -> dict:
+    """The "source" rule: the source's own splits as they are."""
+    train.append(train.tokens > 0, out[0])
+    val.append(val.tokens > 0, out[1])
+    split = {"rule": "source", "train_documents": len(train.kept), "val_documents": len(val.kept)}
+    if len(val.kept) <= _NAMES_IN_META:
+        split["val_document_tokens"] = val.tokens[val.kept].tolist()
+    return {"split": split, "tokens": {"train": int(train.tokens.sum()), "val": int(val.tokens.sum())},
+            "bytes": {"train": int(train.n_bytes.sum()), "val": int(val.n_bytes.sum())}}
 
 
-def _text_bytes(ds: datasets.Dataset | None, column: str) -> int:
-    return 0 if ds is None else int(pc.sum(pc.binary_length(ds.data.column(column))).as_py() or 0)
+def _split_token_tail(docs: _Tokenized, name: str | None, val_fraction: float, encoding: tiktoken.Encoding,
+                      out: tuple[BinaryIO, BinaryIO]) -> dict:
+    """The "token_tail" rule: the last val_fraction of the tokens of the only document with text."""
+    (index,) = docs.kept
+    ids = docs.ids[int(index)].values.to_numpy(zero_copy_only=False).astype(TOKEN_DTYPE)
+    n_val = _tail_tokens(len(ids), val_fraction)
+    cut = len(ids) - n_val
+    ids[:cut].tofile(out[0])
+    ids[cut:].tofile(out[1])
+    val_bytes = len(encoding.decode_bytes(ids[cut:-1].tolist()))  # the last token is end-of-text: no bytes
+    split = {"rule": "token_tail", "train_documents": 1, "val_documents": 1, "order_tokens": [len(ids)],
+             "val_document_tokens": [n_val], **({"val_names": [name]} if name is not None else {})}
+    return {"split": split, "tokens": {"train": cut, "val": n_val},
+            "bytes": {"train": int(docs.n_bytes.sum()) - val_bytes, "val": val_bytes}}
 
 
-def _split_documents(
-    corpus: Corpus, val_fraction: float, seed: int
-) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
-    """Train/val documents: the source's own split, else whole documents chosen with `seed`."""
-    n = len(corpus.documents)
-    if corpus.validation is not None:
-        return corpus.documents, corpus.validation, {"train_documents": n, "val_documents": len(corpus.validation)}
-    if n == 1:
-        return corpus.documents, None, {"train_documents": 1, "val_documents": 0}
-    n_val = min(n - 1, max(1, round(val_fraction * n)))
-    val_idx = np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
-    train_idx = np.setdiff1d(np.arange(n), val_idx)
-    info = {"train_documents": n - n_val, "val_documents": n_val}
-    if corpus.names is not None and n <= _NAMES_IN_META:
-        info["val_names"] = [corpus.names[i] for i in val_idx]
-    return corpus.documents.select(train_idx), corpus.documents.select(val_idx), info
+def _split_documents(docs: _Tokenized, names: list[str] | None, val_fraction: float, seed: int,
+                     out: tuple[BinaryIO, BinaryIO]) -> dict:
+    """The "documents" rule: the seeded prefix of documents whose tokens are closest to val_fraction of all."""
+    kept = docs.kept
+    order = kept[np.random.default_rng(seed).permutation(len(kept))]
+    k = val_prefix(docs.tokens[order], val_fraction)
+    is_val = np.zeros(len(docs.tokens), dtype=bool)
+    is_val[order[:k]] = True
+    docs.append(~is_val, out[0])
+    docs.append(is_val, out[1])
+    split: dict[str, Any] = {"rule": "documents", "train_documents": len(kept) - k, "val_documents": k}
+    if len(kept) <= _NAMES_IN_META:
+        val = np.flatnonzero(is_val)  # in document order, as in val.bin
+        split |= {"val_document_tokens": docs.tokens[val].tolist(), "order_tokens": docs.tokens[order].tolist()}
+        if names is not None:
+            split["val_names"] = [names[i] for i in val]
+    return {"split": split, "tokens": {"train": int(docs.tokens[~is_val].sum()), "val": int(docs.tokens[is_val].sum())},
+            "bytes": {"train": int(docs.n_bytes[~is_val].sum()), "val": int(docs.n_bytes[is_val].sum())}}
 
 
-def _build(
-    source: Source,
-    source_fp: str,
-    tmp: Path,
-    key: str,
-    split_rule: dict,
-    encoding: tiktoken.Encoding,
-    num_proc: int | None,
-) -> dict:
-    start = time.perf_counter()
+def _build(source: Source, tmp: Path, key: str, split_rule: dict, tokenizer: str, num_proc: int | None) -> dict:
+    """Tokenize `source` into tmp/train.bin and tmp/val.bin; returns meta.json's split, tokens, bytes, tokenizer."""
+    encoding = get_encoding(tokenizer)
     scratch = tmp / "scratch"
     scratch.mkdir()
     corpus = source.load(scratch)
     if len(corpus.documents) == 0:
         raise NCNConfigError(f"data source {source.describe()} has 0 documents: point data.path at some text")
     col = corpus.text_column
-    text_bytes = _text_bytes(corpus.documents, col) + _text_bytes(corpus.validation, col)
-    train_docs, val_docs, split_info = _split_documents(corpus, split_rule["val_fraction"], split_rule["seed"])
-    train_tok = _tokenize(train_docs, col, encoding, num_proc, scratch / "train.arrow", key)
-    if val_docs is None:
-        # One document: the last val_fraction of its tokens (at least 1) become validation.
-        total = _count_tokens(train_tok)
-        n_val = max(1, math.ceil(split_rule["val_fraction"] * total))
-        n_train = _write_tokens(train_tok, tmp / "train.bin", 0, total - n_val)
-        n_val = _write_tokens(train_tok, tmp / "val.bin", total - n_val, total)
-        split_info["rule"] = "token_tail"
-    else:
-        val_tok = _tokenize(val_docs, col, encoding, num_proc, scratch / "val.arrow", key)
-        n_train = _write_tokens(train_tok, tmp / "train.bin", 0, _count_tokens(train_tok))
-        n_val = _write_tokens(val_tok, tmp / "val.bin", 0, _count_tokens(val_tok))
-        split_info["rule"] = "source" if corpus.validation is not None else "documents"
-    seconds = time.perf_counter() - start
-    return {
-        "fingerprint": key,
-        "version": CACHE_VERSION,
-        "source": {"name": source.name, "location": source.describe(), "fingerprint": source_fp},
-        "split": {**split_rule, **split_info},
-        "tokenizer": {
-            "name": encoding.name,
-            "hash": tokenizer_hash(encoding.name),
-            "n_vocab": encoding.n_vocab,
-            "eot": encoding.eot_token,
-        },
-        "dtype": np.dtype(TOKEN_DTYPE).name,
-        "tokens": {"train": n_train, "val": n_val},
-        "text_bytes": text_bytes,
-        "seconds": round(seconds, 3),
-        "mb_per_s": round(text_bytes / 1e6 / max(seconds, 1e-9), 2),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    docs = _Tokenized.of(_tokenize(corpus.documents, col, encoding, num_proc, scratch / "docs.arrow", key))
+    val = None
+    if corpus.validation is not None:
+        val = _Tokenized.of(_tokenize(corpus.validation, col, encoding, num_proc, scratch / "val.arrow", key))
+    elif len(docs.kept) == 0:
+        raise NCNConfigError(f"data source {source.describe()} has no text: its {len(docs.tokens)} documents are "
+                             "empty or whitespace-only: point data.path at some text")
+    found = [len(d.tokens) for d in (docs, val) if d is not None]
+    kept = [len(d.kept) for d in (docs, val) if d is not None]
+    with open(tmp / "train.bin", "wb") as train_out, open(tmp / "val.bin", "wb") as val_out:
+        out = (train_out, val_out)
+        if val is not None:
+            built = _split_source(docs, val, out)
+        elif len(docs.kept) == 1:
+            name = None if corpus.names is None else corpus.names[int(docs.kept[0])]
+            built = _split_token_tail(docs, name, split_rule["val_fraction"], encoding, out)
+        else:
+            built = _split_documents(docs, corpus.names, split_rule["val_fraction"], split_rule["seed"], out)
+    built["split"] = {**split_rule, "documents_found": sum(found), "skipped_empty": sum(found) - sum(kept),
+                      **built["split"]}
+    built["tokenizer"] = {"name": tokenizer, "hash": tokenizer_hash(tokenizer), "n_vocab": encoding.n_vocab,
+                          "eot": encoding.eot_token}
+    return built
+
+
+def _existing(cache_dir: Path, key: str, notify: bool) -> PreparedData | None:
+    """The valid cache in `cache_dir`, or None; with `notify`, one line says why an existing one is rebuilt."""
+    if not cache_dir.exists():
+        return None
+    try:
+        return PreparedData.read(cache_dir, key)
+    except InvalidCache as exc:
+        if notify:
+            print(f"token cache {cache_dir} is invalid ({exc}): rebuilding", flush=True)
+        return None
 
 
 def prepare(
     source: Source,
     cache_root: str | os.PathLike,
-    encoding: tiktoken.Encoding,
+    tokenizer: str = "gpt2",
     val_fraction: float = 0.05,
     split_seed: int = 42,
     num_proc: int | None = None,
 ) -> PreparedData:
-    """Return the token cache of `source`, building it if absent or stale.
+    """Return the token cache of `source`, building it if absent, stale or damaged.
 
     Args:
         source: a `ncn.sources` source.
         cache_root: parent directory of all caches (`data.cache_dir`).
-        encoding: tokenizer; its hash is part of the key.
-        val_fraction: share of documents (or of the tokens of a single document) for
-            validation, in (0, 1); ignored when the source has its own validation split.
-        split_seed: seed of the document permutation.
+        tokenizer: "gpt2" or "bytes" (`ncn.config.TOKENIZERS`); built only when the cache is.
+        val_fraction: share of tokens held out for validation, in (0, 1) (see the module
+            docstring); ignored when the source has its own validation split.
+        split_seed: seed of the document order.
         num_proc: processes for `datasets.map`; None picks one per 10,000 documents (1..8).
     Returns:
         PreparedData; `cache_hit` tells whether it was built now.
     Raises:
-        NCNConfigError: the source cannot be loaded or is empty; the tokenizer has > 65536 ids.
+        NCNConfigError: an unknown tokenizer; the source cannot be loaded, is empty or holds
+            only empty documents.
     """
-    if encoding.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
-        raise NCNConfigError(f"tokenizer {encoding.name} has {encoding.n_vocab} tokens: the cache stores uint16 ids (<= 65536)")
+    import filelock
+
     split_rule = {"val_fraction": val_fraction, "seed": split_seed}
     source_fp = source.fingerprint()
-    key = cache_key(source_fp, split_rule, encoding)
+    key = cache_key(source_fp, split_rule, tokenizer)  # checks the tokenizer's name
+    assert TOKENIZERS[tokenizer] <= np.iinfo(TOKEN_DTYPE).max + 1, f"{tokenizer} ids do not fit {TOKEN_DTYPE}"
     root = Path(cache_root).expanduser()
-    final = root / f"{source.name}-{key[:16]}"
-    if (hit := _verified(final, key)) is not None:
+    final = root / f"{source.name}-{tokenizer}-{key[:16]}"
+    if (hit := _existing(final, key, notify=True)) is not None:
         return hit
     root.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(root / f"{final.name}.lock"))
@@ -251,13 +459,27 @@ def prepare(
         print(f"waiting for another process that is building {final} ...", flush=True)
         lock.acquire()
     try:
-        if (hit := _verified(final, key)) is not None:  # built by the process we waited for
+        if (hit := _existing(final, key, notify=False)) is not None:  # built by the process we waited for
             return hit
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            meta = _build(source, source_fp, tmp, key, split_rule, encoding, num_proc)
+            start = time.perf_counter()
+            built = _build(source, tmp, key, split_rule, tokenizer, num_proc)
+            seconds = time.perf_counter() - start
+            text_bytes = built["bytes"]["train"] + built["bytes"]["val"]
+            meta = {
+                "fingerprint": key,
+                "version": CACHE_VERSION,
+                "source": {"name": source.name, "location": source.describe(), "fingerprint": source_fp},
+                **built,
+                "dtype": np.dtype(TOKEN_DTYPE).name,
+                "text_bytes": text_bytes,
+                "seconds": round(seconds, 3),
+                "mb_per_s": round(text_bytes / 1e6 / max(seconds, 1e-9), 2),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             shutil.rmtree(tmp / "scratch")  # Arrow copies made on the way; keep only the cache files
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             shutil.rmtree(final, ignore_errors=True)  # an invalid leftover (we hold the lock)
@@ -266,4 +488,4 @@ def prepare(
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
         lock.release()
-    return PreparedData(final, meta["tokens"]["train"], meta["tokens"]["val"], meta)
+    return PreparedData.read(final, key, cache_hit=False)
