@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import ncn.schema  # noqa: E402,F401  (resolvers and schema/ configs, as run.py does)
-from ncn import ModulatedGPT  # noqa: E402
+from ncn import ModulatedGPT, cli  # noqa: E402
 
 VARIANTS = {"cached": True, "uncached": False}
 FLAT_MAX = 1.5  # target: cached per-token time at the longest context ≤ 1.5 × at the shortest
@@ -40,9 +38,9 @@ def build_model(model: str, ncn: str, block_size: int, device: torch.device) -> 
     """The conf/ model and ncn options, composed with Hydra, with block_size overridden."""
     overrides = [f"model={model}", f"ncn={ncn}", f"model.block_size={block_size}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+        cfg = cli.typed(compose(config_name="config", overrides=overrides))[0]
     torch.manual_seed(0)
-    return ModulatedGPT(instantiate(cfg.model), instantiate(cfg.ncn)).to(device).eval()
+    return ModulatedGPT(cfg.model, cfg.ncn).to(device).eval()
 
 
 def time_decode(

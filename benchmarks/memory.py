@@ -38,13 +38,12 @@ def rss_bytes() -> int:
 def child(argv: list[str], steps: int) -> dict:
     """Build one variant and run `steps` training steps in this process; memory figures in bytes."""
     import torch
-    from hydra.utils import instantiate
 
     import train_step  # benchmarks/ is sys.path[0] when this file runs as a script
     from ncn.runtime import setup_device
 
     args = train_step.parse_args(argv)
-    tcfg = instantiate(train_step.compose_config(args, args.ncn, False).trainer)
+    tcfg = train_step.compose_config(args, args.ncn, False).trainer
     device, _, _ = setup_device(args.device, args.precision, args.threads, tcfg.deterministic)
     variant = train_step.build_variant(args.ncn, args, device)
     vocab = variant.model.config.vocab_size

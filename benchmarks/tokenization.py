@@ -30,10 +30,11 @@ WARM_MAX_S = 1.0  # target: embedded corpus ready in <= 1 s with a warm cache
 def child(cache_dir: str, num_proc: int | str) -> dict:
     """One pipeline run in this process: seconds per stage, token counts, text bytes."""
     t0 = time.perf_counter()
+    from ncn.config import DataConfig
     from ncn.data import DataModule  # imports are not part of "data ready"
 
     t1 = time.perf_counter()
-    dm = DataModule(source="shakespeare", cache_dir=cache_dir, num_proc=num_proc, pin_memory=False)
+    dm = DataModule(DataConfig(cache_dir=cache_dir, num_proc=num_proc, pin_memory=False))
     t2 = time.perf_counter()
     info = dm.prepare()
     t3 = time.perf_counter()

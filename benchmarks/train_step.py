@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --model paper_18m --ncn none,full --steps 5
 
 Variants (conf/ncn options; `--compile both` adds `<option>+compile`) run the trainer's own
-process setup (`ncn.runtime.setup_device`) and step (`ncn.train.optimizer_step`) on random tokens, one
+process setup (`ncn.runtime.setup_device`) and step (`ncn.trainer.optimizer_step`) on random tokens, one
 step each in turn; medians after warm-up. CUDA: bf16 + compile and MFU. Writes JSON to
 benchmarks/results/; the last line is `ratio full/none: <x.xxx>` when both ran.
 """
@@ -25,18 +25,16 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import ncn.schema  # noqa: E402,F401  (resolvers and schema/ configs used by conf/)
-from ncn import ModulatedGPT  # noqa: E402
+from ncn import ModulatedGPT, cli  # noqa: E402
+from ncn.config import RunConfig, TrainerConfig  # noqa: E402
 from ncn.optim import build_optimizer, build_scheduler  # noqa: E402
 from ncn.runtime import setup_device  # noqa: E402
 from ncn.tracking import NullTracker  # noqa: E402
-from ncn.train import Parts, TrainerConfig, optimizer_step  # noqa: E402
+from ncn.trainer import Job, optimizer_step  # noqa: E402
 
 # Dense bf16 tensor-core peak, TFLOP/s (NVIDIA data sheets, SXM parts); first substring match wins.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -49,38 +47,38 @@ class Variant:
 
     name: str
     model: ModulatedGPT
-    parts: Parts
+    job: Job
     cfg: TrainerConfig
+    steps: int = 0
 
 
-def compose_config(args: argparse.Namespace, ncn: str, compiled: bool) -> DictConfig:
-    """The real conf/ config of one variant (Hydra compose API, as run.py composes it)."""
+def compose_config(args: argparse.Namespace, ncn: str, compiled: bool) -> RunConfig:
+    """The real conf/ config of one variant, composed and typed as run.py does (`ncn.cli.typed`)."""
     overrides = [f"model={args.model}", f"ncn={ncn}", f"trainer={args.trainer}", "tracking=none",
                  f"model.block_size={args.block_size}", f"trainer.batch_size={args.batch_size}",
                  f"trainer.precision={args.precision}", f"trainer.compile={compiled}",
                  f"trainer.activation_checkpointing={args.activation_checkpointing}", *args.override]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return cli.typed(compose(config_name="config", overrides=overrides))[0]
 
 
 def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> Variant:
-    """Model (seed 0), AdamW + schedule + scaler from conf/optim, wrapped as `ncn.train.main` does.
+    """Model (seed 0), AdamW + schedule + scaler from conf/optim, wrapped as the train task does.
 
     name: a conf/ncn option, optionally suffixed "+compile".
     """
     ncn, compiled = name.removesuffix(COMPILED), name.endswith(COMPILED) or args.compile == "on"
     cfg = compose_config(args, ncn, compiled)
-    tcfg: TrainerConfig = instantiate(cfg.trainer)
     torch.manual_seed(0)
-    model = ModulatedGPT(instantiate(cfg.model), instantiate(cfg.ncn)).to(device)
-    model.activation_checkpointing = tcfg.activation_checkpointing
-    optimizer = build_optimizer(model, instantiate(cfg.optim))
-    scheduler = build_scheduler(optimizer, instantiate(cfg.optim), total_steps=10**9)
-    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.precision == "fp16")
-    train_model = torch.compile(model) if tcfg.compile else model
-    parts = Parts(model, train_model, optimizer, scheduler, scaler, loader=None, val_batches=[],
-                  tracker=NullTracker(), device=device, save=lambda state: None)
-    return Variant(name, model, parts, tcfg)
+    model = ModulatedGPT(cfg.model, cfg.ncn).to(device)
+    model.activation_checkpointing = cfg.trainer.activation_checkpointing
+    optimizer = build_optimizer(model, cfg.optim)
+    job = Job(model=model, train_model=torch.compile(model) if cfg.trainer.compile else model, optimizer=optimizer,
+              scheduler=build_scheduler(optimizer, cfg.optim, total_steps=10**9),
+              scaler=torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16"), loader=None,
+              val_batches=[], tracker=NullTracker(), device=device, checkpoints=ROOT, config={},
+              tokens_per_step=args.batch_size * args.block_size)
+    return Variant(name, model, job, cfg.trainer)
 
 
 def flops_per_token(model: ModulatedGPT, block_size: int) -> float:
@@ -120,11 +118,12 @@ def timed_step(v: Variant, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[fl
 
     CPU seconds (all threads) are less sensitive to other processes than wall time on a busy machine.
     """
-    if v.parts.device.type == "cuda":
+    if v.job.device.type == "cuda":
         torch.cuda.synchronize()
     start, cpu = time.perf_counter(), time.process_time()
-    result = optimizer_step(v.parts, itertools.repeat(batch), v.cfg, inject=False)
-    if v.parts.device.type == "cuda":
+    result = optimizer_step(v.job, itertools.repeat(batch), v.cfg, v.steps)
+    v.steps += 1
+    if v.job.device.type == "cuda":
         torch.cuda.synchronize()
     if result is None:
         raise RuntimeError(f"variant {v.name}: non-finite loss in the benchmark step")
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the JSON report (also written to --out)."""
     args = parse_args(argv)
     names = variant_names(args)
-    tcfg = instantiate(compose_config(args, names[0].removesuffix(COMPILED), False).trainer)
+    tcfg = compose_config(args, names[0].removesuffix(COMPILED), False).trainer
     device, _, _ = setup_device(args.device, args.precision, args.threads, tcfg.deterministic)
     variants = [build_variant(n, args, device) for n in names]
     gen = torch.Generator().manual_seed(0)

@@ -10,6 +10,7 @@ imports neither torch nor Hydra, so composing and validating a config is fast.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("mlflow", "none")
 TASKS = ("train", "prepare", "generate", "analyze", "eval", "report")
+# ncn options that build the plain Transformer (no targets); the run name says so.
+BASELINE_OPTIONS = ("none", "none_iso")
 # Keys a resume may set to a value other than the checkpoint's; every other model/ncn/data key,
 # and the seed, come from the checkpoint (the trainer, optim and tracking groups may all change).
 RESUME_MUTABLE = frozenset({
@@ -167,6 +170,20 @@ def check_compatible(model: ModelConfig, modulation: ModulationConfig) -> None:
         raise NCNConfigError(
             f"ncn.heads={modulation.heads} does not divide model.d_model={model.d_model}: "
             f"choose ncn.heads among the divisors of d_model (e.g. ncn.heads={nearest})"
+        )
+
+
+def check_baseline_choice(choices: Mapping[str, str], targets: list[str]) -> None:
+    """Refuse empty `ncn.targets` under an NCN option, so the run name never claims a controller it lacks.
+
+    Raises:
+        NCNConfigError: targets == [] while the ncn option is not a baseline option (none, none_iso).
+    """
+    option = choices.get("ncn")
+    if not targets and option is not None and option not in BASELINE_OPTIONS:
+        raise NCNConfigError(
+            f"ncn.targets=[] builds the plain Transformer: use ncn=none (the baseline option) "
+            f"instead of emptying ncn={option}'s targets"
         )
 
 

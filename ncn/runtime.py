@@ -12,10 +12,8 @@ import contextlib
 import ctypes
 import os
 import signal
-import subprocess
 import threading
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,43 +21,9 @@ import torch.distributed as torch_dist
 
 from ncn.errors import NCNConfigError
 
-# Group options whose default is not worth repeating in every run name.
-NAME_DEFAULTS = {"data": "shakespeare", "optim": "adamw"}
-# ncn options that build the plain Transformer (no targets); the run name says so.
-BASELINE_OPTIONS = ("none", "none_iso")
 # glibc mallopt(3) parameters (malloc.h) and the largest value it takes (a C int).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _INT_MAX = -1, -3, 2**31 - 1
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def default_run_name(choices: Mapping[str, str], seed: int) -> str:
-    """`<model>-<ncn>[-<data>][-<optim>]-s<seed>`; data/optim only when not the default option."""
-    parts = [choices.get("model", "model"), choices.get("ncn", "ncn")]
-    parts += [choices[g] for g, default in NAME_DEFAULTS.items() if choices.get(g, default) != default]
-    return "-".join([*parts, f"s{seed}"])
-
-
-def check_baseline_choice(choices: Mapping[str, str], targets: list[str]) -> None:
-    """Refuse empty `ncn.targets` under an NCN option, so the run name never claims a controller it lacks.
-
-    Raises:
-        NCNConfigError: targets == [] while the ncn option is not a baseline option (none, none_iso).
-    """
-    option = choices.get("ncn")
-    if not targets and option is not None and option not in BASELINE_OPTIONS:
-        raise NCNConfigError(
-            f"ncn.targets=[] builds the plain Transformer: use ncn=none (the baseline option) "
-            f"instead of emptying ncn={option}'s targets"
-        )
-
-
-def git_commit(directory: Path) -> str | None:
-    """HEAD commit of the git checkout containing `directory`, or None."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def keep_freed_memory() -> bool:

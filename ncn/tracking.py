@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +34,28 @@ from ncn.errors import NCNConfigError
 log = logging.getLogger(__name__)
 MAX_PARAM_VALUE = 6000  # MLflow silently truncates longer values
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
+
+
+# Group options whose default is not worth repeating in every run name.
+NAME_DEFAULTS = {"data": "shakespeare", "optim": "adamw"}
+
+
+def default_run_name(choices: Mapping[str, str], seed: int) -> str:
+    """`<model>-<ncn>[-<data>][-<optim>]-s<seed>`; data/optim only when not the default option."""
+    parts = [choices.get("model", "model"), choices.get("ncn", "ncn")]
+    parts += [choices[g] for g, default in NAME_DEFAULTS.items() if choices.get(g, default) != default]
+    return "-".join([*parts, f"s{seed}"])
+
+
+
+def git_commit(directory: Path) -> str | None:
+    """HEAD commit of the git checkout containing `directory`, or None."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
@@ -342,6 +365,9 @@ class MLflowTracker(Tracker):
         client = self._ready()
         if spec and (run := self.get_run(spec)) is not None:
             return run
+        if spec and all(c in "0123456789abcdef" for c in spec) and len(spec) == 32:
+            raise NCNConfigError(f"sweep_run={spec} is not a run in {self.uri}: pass the parent run id printed at the "
+                                 "sweep's start and end (and tracking.uri=<its store>), or an experiment or sweep name")
         name = spec or self.experiment
         experiment = client.get_experiment_by_name(name)
         ids = [experiment.experiment_id] if experiment is not None else [e.experiment_id for e in client.search_experiments()]

@@ -21,21 +21,22 @@ CRASH_EXIT_CODE = 70
 
 
 def inject_nan(steps: set[int]) -> None:
-    """Make the loss NaN once at each optimizer step in `steps` (counted from the run's TrainState)."""
+    """Make the loss NaN once at each optimizer step in `steps` (counted from the run's TrainState),
+    in every training run of this process (each job of an in-process multirun)."""
     import ncn.trainer
 
     original_train, original_step = ncn.trainer.train, ncn.trainer.optimizer_step
     current: dict[str, Any] = {}
 
     def train(job: Any, state: Any, cfg: Any, total: int) -> Any:
-        current["state"] = state
+        current["state"], current["pending"] = state, set(steps)
         return original_train(job, state, cfg, total)
 
     def optimizer_step(job: Any, batches: Any, cfg: Any, index: int) -> Any:
         step = current["state"].step + 1
-        if step not in steps:
+        if step not in current["pending"]:
             return original_step(job, batches, cfg, index)
-        steps.discard(step)
+        current["pending"].discard(step)
         forward = job.train_model.forward
 
         def nan_forward(*args: Any, **kwargs: Any) -> Any:

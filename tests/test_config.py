@@ -15,8 +15,7 @@ from omegaconf import OmegaConf
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.config import DataConfig, OptimConfig, TrackingConfig, TrainerConfig
-from ncn.runtime import default_run_name
-from ncn.tracking import MLflowTracker, NullTracker, open_tracker
+from ncn.tracking import MLflowTracker, NullTracker, default_run_name, open_tracker
 
 GROUPS = ("model", "ncn", "data", "optim", "trainer", "tracking")
 TYPES = {"model": ModelConfig, "ncn": ModulationConfig, "data": DataConfig, "optim": OptimConfig,

@@ -1,6 +1,7 @@
-"""Tests of ncn.report on synthetic sweeps logged to a real temporary MLflow store: the table's
+"""Tests of the report task on synthetic sweeps logged to a real temporary MLflow store: the table's
 statistics checked by hand (mean ± sample std, paired and Welch 95 % t-intervals, perplexity,
-tokens/s), grid order, baselines, excluded failed runs, the CSV/PNG/Markdown files and artifacts.
+tokens/s), grid order, baselines, excluded failed runs, the CSV/PNG/Markdown files and artifacts,
+finding a sweep by id, experiment or a name with quotes and non-ASCII, and the plot's axis.
 
 Run: python -m pytest -q tests/test_report.py   (a few seconds)
 """
@@ -17,7 +18,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from ncn.errors import NCNConfigError
-from ncn.report import RunResult, cli, delta_interval, find_sweep, markdown, report, table
+from ncn.plots import loss_curves
+from ncn.tasks.report import RunResult, cli, delta_interval, markdown, report, table
+from ncn.tracking import MLflowTracker
 
 T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5 %, 2 degrees of freedom (table value)
 
@@ -46,6 +49,7 @@ def _child(client: MlflowClient, exp: str, parent: str, variant: str, seed: int,
 def sweep(tmp_path: Path, mlflow_store) -> tuple[MlflowClient, str]:
     """A finished 'ablation' parent with 8 finished children and one FAILED child; (client, parent id)."""
     client = MlflowClient(mlflow_store(tmp_path / "mlflow.db"))
+    client.tracker = MLflowTracker(client.tracking_uri)  # the interface the report task uses
     exp = client.create_experiment("ncn", artifact_location=(tmp_path / "artifacts").as_uri())
     grid = {"ncn": ["none", "gain_only", "full"], "seed": ["0", "1", "2"]}
     parent = client.create_run(exp, run_name="ablation", tags={
@@ -60,7 +64,7 @@ def sweep(tmp_path: Path, mlflow_store) -> tuple[MlflowClient, str]:
 
 def test_report_table_statistics_by_hand(sweep, tmp_path: Path) -> None:
     client, parent_id = sweep
-    rows, paths = report(client, client.get_run(parent_id), tmp_path / "out")
+    rows, paths = report(client.tracker, client.tracker.get_run(parent_id), tmp_path / "out")
     assert [r["variant"] for r in rows] == ["none", "gain_only", "full"]  # grid order, not alphabetical
     none, gain, full = rows
     assert (none["seeds"], none["runs"], gain["seeds"], gain["runs"]) == ("0,1,2", 3, "0,1", 2)
@@ -129,19 +133,36 @@ def test_multi_key_grid_uses_matching_baseline() -> None:
 
 def test_find_sweep_by_id_experiment_and_errors(sweep, tmp_path: Path) -> None:
     client, parent_id = sweep
-    assert find_sweep(client, parent_id, "ncn").info.run_id == parent_id
+    find_sweep = client.tracker.find_sweep
+    assert find_sweep(parent_id).run_id == parent_id
     exp = client.get_experiment_by_name("ncn").experiment_id
     newer = client.create_run(exp, run_name="pooling", tags={"ncn.sweep": "pooling"}).info.run_id
-    assert find_sweep(client, "ncn", "unused").info.run_id == newer  # newest sweep of the experiment
-    assert find_sweep(client, None, "ncn").info.run_id == newer
-    assert find_sweep(client, "ablation", "ncn").info.run_id == parent_id  # a sweep name: its newest launch
+    assert find_sweep("ncn").run_id == newer  # newest sweep of the experiment
+    assert find_sweep(None).run_id == newer  # of the tracker's experiment
+    assert find_sweep("ablation").run_id == parent_id  # a sweep name: its newest launch
+    odd = "it's a \"sweep\" – naïve, ünïcode"  # both quote kinds: no MLflow filter string could hold it
+    named = client.create_run(exp, run_name=odd, tags={"ncn.sweep": odd}).info.run_id
+    assert find_sweep(odd).run_id == named
     with pytest.raises(NCNConfigError, match="sweep_run=nope is neither a run id, an experiment nor a sweep name"):
-        find_sweep(client, "nope", "ncn")
+        find_sweep("nope")
     with pytest.raises(NCNConfigError, match=f"sweep_run={'0' * 32} is not a run"):
-        find_sweep(client, "0" * 32, "ncn")
+        find_sweep("0" * 32)
     client.create_experiment("empty", artifact_location=(tmp_path / "a2").as_uri())
     with pytest.raises(NCNConfigError, match="experiment empty has no sweep runs"):
-        find_sweep(client, "empty", "ncn")
+        find_sweep("empty")
+
+
+def test_loss_plot_reads_plain_values_and_names_the_sweep() -> None:
+    """Losses near 10.82 must read as 10.82 on the axis, not as an offset "+1.082e1" over ticks 0.003."""
+    curves = {"none": [{0.0: 10.8232, 100.0: 10.8261}, {0.0: 10.8240, 100.0: 10.8270}], "full": [{0.0: 10.8255, 100.0: 10.8290}]}
+    fig = loss_curves(curves, "sweep ablation (parent run 0123abcd)", "val loss (nats/token)")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_title() == "sweep ablation (parent run 0123abcd)"
+    assert ax.yaxis.get_offset_text().get_text() == ""
+    labels = [float(t.get_text()) for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and all(10.8 < v < 10.84 for v in labels)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["none (n=2)", "full (n=1)"]
 
 
 def test_cli_writes_into_the_sweep_dir(sweep, tmp_path: Path, capsys) -> None:

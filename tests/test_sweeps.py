@@ -19,13 +19,12 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from mlflow import MlflowClient
 
 from ncn import ModulatedGPT
-from ncn.report import report
-from ncn.sweep import sweep_grid
-from ncn.train import NONFINITE_ENV
+from ncn.tasks.report import report
+from ncn.tasks.sweep import sweep_grid
+from ncn.tracking import MLflowTracker
 
 SWEEPS = {
     "ablation": {"ncn": "none,none_iso,temperature_only,gain_only,activation_only,full", "seed": "0,1,2"},
@@ -50,7 +49,7 @@ def test_every_sweep_file_composes(name: str) -> None:
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert dict(cfg.hydra.sweeper.params) == SWEEPS[name]
     assert cfg.hydra.sweep.dir.startswith(f"multirun/{name}/")  # unresolved: ${now:...} per launch
-    assert cfg.hydra.callbacks.sweep._target_ == "ncn.sweep.SweepCallback"
+    assert cfg.hydra.callbacks.sweep._target_ == "ncn.tasks.sweep.SweepCallback"
     assert (cfg.trainer.max_steps, cfg.trainer.probe_tokens, cfg.model.d_model) == (300, 0, 32)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper" if name == "lr_search" else "BasicSweeper")
     # the command line beats the file: trainer=smoke replaces the sweep budget
@@ -73,18 +72,18 @@ def test_slurm_launcher_config_composes(compose_config) -> None:
 # d_ff = 4·d + round(controller params / (n_layer·(2d + 1))), worked out by hand:
 # tiny 128 + round(6758 / 130), small 512 + round(75212 / 1028), paper_18m 1024 + round(281042 / 3084)
 @pytest.mark.parametrize(("model", "d_ff"), [("tiny", 180), ("small", 585), ("paper_18m", 1115)])
-def test_iso_parameter_baseline_matches_full(compose_config, model: str, d_ff: int) -> None:
+def test_iso_parameter_baseline_matches_full(typed_config, model: str, d_ff: int) -> None:
     counts = {}
     for option in ("none", "none_iso", "full"):
-        cfg = compose_config([f"model={model}", f"ncn={option}"], hydra=True)
+        cfg = typed_config([f"model={model}", f"ncn={option}"])
         with torch.device("meta"):
-            counts[option] = ModulatedGPT(instantiate(cfg.model), instantiate(cfg.ncn)).num_parameters()
+            counts[option] = ModulatedGPT(cfg.model, cfg.ncn).num_parameters()
         if option == "none_iso":
-            assert (cfg.model.d_ff, cfg.ncn.targets, cfg.hydra.runtime.choices.ncn) == (d_ff, [], "none_iso")
+            assert (cfg.model.d_ff, cfg.ncn.targets) == (d_ff, [])
     iso, full, plain = counts["none_iso"].total, counts["full"].total, counts["none"].total
     assert counts["none_iso"].controller == 0
     assert abs(iso - full) / full < 0.005 and abs(iso - full) < abs(plain - full)
-    n_layer, d_model = instantiate(cfg.model).n_layer, instantiate(cfg.model).d_model
+    n_layer, d_model = cfg.model.n_layer, cfg.model.d_model
     assert abs(iso - full) <= n_layer * (d_model + 1)  # rounding d_ff to an integer, nothing more
 
 
@@ -99,10 +98,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _sweep(tmp: Path, corpus: Path, name: str, *overrides: str, env: dict[str, str] | None = None):
+def _sweep(tmp: Path, corpus: Path, name: str, *overrides: str, env: dict[str, str] | None = None,
+           faults: list[str] = ()):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     done = run_cli(["-cd", str(REPO / "sweeps"), "-cn", name, *FAST, "data=text_files", f"data.path={corpus}",
-                    "data.val_fraction=0.2", f"tracking.uri={uri}", *overrides], cwd=tmp, env=env, timeout=400)
+                    "data.val_fraction=0.2", f"tracking.uri={uri}", *overrides], cwd=tmp, env=env, timeout=400,
+                   faults=faults)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ncn").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -136,7 +137,8 @@ def test_two_variant_sweep_nests_runs_and_reports(two_variant) -> None:
     assert len(full.data.params) > 50
     assert (full.data.params["n_params_controller"], none.data.params["n_params_controller"]) == ("6758", "0")
 
-    rows, _ = report(client, client.get_run(parent.info.run_id), tmp_path / "report")
+    tracker = MLflowTracker(client.tracking_uri)
+    rows, _ = report(tracker, tracker.get_run(parent.info.run_id), tmp_path / "report")
     assert [r["variant"] for r in rows] == ["none", "full"]
     for row, run in zip(rows, [none, full]):
         speed = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
@@ -179,20 +181,23 @@ def test_failing_job_fails_parent_and_exit_code(tmp_path: Path, corpus: Path, ml
     has a config error before its training run exists: it still gets a FAILED child run."""
     mlflow_store(tmp_path / "mlflow.db")
     done, client, parent, children = _sweep(tmp_path, corpus, "ablation", "ncn=full", "seed=0",
-                                            "trainer.skip_nonfinite=0,5,-1", env={NONFINITE_ENV: "2"})
-    assert done.returncode == 2, done.stderr[-3000:]
+                                            "trainer.skip_nonfinite=0,5,-1", faults=["--nan-steps", "2"])
+    assert done.returncode == 3, done.stderr[-3000:]  # the first failure: a run that failed on its own
     assert done.stderr.strip().splitlines()[-1].startswith("error: non-finite loss or gradient at step 2")
     by_job = {c.data.tags["ncn.sweep.job"]: c for c in children}
     assert {k: c.info.status for k, c in by_job.items()} == {
         "0: trainer.skip_nonfinite=0": "FAILED", "1: trainer.skip_nonfinite=5": "FINISHED",
         "2: trainer.skip_nonfinite=-1": "FAILED"}
     assert by_job["2: trainer.skip_nonfinite=-1"].data.tags["ncn.error"].startswith(
-        "NCNConfigError: trainer.skip_nonfinite=-1 must be >= 0")
+        "usage error (exit 2), NCNConfigError: trainer.skip_nonfinite=-1 must be >= 0")
+    assert by_job["0: trainer.skip_nonfinite=0"].data.tags["ncn.error"].startswith(
+        "run failed (exit 3), DivergenceError: non-finite loss or gradient at step 2")
     tags = parent.data.tags
     assert parent.info.status == "FAILED"
     assert (tags["ncn.sweep.jobs"], tags["ncn.sweep.jobs_finished"], tags["ncn.sweep.jobs_failed"]) == ("3", "1", "2")
     assert sorted(k for k in tags if k.startswith("ncn.sweep.failed.")) == ["ncn.sweep.failed.0", "ncn.sweep.failed.2"]
-    assert "NonFiniteLossError" in tags["ncn.sweep.failed.0"]
+    assert tags["ncn.sweep.failed.0"].startswith("trainer.skip_nonfinite=0: run failed (exit 3), DivergenceError")
+    assert tags["ncn.sweep.failed.2"].startswith("trainer.skip_nonfinite=-1: usage error (exit 2), NCNConfigError")
 
 
 @pytest.mark.slow

@@ -26,8 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ncn.config import TrackingConfig
 from ncn.errors import exit_code
-from ncn.runtime import git_commit
-from ncn.tracking import MLflowTracker, open_tracker
+from ncn.tracking import MLflowTracker, git_commit, open_tracker
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "NCN_PARENT_RUN_ID"  # read by conf/tracking/mlflow.yaml: tracking.parent_run_id

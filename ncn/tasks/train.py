@@ -19,14 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ncn import checkpoint
 from ncn.checkpoint import Checkpoint, TrainState
-from ncn.config import RunConfig, RunContext
+from ncn.config import RunConfig, RunContext, check_baseline_choice
 from ncn.data import DataModule
 from ncn.errors import NCNConfigError
 from ncn.gpt import ModulatedGPT
 from ncn.optim import build_optimizer, build_scheduler
-from ncn.runtime import check_baseline_choice, default_run_name, git_commit, setup_device, sigterm_as_interrupt
+from ncn.runtime import setup_device, sigterm_as_interrupt
 from ncn.tokenizer import token_labels
-from ncn.tracking import NullTracker, Tracker, flatten, open_tracker
+from ncn.tracking import NullTracker, Tracker, default_run_name, flatten, git_commit, open_tracker
 from ncn.trainer import Job, total_steps, train
 
 log = logging.getLogger(__name__)
