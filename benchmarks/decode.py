@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -54,7 +55,7 @@ def time_decode(
             if prompt.device.type == "cuda":
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
-    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    steps = [b - a for a, b in itertools.pairwise(stamps[1:])]
     return stamps[1] - stamps[0], statistics.median(steps)
 
 

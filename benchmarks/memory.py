@@ -39,8 +39,9 @@ def child(argv: list[str], steps: int) -> dict:
     """Build one variant and run `steps` training steps in this process; memory figures in bytes."""
     import torch
 
-    import train_step  # benchmarks/ is sys.path[0] when this file runs as a script
     from ncn.runtime import setup_device
+
+    import train_step  # benchmarks/ is sys.path[0] when this file runs as a script
 
     args = train_step.parse_args(argv)
     tcfg = train_step.compose_config(args, args.ncn, False).trainer

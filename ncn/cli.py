@@ -98,7 +98,7 @@ def one_line(exc: BaseException) -> str:
     while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
         chain.append(nxt)
     first = [str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__ for e in chain]
-    for e, line in zip(chain, first):
+    for e, line in zip(chain, first, strict=True):
         if isinstance(e, (NCNConfigError, RunFailedError)):
             return line
         if isinstance(e, OverrideParseException):

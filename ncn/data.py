@@ -292,7 +292,7 @@ def _documents(info: PreparedData, split: str) -> str:
     if counts is None:
         return f"{m['val_documents']:,} val documents"
     names = m.get("val_names") or [f"#{i + 1}" for i in range(len(counts))]
-    listed = [f"{name} ({count:,} tokens)" for name, count in zip(names[:5], counts[:5])]
+    listed = [f"{name} ({count:,} tokens)" for name, count in zip(names[:5], counts[:5], strict=True)]
     more = f" and {len(counts) - 5:,} more" if len(counts) > 5 else ""
     return f"val documents: {', '.join(listed)}{more}"
 

@@ -104,7 +104,7 @@ def signal_heatmaps(
     fig = Figure(figsize=(width, 0.6 + panel_height * len(rows)), layout="constrained")
     axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
     step = max(1, math.ceil(n_tokens / MAX_X_LABELS))
-    for ax, (name, values) in zip(axes, rows.items()):
+    for ax, (name, values) in zip(axes, rows.items(), strict=True):
         per_head = values.ndim == 3
         grid = values.mean(axis=2) if per_head else values  # (T, L)
         image = ax.imshow(grid.T, aspect="auto", cmap="RdBu_r", norm=_norm(name, grid, scale), interpolation="nearest")

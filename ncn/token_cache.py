@@ -261,7 +261,7 @@ def _encode_batch(batch: dict[str, list], encoding: tiktoken.Encoding, text_colu
     texts = [t if t and not t.isspace() else "" for t in batch[text_column]]
     ids = encoding.encode_ordinary_batch(texts)
     return {
-        "ids": [doc + [encoding.eot_token] if text else [] for doc, text in zip(ids, texts)],  # EOS as GPT-2
+        "ids": [doc + [encoding.eot_token] if text else [] for doc, text in zip(ids, texts, strict=True)],  # EOS as GPT-2
         "n_bytes": [len(text.encode()) for text in texts],
     }
 

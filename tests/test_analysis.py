@@ -18,10 +18,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import run_cli
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from tiny_checkpoint import TinyRun, tiny_run
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig, checkpoint
 from ncn.errors import NCNConfigError
@@ -32,6 +30,9 @@ from ncn.tasks.analyze import main as analysis_main
 from ncn.tasks.analyze import signal_summary, signal_table, summary_table
 from ncn.tokenizer import gpt2_encoding, token_labels
 from ncn.tracking import MLflowTracker
+
+from conftest import run_cli
+from tiny_checkpoint import TinyRun, tiny_run
 
 TOKENS = ["Once", " upon", " a", " time", "\n"]
 
@@ -107,13 +108,13 @@ def test_heatmap_panels_labels_and_neutral_tick(signals, tmp_path):
     assert grid[1, 4] == pytest.approx((4 * 6 + 3 + 1) / 10 + 0.5)
     assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in panels] == [("token", "layer")] * 3
     assert fig.get_suptitle() == "probe"
-    for bar, name in zip(fig.axes[3:], ["gain", "precision", "ffn_gate"]):
+    for bar, name in zip(fig.axes[3:], ["gain", "precision", "ffn_gate"], strict=True):
         labels = [t.get_text() for t in bar.get_yticklabels()]
         assert len(labels) == 5 and labels[2] == f"neutral {NEUTRAL[name]:g}"  # centred on neutral, 5 ticks
         ticks = bar.get_yticks()
         assert ticks[2] == NEUTRAL[name] and ticks[1] == pytest.approx((ticks[0] + ticks[2]) / 2)
         assert [tuple(line.get_ydata()) for line in bar.lines] == [(NEUTRAL[name], NEUTRAL[name])]
-    for ax, name in zip(panels, ["gain", "precision", "ffn_gate"]):
+    for ax, name in zip(panels, ["gain", "precision", "ffn_gate"], strict=True):
         norm = ax.images[0].norm
         low, high = RANGES[name]
         assert low <= norm.vmin < NEUTRAL[name] == norm.vcenter < norm.vmax <= high

@@ -7,6 +7,7 @@ Run: python -m pytest -q tests/test_checkpoint.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -14,18 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn import checkpoint as ckpt
 from ncn.config import RunConfig
 from ncn.errors import CheckpointError
+
+from conftest import REPO
 
 TINY = {"vocab_size": 128, "block_size": 16, "d_model": 32, "n_layer": 2, "n_head": 2}
 CONFIG = dataclasses.asdict(RunConfig(model=ModelConfig(**TINY), run_name="tiny-run"))

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
-from test_cli_errors import assert_nothing_lost
-from tiny_checkpoint import TinyRun, tiny_run
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn import checkpoint as ckpt
 from ncn.errors import CheckpointError
+
+from conftest import run_cli
+from test_cli_errors import assert_nothing_lost
+from tiny_checkpoint import TinyRun, tiny_run
 
 CORRUPT = r"is (truncated or corrupt|not a PyTorch checkpoint)"  # a few-byte stub reads as a foreign pickle
 MARKER = "PWNED"  # the file a gadget would create in its checkpoint's folder

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli
 from mlflow import MlflowClient
+
+from conftest import REPO, run_cli
 from tiny_checkpoint import TinyRun, tiny_run
 
-WORDS = "the king queen lord speak night day love death crown sword heart blood fair foul".split()
+WORDS = ["the", "king", "queen", "lord", "speak", "night", "day", "love", "death", "crown", "sword", "heart", "blood", "fair", "foul"]
 TRAIN = ["model=tiny", "trainer=smoke"]
 
 

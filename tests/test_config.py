@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.config import DataConfig, OptimConfig, TrackingConfig, TrainerConfig
 from ncn.tracking import MLflowTracker, NullTracker, default_run_name, open_tracker
+
+from conftest import REPO, run_cli
 
 GROUPS = ("model", "ncn", "data", "optim", "trainer", "tracking")
 TYPES = {"model": ModelConfig, "ncn": ModulationConfig, "data": DataConfig, "optim": OptimConfig,

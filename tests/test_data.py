@@ -83,7 +83,7 @@ def test_embedded_corpus_has_no_markdown():
     texts = corpus.documents["text"]
     assert len(texts) == 38 and len(corpus.names) == 38
     assert corpus.names[0] == "comedies/a-midsummer-night-s-dream" and "tragedies/hamlet" in corpus.names
-    for name, text in zip(corpus.names, texts):
+    for name, text in zip(corpus.names, texts, strict=True):
         assert "**" not in text and "*" not in text and "_" not in text and "\\" not in text, name
         assert not re.search(r"^#", text, re.MULTILINE), name
         assert not re.search(r"[ \t]+$", text, re.MULTILINE), name
@@ -128,7 +128,7 @@ def test_probe_and_val_batches_are_fixed(shakespeare):
     first = shakespeare.val_batches(batch_size=4, block_size=64, max_batches=3)
     again = shakespeare.val_batches(batch_size=4, block_size=64, max_batches=3)
     assert len(first) == 3
-    for (x, y), (x2, y2) in zip(first, again):
+    for (x, y), (x2, y2) in zip(first, again, strict=True):
         assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.int64
         assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(x[:, 1:], y[:, :-1])
     assert first[0][0][0, :12].tolist() == probe  # blocks in file order from the start of val
@@ -196,7 +196,7 @@ def test_resume_gives_the_same_batches(numbered_tokens, interrupt_at):
     resumed = BlockLoader(numbered_tokens, 4, 7, seed=3)
     resumed.load_state_dict(state)
     tail = _take(resumed, 30 - interrupt_at)
-    for (x, y), (rx, ry) in zip(head + tail, reference):
+    for (x, y), (rx, ry) in zip(head + tail, reference, strict=True):
         assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
@@ -231,7 +231,7 @@ def test_workers_give_identical_batches_and_state(numbered_tokens):
     got = _take(workers, 5)
     assert workers.state_dict() == {"epoch": 0, "position": 20}  # prefetched batches are not counted
     got += _take(workers, 3)
-    for (x, y), (px, py) in zip(got, plain):
+    for (x, y), (px, py) in zip(got, plain, strict=True):
         assert torch.equal(x, px) and torch.equal(y, py)
 
 

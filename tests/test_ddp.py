@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from mlflow import MlflowClient
+
+from conftest import REPO
 
 
 @pytest.mark.slow

@@ -11,11 +11,12 @@ import math
 import re
 
 import pytest
-from conftest import run_cli
-from tiny_checkpoint import TinyRun, tiny_run
 
 from ncn.errors import CheckpointError
 from ncn.tasks.evaluate import main
+
+from conftest import run_cli
+from tiny_checkpoint import TinyRun, tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@ import re
 
 import pytest
 import torch
-from conftest import run_cli
-from tiny_checkpoint import TinyRun, tiny_run
 
 from ncn import checkpoint
 from ncn.errors import NCNConfigError
 from ncn.tasks.generate import main
 from ncn.tokenizer import EOT_TOKEN, encode_prompt, get_encoding, gpt2_encoding, stream_text
+
+from conftest import run_cli
+from tiny_checkpoint import TinyRun, tiny_run
 
 TEXT = "héllo 世界 🦙 ᚠᛇᚻ robot\n"
 
@@ -66,7 +67,7 @@ def test_cli_same_seed_same_text_and_speed_line(run, model, tmp_path, capsys, ta
     assert first.returncode == 0, first.stderr
     found = re.search(r"^(\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s \(KV cache, cpu\)$", first.stderr, re.M)
     assert found and int(found.group(1)) == 20 and float(found.group(2)) > 0
-    assert first.stderr.startswith(f"checkpoint of run tiny-full-s0 at step 6 (val loss ")  # named before it is used
+    assert first.stderr.startswith("checkpoint of run tiny-full-s0 at step 6 (val loss ")  # named before it is used
     assert f": {run.checkpoint} (MLflow run " in first.stderr.splitlines()[0]
     # in-process with the same seed: the same text, token for token
     speed = main(*task_config([*args, "seed=0"]))

@@ -8,6 +8,7 @@ import torch
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.errors import NCNConfigError
+
 from model_cases import ALL, TARGET_SETS
 
 TINY = ModelConfig(vocab_size=97, block_size=32, d_model=32, n_layer=2, n_head=4)

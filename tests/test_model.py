@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ncn import ModelConfig, ModelOutput, ModulatedGPT, ModulationConfig, ParamCount
 from ncn.blocks import Block, CausalSelfAttention
 from ncn.signals import NEUTRAL
+
 from model_cases import ALL, TARGET_SETS
 
 TINY = ModelConfig(vocab_size=97, block_size=32, d_model=32, n_layer=2, n_head=4)

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import torch
-from conftest import run_cli
 from mlflow import MlflowClient
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
@@ -23,6 +22,8 @@ from ncn.errors import RUN_FAILED_EXIT
 from ncn.optim import build_optimizer, build_scheduler
 from ncn.tracking import NullTracker
 from ncn.trainer import Job, optimizer_step
+
+from conftest import run_cli
 
 ARGS = ["model=tiny", "trainer=smoke", "trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.eval_every=4",
         "trainer.eval_batches=1", "trainer.probe_tokens=0", "trainer.threads=1"]
@@ -131,6 +132,6 @@ def test_a_bad_step_changes_no_weight_optimizer_state_or_schedule(tmp_path: Path
 
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
-    assert all(torch.equal(parts.optimizer.state[p]["exp_avg"], m) for p, m in zip(model.parameters(), moments))
+    assert all(torch.equal(parts.optimizer.state[p]["exp_avg"], m) for p, m in zip(model.parameters(), moments, strict=True))
     assert (parts.optimizer.param_groups[0]["lr"], parts.scheduler.last_epoch) == (lr, epoch)
     assert all(p.grad is None for p in model.parameters())  # nothing left over for the next step

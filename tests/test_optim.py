@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn.errors import NCNConfigError
 from ncn.config import OptimConfig
+from ncn.errors import NCNConfigError
 from ncn.optim import apply_settings, build_optimizer, build_scheduler, lr_at, param_groups
 
 TINY = ModelConfig(vocab_size=128, block_size=16, d_model=32, n_layer=2, n_head=2)
@@ -45,7 +45,7 @@ def test_schedule_values() -> None:
     assert lr_at(60, **kw) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way through the cosine
     assert lr_at(110, **kw) == lr_at(10_000, **kw) == 1e-4  # floor
     decay = [lr_at(s, **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=True))
     assert lr_at(3, lr=1e-3, min_lr=0.0, warmup_steps=0, total_steps=4) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
 
 

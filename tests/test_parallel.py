@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from mlflow import MlflowClient
+
+from conftest import REPO
 
 ARGS = ["model=tiny", "trainer=smoke", "trainer.max_steps=3", "trainer.checkpoint_every=3", "trainer.eval_every=3",
         "trainer.eval_batches=1", "trainer.probe_tokens=0", "trainer.threads=1"]
@@ -31,7 +32,7 @@ def test_two_jobs_share_a_cold_cache_and_a_fresh_store(tmp_path: Path) -> None:
         for i in range(2)
     ]
     outputs = [job.communicate(timeout=280) for job in jobs]
-    for job, (out, err) in zip(jobs, outputs):
+    for job, (_, err) in zip(jobs, outputs, strict=True):
         assert job.returncode == 0, err[-3000:]
 
     summaries = [next(line for line in out.splitlines() if line.startswith("data shakespeare:")) for out, _ in outputs]

@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, run_cli
-from faults import CRASH_EXIT_CODE
 from mlflow import MlflowClient
 
 from ncn import checkpoint as ckpt
+
+from conftest import REPO, run_cli
+from faults import CRASH_EXIT_CODE
 
 STEPS, EVERY = 16, 4
 # One CPU thread: bitwise-reproducible and, on a busy 2-core machine, several times faster than two.

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
@@ -25,6 +24,8 @@ from ncn import ModulatedGPT
 from ncn.tasks.report import report
 from ncn.tasks.sweep import sweep_grid
 from ncn.tracking import MLflowTracker
+
+from conftest import REPO, run_cli
 
 SWEEPS = {
     "ablation": {"ncn": "none,none_iso,temperature_only,gain_only,activation_only,full", "seed": "0,1,2"},
@@ -92,7 +93,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 small .txt files (~1,000 words each) of seeded pseudo-English."""
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
-    words = "the a king queen night day sword crown love death speak hear my lord lady fair foul".split()
+    words = ["the", "a", "king", "queen", "night", "day", "sword", "crown", "love", "death", "speak", "hear", "my", "lord", "lady", "fair", "foul"]
     for i in range(10):
         (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(1000)) + ".\n")
     return root
@@ -140,7 +141,7 @@ def test_two_variant_sweep_nests_runs_and_reports(two_variant) -> None:
     tracker = MLflowTracker(client.tracking_uri)
     rows, _ = report(tracker, tracker.get_run(parent.info.run_id), tmp_path / "report")
     assert [r["variant"] for r in rows] == ["none", "full"]
-    for row, run in zip(rows, [none, full]):
+    for row, run in zip(rows, [none, full], strict=True):
         speed = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
         assert row["val_loss_mean"] == pytest.approx(run.data.metrics["val/loss"])
         assert row["val_ppl_mean"] == pytest.approx(run.data.metrics["val/ppl"])

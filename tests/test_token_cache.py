@@ -236,7 +236,7 @@ def test_two_processes_build_one_cache(tmp_path):
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    dirs, hits, created, train = zip(*out)
+    dirs, hits, created, train = zip(*out, strict=True)
     assert len(set(dirs)) == 1 and len(set(created)) == 1 and len(set(train)) == 1
     assert sorted(hits) == [False, True]  # one built, the other waited on the lock and reused it
     name = Path(dirs[0]).name

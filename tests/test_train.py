@@ -20,17 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
 from mlflow import MlflowClient
-
-from faults import CRASH_EXIT_CODE
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.checkpoint import TrainState
 from ncn.config import TrainerConfig
-from ncn.errors import NCNConfigError, RUN_FAILED_EXIT
+from ncn.errors import RUN_FAILED_EXIT, NCNConfigError
 from ncn.optim import lr_at
 from ncn.trainer import total_steps
+
+from conftest import REPO, run_cli
+from faults import CRASH_EXIT_CODE
 
 SMOKE = ["model=tiny", "trainer=smoke"]
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 from filelock import FileLock
+
+from conftest import run_cli
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def _grid_order(grid: dict[str, Any], keys: list[str]) -> list[str]:
     lists = [grid[k] if isinstance(grid.get(k), list) else [] for k in keys]
     if len(keys) == 1:
         return list(lists[0])
-    return [" ".join(f"{k}={v}" for k, v in zip(keys, combo)) for combo in itertools.product(*lists)]
+    return [" ".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) for combo in itertools.product(*lists)]
 
 
 def _baseline_of(label: str, keys: list[str], grid: dict[str, Any], labels: list[str]) -> str | None:
@@ -139,7 +139,7 @@ def table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> 
         rows.append(dict(zip(FIELDS, [
             label, ",".join(str(s) for s in sorted(runs)), len(runs), first.params, first.controller_share_pct,
             loss_mean, loss_std, ppl_mean, ppl_std, *delta, base if base in by_label else "",
-            statistics.fmean(r.tokens_per_s for r in runs.values())])))
+            statistics.fmean(r.tokens_per_s for r in runs.values())], strict=True)))
     return rows
 
 

@@ -33,7 +33,7 @@ PARENT_ENV = "NCN_PARENT_RUN_ID"  # read by conf/tracking/mlflow.yaml: tracking.
 ERROR_KINDS = {2: "usage error", 3: "run failed", 130: "interrupted"}
 
 
-def sweep_grid(params: dict[str, Any], arguments: list[str]) -> "OrderedDict[str, list[str] | str]":
+def sweep_grid(params: dict[str, Any], arguments: list[str]) -> OrderedDict[str, list[str] | str]:
     """Effective grid of a multirun: `hydra.sweeper.params` overridden key by key by the command
     line, as Hydra's BasicSweeper merges them. Value: the list of swept values in launch order,
     or the raw string for a non-enumerable sweep (Optuna's interval/tag)."""
@@ -186,7 +186,7 @@ class SweepCallback(Callback):
                 tracker.set_tags({"ncn.error": "the job ended without closing its run"}, run_id=child.run_id)
                 tracker.terminate(child.run_id, "FAILED")
         statuses = [c.status if c.status not in ("RUNNING", "SCHEDULED") else "FAILED" for c in children]
-        failed = [c.name for c, s in zip(children, statuses) if s != "FINISHED"]
+        failed = [c.name for c, s in zip(children, statuses, strict=True) if s != "FINISHED"]
         parent = tracker.get_run(self.parent_run_id)
         failed_jobs = [k for k in parent.tags if k.startswith("ncn.sweep.failed.")] if parent else []
         missing = max(0, (self.expected_jobs or 0) - len(children)) if normal else 0
