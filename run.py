@@ -19,8 +19,14 @@ from omegaconf.errors import OmegaConfBaseException
 from ncn import cli
 from ncn.errors import NCNConfigError, RunFailedError, exit_code
 
-TASK_MODULES = {"train": "train", "prepare": "prepare", "generate": "generate", "analyze": "analyze",
-                "eval": "evaluate", "report": "report"}
+TASK_MODULES = {
+    "train": "train",
+    "prepare": "prepare",
+    "generate": "generate",
+    "analyze": "analyze",
+    "eval": "evaluate",
+    "report": "report",
+}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -41,6 +47,9 @@ if __name__ == "__main__":
     except OSError as exc:
         if exc.filename is None:  # not a bad path: a real failure, keep its traceback
             raise
-        print(f"error: cannot write {exc.filename} ({exc.strerror}): check the path and its permissions "
-              "(e.g. hydra.run.dir=<writable folder>)", file=sys.stderr)
+        print(
+            f"error: cannot write {exc.filename} ({exc.strerror}): check the path and its permissions "
+            "(e.g. hydra.run.dir=<writable folder>)",
+            file=sys.stderr,
+        )
         sys.exit(2)

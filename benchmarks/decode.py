@@ -66,8 +66,12 @@ def main() -> None:
     parser.add_argument("--contexts", default="64,256,1024", help="comma-separated context lengths")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens decoded per run (≥ 2)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant and context (median)")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 = greedy (times the model); > 0 adds softmax sampling over the vocabulary to both variants")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy (times the model); > 0 adds softmax sampling over the vocabulary to both variants",
+    )
     # One sequence's decode step multiplies (1, d) rows: too little work to split over threads,
     # and a multi-threaded step stalls whenever another process holds a core.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see above)")
@@ -88,7 +92,9 @@ def main() -> None:
 
     results = []
     for context in contexts:
-        prompt = torch.randint(0, vocab, (1, context - args.new_tokens), generator=torch.Generator().manual_seed(context))
+        prompt = torch.randint(
+            0, vocab, (1, context - args.new_tokens), generator=torch.Generator().manual_seed(context)
+        )
         prompt = prompt.to(device)
         for use_cache in VARIANTS.values():  # warm-up: allocator, kernels, thread pool
             time_decode(model, prompt, 2, use_cache)
@@ -105,17 +111,27 @@ def main() -> None:
         row["speedup"] = row["uncached_s_per_token"] / row["cached_s_per_token"]
         results.append(row)
 
-    print(f"decode benchmark: model={args.model} (block_size {block_size}) ncn={args.ncn} device={device} "
-          f"threads={args.threads} new_tokens={args.new_tokens} repeats={args.repeats} temperature={args.temperature}")
-    print(f"{'context':>8} {'cached ms/tok':>14} {'cached tok/s':>13} {'uncached ms/tok':>16} "
-          f"{'uncached tok/s':>15} {'speed-up':>9}")
+    print(
+        f"decode benchmark: model={args.model} (block_size {block_size}) ncn={args.ncn} device={device} "
+        f"threads={args.threads} new_tokens={args.new_tokens} repeats={args.repeats} temperature={args.temperature}"
+    )
+    print(
+        f"{'context':>8} {'cached ms/tok':>14} {'cached tok/s':>13} {'uncached ms/tok':>16} "
+        f"{'uncached tok/s':>15} {'speed-up':>9}"
+    )
     for r in results:
-        print(f"{r['context']:>8} {1e3 * r['cached_s_per_token']:>14.2f} {r['cached_tokens_per_s']:>13.1f} "
-              f"{1e3 * r['uncached_s_per_token']:>16.2f} {r['uncached_tokens_per_s']:>15.1f} {r['speedup']:>8.1f}x")
+        print(
+            f"{r['context']:>8} {1e3 * r['cached_s_per_token']:>14.2f} {r['cached_tokens_per_s']:>13.1f} "
+            f"{1e3 * r['uncached_s_per_token']:>16.2f} {r['uncached_tokens_per_s']:>15.1f} {r['speedup']:>8.1f}x"
+        )
     flat = results[-1]["cached_s_per_token"] / results[0]["cached_s_per_token"]
     speedup = results[-1]["speedup"]
     checks = {
-        f"flat_cached_{contexts[0]}_to_{contexts[-1]}": {"value": flat, "target": f"<= {FLAT_MAX}", "ok": flat <= FLAT_MAX},
+        f"flat_cached_{contexts[0]}_to_{contexts[-1]}": {
+            "value": flat,
+            "target": f"<= {FLAT_MAX}",
+            "ok": flat <= FLAT_MAX,
+        },
         f"speedup_at_{contexts[-1]}": {"value": speedup, "target": f">= {SPEEDUP_MIN}", "ok": speedup >= SPEEDUP_MIN},
     }
     for name, check in checks.items():

@@ -55,9 +55,14 @@ def child(argv: list[str], steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(steps):
         train_step.timed_step(variant, batch)
-    result = {"ncn": args.ncn, "params": variant.model.num_parameters().total, "param_bytes": state_bytes,
-              "rss_after_build": rss_built, "rss_after_steps": rss_bytes(),
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+    result = {
+        "ncn": args.ncn,
+        "params": variant.model.num_parameters().total,
+        "param_bytes": state_bytes,
+        "rss_after_build": rss_built,
+        "rss_after_steps": rss_bytes(),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }  # Linux: KiB
     if device.type == "cuda":
         result["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
         result["cuda_max_reserved"] = torch.cuda.max_memory_reserved(device)
@@ -65,9 +70,11 @@ def child(argv: list[str], steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="Other flags (--batch-size, --block-size, --precision, --compile, "
-                                            "--activation-checkpointing, --device, --trainer ...) as train_step.py.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Other flags (--batch-size, --block-size, --precision, --compile, "
+        "--activation-checkpointing, --device, --trainer ...) as train_step.py.",
+    )
     parser.add_argument("--model", default="paper_18m", help="conf/model option")
     parser.add_argument("--ncn", default="none,full", help="comma-separated conf/ncn options")
     parser.add_argument("--steps", type=int, default=2, help="training steps per variant (the peak is over all)")
@@ -80,29 +87,49 @@ def main() -> None:
 
     rows = []
     for ncn in [n.strip() for n in args.ncn.split(",") if n.strip()]:
-        cmd = [sys.executable, __file__, "--child", "--model", args.model, "--ncn", ncn,
-               "--steps", str(args.steps), *step_flags]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--model",
+            args.model,
+            "--ncn",
+            ncn,
+            "--steps",
+            str(args.steps),
+            *step_flags,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"variant {ncn} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     cuda = "cuda_max_allocated" in rows[0]
-    print(f"memory benchmark: model={args.model} steps={args.steps} flags={' '.join(step_flags) or '(defaults)'} "
-          f"-- one fresh process per variant")
+    print(
+        f"memory benchmark: model={args.model} steps={args.steps} flags={' '.join(step_flags) or '(defaults)'} "
+        f"-- one fresh process per variant"
+    )
     header = f"{'ncn':<22} {'params MB':>10} {'RSS built MB':>13} {'peak RSS MB':>12} {'step peak - built':>18}"
     print(header + (f" {'CUDA alloc MB':>14} {'CUDA reserved MB':>17}" if cuda else ""))
     for r in rows:
-        line = (f"{r['ncn']:<22} {r['param_bytes'] / MB:>10.1f} {r['rss_after_build'] / MB:>13.1f} "
-                f"{r['peak_rss'] / MB:>12.1f} {(r['peak_rss'] - r['rss_after_build']) / MB:>18.1f}")
+        line = (
+            f"{r['ncn']:<22} {r['param_bytes'] / MB:>10.1f} {r['rss_after_build'] / MB:>13.1f} "
+            f"{r['peak_rss'] / MB:>12.1f} {(r['peak_rss'] - r['rss_after_build']) / MB:>18.1f}"
+        )
         if cuda:
             line += f" {r['cuda_max_allocated'] / MB:>14.1f} {r['cuda_max_reserved'] / MB:>17.1f}"
         print(line)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"memory-{args.model}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    report = {"benchmark": "memory", "args": {k: str(v) for k, v in vars(args).items()}, "step_flags": step_flags,
-              "date": dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
-              "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_")}, "results": rows}
+    report = {
+        "benchmark": "memory",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "step_flags": step_flags,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_")},
+        "results": rows,
+    }
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 

@@ -40,9 +40,16 @@ def child(cache_dir: str, num_proc: int | str) -> dict:
     t3 = time.perf_counter()
     next(iter(dm.train_loader(batch_size=8, block_size=256, seed=0)))
     t4 = time.perf_counter()
-    return {"import_s": t1 - t0, "tokenizer_s": t2 - t1, "prepare_s": t3 - t2, "first_batch_s": t4 - t3,
-            "ready_s": t4 - t1, "cache_hit": info.cache_hit, "text_bytes": info.meta["text_bytes"],
-            "tokens": info.train_tokens + info.val_tokens}
+    return {
+        "import_s": t1 - t0,
+        "tokenizer_s": t2 - t1,
+        "prepare_s": t3 - t2,
+        "first_batch_s": t4 - t3,
+        "ready_s": t4 - t1,
+        "cache_hit": info.cache_hit,
+        "text_bytes": info.meta["text_bytes"],
+        "tokens": info.train_tokens + info.val_tokens,
+    }
 
 
 def raw_tiktoken() -> dict:
@@ -59,8 +66,12 @@ def raw_tiktoken() -> dict:
         start = time.perf_counter()
         ids = encoding.encode_ordinary_batch(texts)
         runs.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(runs), "text_bytes": n_bytes, "tokens": sum(map(len, ids)),
-            "mb_per_s": n_bytes / 1e6 / statistics.median(runs)}
+    return {
+        "seconds": statistics.median(runs),
+        "text_bytes": n_bytes,
+        "tokens": sum(map(len, ids)),
+        "mb_per_s": n_bytes / 1e6 / statistics.median(runs),
+    }
 
 
 def run_child(cache_dir: Path, num_proc: str) -> dict:
@@ -97,39 +108,54 @@ def main() -> None:
         cold, warm = runs[p]["cold"], runs[p]["warm"]
         assert not any(r["cache_hit"] for r in cold) and all(r["cache_hit"] for r in warm)
         cold_prepare = statistics.median(r["prepare_s"] for r in cold)
-        rows.append({
-            "num_proc": p,
-            "text_mb": cold[0]["text_bytes"] / 1e6,
-            "tokens": cold[0]["tokens"],
-            "cold_prepare_s": cold_prepare,
-            "cold_mb_per_s": cold[0]["text_bytes"] / 1e6 / cold_prepare,
-            "cold_ready_s": statistics.median(r["ready_s"] for r in cold),
-            "warm_ready_s": statistics.median(r["ready_s"] for r in warm),
-            "warm_tokenizer_s": statistics.median(r["tokenizer_s"] for r in warm),
-            "warm_prepare_s": statistics.median(r["prepare_s"] for r in warm),
-            "runs": runs[p],
-        })
+        rows.append(
+            {
+                "num_proc": p,
+                "text_mb": cold[0]["text_bytes"] / 1e6,
+                "tokens": cold[0]["tokens"],
+                "cold_prepare_s": cold_prepare,
+                "cold_mb_per_s": cold[0]["text_bytes"] / 1e6 / cold_prepare,
+                "cold_ready_s": statistics.median(r["ready_s"] for r in cold),
+                "warm_ready_s": statistics.median(r["ready_s"] for r in warm),
+                "warm_tokenizer_s": statistics.median(r["tokenizer_s"] for r in warm),
+                "warm_prepare_s": statistics.median(r["prepare_s"] for r in warm),
+                "runs": runs[p],
+            }
+        )
 
-    print(f"tokenization benchmark: embedded Shakespeare corpus, {rows[0]['text_mb']:.2f} MB text, "
-          f"{rows[0]['tokens']:,} tokens, {args.repeats} fresh processes per cell (median), "
-          f"cpus {len(os.sched_getaffinity(0))}, load average {load_before[0]:.2f}")
+    print(
+        f"tokenization benchmark: embedded Shakespeare corpus, {rows[0]['text_mb']:.2f} MB text, "
+        f"{rows[0]['tokens']:,} tokens, {args.repeats} fresh processes per cell (median), "
+        f"cpus {len(os.sched_getaffinity(0))}, load average {load_before[0]:.2f}"
+    )
     print(f"raw tiktoken encode_ordinary_batch: {raw['mb_per_s']:.2f} MB/s ({raw['seconds']:.2f} s)")
-    print(f"{'num_proc':>8} {'cold prepare s':>15} {'cold MB/s':>10} {'cold ready s':>13} "
-          f"{'warm ready s':>13} {'(tokenizer s':>13} {'verify s)':>10}")
+    print(
+        f"{'num_proc':>8} {'cold prepare s':>15} {'cold MB/s':>10} {'cold ready s':>13} "
+        f"{'warm ready s':>13} {'(tokenizer s':>13} {'verify s)':>10}"
+    )
     for r in rows:
-        print(f"{r['num_proc']:>8} {r['cold_prepare_s']:>15.2f} {r['cold_mb_per_s']:>10.2f} {r['cold_ready_s']:>13.2f} "
-              f"{r['warm_ready_s']:>13.3f} {r['warm_tokenizer_s']:>13.3f} {r['warm_prepare_s']:>10.3f}")
+        print(
+            f"{r['num_proc']:>8} {r['cold_prepare_s']:>15.2f} {r['cold_mb_per_s']:>10.2f} {r['cold_ready_s']:>13.2f} "
+            f"{r['warm_ready_s']:>13.3f} {r['warm_tokenizer_s']:>13.3f} {r['warm_prepare_s']:>10.3f}"
+        )
     warm = max(r["warm_ready_s"] for r in rows)
     check = {"value": warm, "target": f"<= {WARM_MAX_S}", "ok": warm <= WARM_MAX_S}
     print(f"warm_ready_s: {warm:.3f} (target {check['target']}) {'PASS' if check['ok'] else 'FAIL'}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"tokenization-shakespeare-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    report = {"benchmark": "tokenization", "args": {k: str(v) for k, v in vars(args).items()},
-              "date": dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
-              "cpus": len(os.sched_getaffinity(0)), "load_average_before": load_before,
-              "load_average_after": os.getloadavg(), "raw_tiktoken": raw, "results": rows,
-              "checks": {"warm_ready_s": check}}
+    report = {
+        "benchmark": "tokenization",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "raw_tiktoken": raw,
+        "results": rows,
+        "checks": {"warm_ready_s": check},
+    }
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 

@@ -54,10 +54,18 @@ class Variant:
 
 def compose_config(args: argparse.Namespace, ncn: str, compiled: bool) -> RunConfig:
     """The real conf/ config of one variant, composed and typed as run.py does (`ncn.cli.typed`)."""
-    overrides = [f"model={args.model}", f"ncn={ncn}", f"trainer={args.trainer}", "tracking=none",
-                 f"model.block_size={args.block_size}", f"trainer.batch_size={args.batch_size}",
-                 f"trainer.precision={args.precision}", f"trainer.compile={compiled}",
-                 f"trainer.activation_checkpointing={args.activation_checkpointing}", *args.override]
+    overrides = [
+        f"model={args.model}",
+        f"ncn={ncn}",
+        f"trainer={args.trainer}",
+        "tracking=none",
+        f"model.block_size={args.block_size}",
+        f"trainer.batch_size={args.batch_size}",
+        f"trainer.precision={args.precision}",
+        f"trainer.compile={compiled}",
+        f"trainer.activation_checkpointing={args.activation_checkpointing}",
+        *args.override,
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return cli.typed(compose(config_name="config", overrides=overrides))[0]
 
@@ -73,11 +81,20 @@ def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> 
     model = ModulatedGPT(cfg.model, cfg.ncn).to(device)
     model.activation_checkpointing = cfg.trainer.activation_checkpointing
     optimizer = build_optimizer(model, cfg.optim)
-    job = Job(model=model, train_model=torch.compile(model) if cfg.trainer.compile else model, optimizer=optimizer,
-              scheduler=build_scheduler(optimizer, cfg.optim, total_steps=10**9),
-              scaler=torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16"), loader=None,
-              val_batches=[], tracker=NullTracker(), device=device, checkpoints=ROOT, config={},
-              tokens_per_step=args.batch_size * args.block_size)
+    job = Job(
+        model=model,
+        train_model=torch.compile(model) if cfg.trainer.compile else model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.optim, total_steps=10**9),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16"),
+        loader=None,
+        val_batches=[],
+        tracker=NullTracker(),
+        device=device,
+        checkpoints=ROOT,
+        config={},
+        tokens_per_step=args.batch_size * args.block_size,
+    )
     return Variant(name, model, job, cfg.trainer)
 
 
@@ -136,20 +153,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ncn", default="none,full", help="comma-separated conf/ncn options")
     parser.add_argument("--trainer", default="default", help="conf/trainer option (gpu: bf16, compile, fused AdamW)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (median)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 2, 3 with compile)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per variant (default 2, 3 with compile)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=256, help="sequence length (overrides model.block_size)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--compile", nargs="?", const="on", choices=["on", "off", "both"], default=None,
-                        help="torch.compile: on, off, or both (each variant eager and compiled); "
-                             "default on for CUDA, off for CPU")
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="on",
+        choices=["on", "off", "both"],
+        default=None,
+        help="torch.compile: on, off, or both (each variant eager and compiled); default on for CUDA, off for CPU",
+    )
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: as the trainer, usable cores or $OMP_NUM_THREADS)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help=f"peak bf16 TFLOP/s for MFU (default for CUDA cards: {PEAK_BF16_TFLOPS})")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: as the trainer, usable cores or $OMP_NUM_THREADS)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help=f"peak bf16 TFLOP/s for MFU (default for CUDA cards: {PEAK_BF16_TFLOPS})",
+    )
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -176,8 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [build_variant(n, args, device) for n in names]
     gen = torch.Generator().manual_seed(0)
     vocab = variants[0].model.config.vocab_size
-    batch = tuple(torch.randint(0, vocab, (args.batch_size, args.block_size), generator=gen).to(device)
-                  for _ in range(2))
+    batch = tuple(
+        torch.randint(0, vocab, (args.batch_size, args.block_size), generator=gen).to(device) for _ in range(2)
+    )
     load_before = os.getloadavg()
     for v in variants:
         for _ in range(args.warmup):  # allocator, thread pool, compilation
@@ -199,40 +233,70 @@ def main(argv: list[str] | None = None) -> dict:
         count = v.model.num_parameters()
         fpt = flops_per_token(v.model, args.block_size)
         med = median[v.name]
-        rows.append({"variant": v.name, "params": count.total, "controller_share_pct": count.controller_share_pct,
-                     "median_step_s": med, "min_step_s": min(times[v.name]), "tokens_per_s": tokens / med,
-                     "median_cpu_s": statistics.median(cpu_times[v.name]),
-                     "ratio_vs_first": med / median[names[0]], "flops_per_token": fpt,
-                     "tflops": fpt * tokens / med / 1e12, "mfu": fpt * tokens / med / (peak * 1e12) if peak else None,
-                     "step_times_s": times[v.name], "cpu_times_s": cpu_times[v.name]})
+        rows.append(
+            {
+                "variant": v.name,
+                "params": count.total,
+                "controller_share_pct": count.controller_share_pct,
+                "median_step_s": med,
+                "min_step_s": min(times[v.name]),
+                "tokens_per_s": tokens / med,
+                "median_cpu_s": statistics.median(cpu_times[v.name]),
+                "ratio_vs_first": med / median[names[0]],
+                "flops_per_token": fpt,
+                "tflops": fpt * tokens / med / 1e12,
+                "mfu": fpt * tokens / med / (peak * 1e12) if peak else None,
+                "step_times_s": times[v.name],
+                "cpu_times_s": cpu_times[v.name],
+            }
+        )
     ratios = {f"{n}{COMPILED}/{n}": median[n + COMPILED] / median[n] for n in names if n + COMPILED in median}
     if "full" in median and "none" in median:
         ratios["full/none"] = median["full"] / median["none"]
     where = machine(device)
     load_after = os.getloadavg()
 
-    print(f"train_step benchmark: model={args.model} trainer={args.trainer} batch {args.batch_size} x "
-          f"{args.block_size} precision={args.precision} compile={args.compile} device={device} "
-          f"threads={torch.get_num_threads()} steps={args.steps} (+{args.warmup} warm-up)")
-    print(f"machine: {where}; load average {load_before[0]:.2f} -> {load_after[0]:.2f}; "
-          f"{dt.datetime.now():%Y-%m-%d %H:%M}; torch {torch.__version__}")
-    print("FLOPs/token = 6*N + 12*n_layer*d_model*T (N: params without position embedding); "
-          f"MFU = FLOPs/token * tokens/s / peak ({f'{peak:g} TFLOP/s' if peak else 'n/a: pass --peak-tflops'})")
-    print(f"{'variant':<24} {'params':>11} {'ctrl %':>7} {'step ms':>9} {'min ms':>9} {'CPU ms':>9} "
-          f"{'tokens/s':>10} {'vs ' + names[0]:>14} {'TFLOP/s':>8} {'MFU':>7}")
+    print(
+        f"train_step benchmark: model={args.model} trainer={args.trainer} batch {args.batch_size} x "
+        f"{args.block_size} precision={args.precision} compile={args.compile} device={device} "
+        f"threads={torch.get_num_threads()} steps={args.steps} (+{args.warmup} warm-up)"
+    )
+    print(
+        f"machine: {where}; load average {load_before[0]:.2f} -> {load_after[0]:.2f}; "
+        f"{dt.datetime.now():%Y-%m-%d %H:%M}; torch {torch.__version__}"
+    )
+    print(
+        "FLOPs/token = 6*N + 12*n_layer*d_model*T (N: params without position embedding); "
+        f"MFU = FLOPs/token * tokens/s / peak ({f'{peak:g} TFLOP/s' if peak else 'n/a: pass --peak-tflops'})"
+    )
+    print(
+        f"{'variant':<24} {'params':>11} {'ctrl %':>7} {'step ms':>9} {'min ms':>9} {'CPU ms':>9} "
+        f"{'tokens/s':>10} {'vs ' + names[0]:>14} {'TFLOP/s':>8} {'MFU':>7}"
+    )
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['variant']:<24} {r['params']:>11,} {r['controller_share_pct']:>7.2f} "
-              f"{1e3 * r['median_step_s']:>9.1f} {1e3 * r['min_step_s']:>9.1f} {1e3 * r['median_cpu_s']:>9.1f} "
-              f"{r['tokens_per_s']:>10.1f} "
-              f"{r['ratio_vs_first']:>13.3f}x {r['tflops']:>8.3f} {mfu:>7}")
+        print(
+            f"{r['variant']:<24} {r['params']:>11,} {r['controller_share_pct']:>7.2f} "
+            f"{1e3 * r['median_step_s']:>9.1f} {1e3 * r['min_step_s']:>9.1f} {1e3 * r['median_cpu_s']:>9.1f} "
+            f"{r['tokens_per_s']:>10.1f} "
+            f"{r['ratio_vs_first']:>13.3f}x {r['tflops']:>8.3f} {mfu:>7}"
+        )
 
-    report = {"benchmark": "train_step", "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": where,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
-              "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_")},
-              "peak_tflops": peak, "load_average_before": load_before, "load_average_after": load_after,
-              "results": rows, "ratios": ratios}
+    report = {
+        "benchmark": "train_step",
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": where,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_")},
+        "peak_tflops": peak,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "results": rows,
+        "ratios": ratios,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"train_step-{args.model}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -90,9 +90,14 @@ class Checkpoint:
     def describe(self) -> str:
         """One line naming what this checkpoint is: run name, step, val loss / ppl, folder, MLflow run."""
         s = self.state
-        val = "no eval yet" if s.val_loss is None else f"val loss {s.val_loss:.4f}, ppl {np.exp(min(s.val_loss, 700)):,.2f}"
+        val = (
+            "no eval yet"
+            if s.val_loss is None
+            else f"val loss {s.val_loss:.4f}, ppl {np.exp(min(s.val_loss, 700)):,.2f}"
+        )
         run = f"MLflow run {s.mlflow_run_id}" if s.mlflow_run_id else "no MLflow run"
-        return f"checkpoint of run {s.run_name or self.config.run_name or '?'} at step {s.step} ({val}): {self.path} ({run})"
+        name = s.run_name or self.config.run_name or "?"
+        return f"checkpoint of run {name} at step {s.step} ({val}): {self.path} ({run})"
 
 
 def step_dir(step: int) -> str:
@@ -176,14 +181,19 @@ def read_pointer(pointer: Path) -> Path:
     try:
         name = pointer.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{pointer} is unreadable ({type(exc).__name__}): pass an explicit checkpoint folder") from None
+        raise CheckpointError(
+            f"{pointer} is unreadable ({type(exc).__name__}): pass an explicit checkpoint folder"
+        ) from None
     if not STEP_DIR.fullmatch(name):
-        raise CheckpointError(f"{pointer} does not name a checkpoint folder (holds {name[:40]!r}): "
-                              "pass an explicit checkpoint folder, e.g. checkpoints/step_000100")
+        raise CheckpointError(
+            f"{pointer} does not name a checkpoint folder (holds {name[:40]!r}): "
+            "pass an explicit checkpoint folder, e.g. checkpoints/step_000100"
+        )
     target = pointer.parent / name
     if not (target / "train_state.json").is_file():
-        raise CheckpointError(f"{pointer} points to {target}, which is not a complete checkpoint: "
-                              "pass an explicit checkpoint folder")
+        raise CheckpointError(
+            f"{pointer} points to {target}, which is not a complete checkpoint: pass an explicit checkpoint folder"
+        )
     return target
 
 
@@ -200,30 +210,47 @@ def read_train_state(file: Path) -> TrainState:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{file} is corrupt ({type(exc).__name__}): use an earlier checkpoint folder") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a training state: use an earlier checkpoint folder")
+        raise CheckpointError(
+            f"{file} holds a {type(data).__name__}, not a training state: use an earlier checkpoint folder"
+        )
     if data.get("format") not in (1, FORMAT_VERSION):
-        raise CheckpointError(f"{file} has format {data.get('format')!r}, expected {FORMAT_VERSION}: "
-                              "it was not written by this version of ncn")
-    types = {"step": int, "tokens_seen": int, "data": dict, "nonfinite_skipped": int, "val_loss": (int, float, type(None)),
-             "mlflow_run_id": (str, type(None)), "run_name": (str, type(None))}
+        raise CheckpointError(
+            f"{file} has format {data.get('format')!r}, expected {FORMAT_VERSION}: "
+            "it was not written by this version of ncn"
+        )
+    types = {
+        "step": int,
+        "tokens_seen": int,
+        "data": dict,
+        "nonfinite_skipped": int,
+        "val_loss": (int, float, type(None)),
+        "mlflow_run_id": (str, type(None)),
+        "run_name": (str, type(None)),
+    }
     values = {}
     for f in fields(TrainState):
         value = data.get(f.name, None if f.name == "run_name" else ...)
         if value is ... or isinstance(value, bool) or not isinstance(value, types[f.name]):
-            raise CheckpointError(f"{file}: {f.name}={value if value is not ... else '<missing>'} is not a valid "
-                                  "training state: use an earlier checkpoint folder")
+            raise CheckpointError(
+                f"{file}: {f.name}={value if value is not ... else '<missing>'} is not a valid "
+                "training state: use an earlier checkpoint folder"
+            )
         values[f.name] = value
     if not all(isinstance(values["data"].get(k, 0), int) for k in ("epoch", "position")) or values["step"] < 0:
-        raise CheckpointError(f"{file}: step={values['step']}, data={values['data']} is not a valid training state: "
-                              "use an earlier checkpoint folder")
+        raise CheckpointError(
+            f"{file}: step={values['step']}, data={values['data']} is not a valid training state: "
+            "use an earlier checkpoint folder"
+        )
     return TrainState(**values)
 
 
 def _upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     """Format 1 -> 2: drop Hydra's `_target_`/`_convert_` keys; the tracker class becomes `tracking.backend`."""
     tracking = config.get("tracking") or {}
-    upgraded = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
-                for k, v in config.items()}
+    upgraded = {
+        k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
+        for k, v in config.items()
+    }
     if isinstance(tracking, dict) and "_target_" in tracking:
         upgraded["tracking"]["backend"] = "none" if tracking["_target_"].endswith("NullTracker") else "mlflow"
     if upgraded.get("prompt") == "":
@@ -244,12 +271,16 @@ def read_config(file: Path, version: int = FORMAT_VERSION) -> tuple[RunConfig, d
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{file} is corrupt ({type(exc).__name__}): use an earlier checkpoint folder") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a run config: use an earlier checkpoint folder")
+        raise CheckpointError(
+            f"{file} holds a {type(data).__name__}, not a run config: use an earlier checkpoint folder"
+        )
     data = _upgrade_config(data) if version == 1 else data
     try:
         return config_from_dict(data), data
     except NCNConfigError as exc:
-        raise CheckpointError(f"{file} does not describe a valid run ({exc}): use an earlier checkpoint folder") from None
+        raise CheckpointError(
+            f"{file} does not describe a valid run ({exc}): use an earlier checkpoint folder"
+        ) from None
 
 
 def _checkpoints_under(root: Path) -> list[Path]:
@@ -311,8 +342,10 @@ def resolve(spec: str | Path | None, search_root: Path | None = None, key: str =
         return read_pointer(run / POINTER)
     if not path.exists():
         what = "MLflow run id" if RUN_ID.match(spec) else "path or run name"
-        raise CheckpointError(f"{key}={spec}: no checkpoint folder, run name or MLflow run id matches this {what} under "
-                              f"{root}: pass {key}=latest, {key}=best, a run name, or an existing checkpoint folder")
+        raise CheckpointError(
+            f"{key}={spec}: no checkpoint folder, run name or MLflow run id matches this {what} under "
+            f"{root}: pass {key}=latest, {key}=best, a run name, or an existing checkpoint folder"
+        )
     raise CheckpointError(
         f"{path} is not a checkpoint (no train_state.json, no checkpoints/latest): "
         "pass a folder like outputs/<date>/<time>/checkpoints/step_000100"
@@ -342,9 +375,7 @@ def _load_tensors(file: Path) -> Any:
     except Exception as exc:  # damaged bytes fail anywhere in zip, pickle or storage code, in many types
         first = str(exc).splitlines()[0].split(". ")[0] if str(exc).strip() else ""
         detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-        raise CheckpointError(
-            f"{file} is truncated or corrupt ({detail}): use an earlier checkpoint folder"
-        ) from None
+        raise CheckpointError(f"{file} is truncated or corrupt ({detail}): use an earlier checkpoint folder") from None
 
 
 def load(path: Path, tensors: bool = True) -> Checkpoint:
@@ -466,8 +497,9 @@ def restore(
     return replace(ckpt.state)
 
 
-def open_checkpoint(spec: str | None, launch_dir: Path, overridden: frozenset[str],
-                    allowed: frozenset[str] = frozenset()) -> Checkpoint:
+def open_checkpoint(
+    spec: str | None, launch_dir: Path, overridden: frozenset[str], allowed: frozenset[str] = frozenset()
+) -> Checkpoint:
     """Resolve and load the checkpoint a task uses (`checkpoint=`), refusing settings it would ignore.
 
     A checkpoint carries its own model and ncn settings; a command-line override of a `model.*`
@@ -480,6 +512,8 @@ def open_checkpoint(spec: str | None, launch_dir: Path, overridden: frozenset[st
     refused = sorted(k for k in overridden if k.split(".")[0] in ("model", "ncn") and k not in allowed)
     if refused:
         also = f" (only {', '.join(sorted(allowed))} may be set here)" if allowed else ""
-        raise CheckpointError(f"{refused[0]} cannot be set together with checkpoint=: a checkpoint carries its own "
-                              f"model and ncn settings{also}; drop the override")
+        raise CheckpointError(
+            f"{refused[0]} cannot be set together with checkpoint=: a checkpoint carries its own "
+            f"model and ncn settings{also}; drop the override"
+        )
     return load(resolve(spec, launch_dir))

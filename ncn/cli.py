@@ -23,8 +23,10 @@ import ncn.schema  # noqa: F401  (registers the resolvers and the schema before 
 from ncn.config import RunConfig, RunContext
 from ncn.errors import NCNConfigError, RunFailedError
 
-AMBIGUOUS_HINT = ("quote a value with spaces or commas, e.g. \"prompt='To be, or not'\" "
-                  "(the double quotes are for the shell, the single quotes for Hydra)")
+AMBIGUOUS_HINT = (
+    "quote a value with spaces or commas, e.g. \"prompt='To be, or not'\" "
+    "(the double quotes are for the shell, the single quotes for Hydra)"
+)
 _SHELL_SPECIAL = set("$`\\!")  # special to bash inside double quotes (besides the quote itself)
 
 

@@ -31,10 +31,17 @@ TASKS = ("train", "prepare", "generate", "analyze", "eval", "report")
 BASELINE_OPTIONS = ("none", "none_iso")
 # Keys a resume may set to a value other than the checkpoint's; every other model/ncn/data key,
 # and the seed, come from the checkpoint (the trainer, optim and tracking groups may all change).
-RESUME_MUTABLE = frozenset({
-    "model.dropout", "ncn.homeostatic_lambda",
-    "data.cache_dir", "data.num_proc", "data.num_workers", "data.pin_memory", "data.total_tokens",
-})
+RESUME_MUTABLE = frozenset(
+    {
+        "model.dropout",
+        "ncn.homeostatic_lambda",
+        "data.cache_dir",
+        "data.num_proc",
+        "data.num_workers",
+        "data.pin_memory",
+        "data.total_tokens",
+    }
+)
 RESUME_FIXED_GROUPS = ("model", "ncn", "data")
 
 
@@ -229,10 +236,14 @@ class DataConfig:
         _choice("data.source", self.source, SOURCES)
         _choice("data.tokenizer", self.tokenizer, TOKENIZERS)
         if self.source != "shakespeare" and not self.path:
-            what = "<folder|glob|file> of .txt files" if self.source == "text_files" else "<hub id|local dataset folder>"
+            what = (
+                "<folder|glob|file> of .txt files" if self.source == "text_files" else "<hub id|local dataset folder>"
+            )
             raise NCNConfigError(f"data.source={self.source} needs data.path: set data.path={what}")
         if not 0.0 < self.val_fraction < 1.0:
-            raise NCNConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1): e.g. data.val_fraction=0.05")
+            raise NCNConfigError(
+                f"data.val_fraction={self.val_fraction} must be in (0, 1): e.g. data.val_fraction=0.05"
+            )
         if self.num_proc != "auto" and not (isinstance(self.num_proc, int) and self.num_proc >= 1):
             raise NCNConfigError(f"data.num_proc={self.num_proc!r} must be an integer >= 1 or 'auto'")
         if self.num_workers != "auto" and not (isinstance(self.num_workers, int) and self.num_workers >= 0):
@@ -292,9 +303,13 @@ class OptimConfig:
                 f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]: use e.g. optim.min_lr={self.lr / 10:g}"
             )
         if self.warmup_steps < 0:
-            raise NCNConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0: use e.g. optim.warmup_steps=100")
+            raise NCNConfigError(
+                f"optim.warmup_steps={self.warmup_steps} must be >= 0: use e.g. optim.warmup_steps=100"
+            )
         if not self.weight_decay >= 0:
-            raise NCNConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0: use e.g. optim.weight_decay=0.1")
+            raise NCNConfigError(
+                f"optim.weight_decay={self.weight_decay} must be >= 0: use e.g. optim.weight_decay=0.1"
+            )
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise NCNConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1): use e.g. optim.{name}=0.9")
@@ -350,10 +365,21 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.max_steps is None and self.epochs is None and self.max_tokens is None:
             raise NCNConfigError(
-                "trainer.max_steps, trainer.epochs and trainer.max_tokens are all null: set one, e.g. trainer.max_steps=300"
+                "trainer.max_steps, trainer.epochs and trainer.max_tokens are all null: "
+                "set one, e.g. trainer.max_steps=300"
             )
-        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "checkpoint_every",
-                     "keep_checkpoints", "max_steps", "max_tokens", "threads"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_steps",
+            "max_tokens",
+            "threads",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise NCNConfigError(f"trainer.{name}={value} must be >= 1: e.g. trainer.{name}=1")

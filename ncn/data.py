@@ -206,8 +206,9 @@ class DataModule:
         """
         if self._prepared is None:
             num_proc = None if self.cfg.num_proc == "auto" else self.cfg.num_proc
-            info = token_cache.prepare(self.source, self.cache_dir, self.cfg.tokenizer, self.cfg.val_fraction,
-                                       self.cfg.split_seed, num_proc)
+            info = token_cache.prepare(
+                self.source, self.cache_dir, self.cfg.tokenizer, self.cfg.val_fraction, self.cfg.split_seed, num_proc
+            )
             counted = info.train_tokens + info.val_tokens
             if self.cfg.total_tokens is not None and self.cfg.total_tokens != counted:
                 raise NCNConfigError(

@@ -39,8 +39,10 @@ def evaluate(model: ModulatedGPT, batches: Batches, device: torch.device, precis
             n_tokens += y.numel()
             for name, s in out.signals.items():
                 per_layer = s.detach().double().movedim(2, 0).reshape(s.shape[2], -1)  # (L, B*T[*H])
-                stats = torch.stack([torch.full_like(per_layer[:, 0], per_layer.shape[1]),
-                                     per_layer.sum(1), per_layer.square().sum(1)], dim=1)
+                stats = torch.stack(
+                    [torch.full_like(per_layer[:, 0], per_layer.shape[1]), per_layer.sum(1), per_layer.square().sum(1)],
+                    dim=1,
+                )
                 moments[name] = moments.get(name, 0) + stats.cpu()
     finally:
         model.train(was_training)

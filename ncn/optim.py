@@ -63,7 +63,9 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, start_step: int = 0) -> LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, start_step: int = 0
+) -> LambdaLR:
     """`LambdaLR` applying `lr_at` (as a factor of `cfg.lr`), positioned so the next optimizer step is `start_step`.
 
     A fresh run starts at 0; a resume at the checkpoint's step, with the current `cfg` and
@@ -72,7 +74,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     """
 
     def factor(step: int) -> float:
-        return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=total_steps) / cfg.lr
+        return (
+            lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=total_steps) / cfg.lr
+        )
 
     for group in optimizer.param_groups:
         group["initial_lr"] = cfg.lr  # LRScheduler's documented start value when last_epoch != -1

@@ -65,7 +65,9 @@ def _norm(name: str, values: np.ndarray, scale: str) -> TwoSlopeNorm:
     half = float(np.max(np.abs(values - neutral))) if scale == "data" else math.inf
     eps = 1e-6  # TwoSlopeNorm needs vmin < vcenter < vmax, also for a perfectly neutral signal
     return TwoSlopeNorm(
-        vcenter=neutral, vmin=min(max(neutral - half, low), neutral - eps), vmax=max(min(neutral + half, high), neutral + eps)
+        vcenter=neutral,
+        vmin=min(max(neutral - half, low), neutral - eps),
+        vmax=max(min(neutral + half, high), neutral + eps),
     )
 
 

@@ -46,7 +46,9 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _INT_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
 
 
-def setup_device(device: str, precision: str, threads: int | None, deterministic: bool) -> tuple[torch.device, int, int]:
+def setup_device(
+    device: str, precision: str, threads: int | None, deterministic: bool
+) -> tuple[torch.device, int, int]:
     """(device, rank, world_size) of this process; joins the torchrun process group when WORLD_SIZE > 1.
 
     device: auto | cpu | cuda. threads: torch CPU threads (None = $OMP_NUM_THREADS, else usable cores / processes on
@@ -58,10 +60,13 @@ def setup_device(device: str, precision: str, threads: int | None, deterministic
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise NCNConfigError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=auto or trainer.device=cpu")
+        raise NCNConfigError(
+            "trainer.device=cuda but no CUDA GPU is visible: use trainer.device=auto or trainer.device=cpu"
+        )
     if precision == "fp16" and not use_cuda:
         raise NCNConfigError(
-            "trainer.precision=fp16 needs a CUDA GPU (fp16 with a GradScaler): use trainer.precision=bf16 or fp32 on CPU"
+            "trainer.precision=fp16 needs a CUDA GPU (fp16 with a GradScaler): "
+            "use trainer.precision=bf16 or fp32 on CPU"
         )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -74,8 +79,9 @@ def setup_device(device: str, precision: str, threads: int | None, deterministic
         torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     # OMP_NUM_THREADS: joblib sets it to cores // n_jobs in its workers, so parallel jobs don't oversubscribe
-    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
-                          or max(1, len(os.sched_getaffinity(0)) // local_procs))
+    torch.set_num_threads(
+        threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, len(os.sched_getaffinity(0)) // local_procs)
+    )
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)

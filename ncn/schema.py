@@ -54,7 +54,9 @@ def iso_d_ff(*targets: str, _root_: DictConfig) -> int:
 
     m, settings = _root_.model, OmegaConf.to_container(_root_.ncn, resolve=True)
     settings["targets"] = list(targets)
-    shape = ModelConfig(vocab_size=1, block_size=1, d_model=int(m.d_model), n_layer=int(m.n_layer), n_head=int(m.n_head))
+    shape = ModelConfig(
+        vocab_size=1, block_size=1, d_model=int(m.d_model), n_layer=int(m.n_layer), n_head=int(m.n_head)
+    )
     with torch.device("meta"):
         controller = ModulatedGPT(shape, ModulationConfig(**settings)).num_parameters().controller
     return 4 * shape.d_model + round(controller / (shape.n_layer * (2 * shape.d_model + 1)))
@@ -66,8 +68,12 @@ def _vocab_size(tokenizer: Any, multiple: Any) -> int:
 
 def register() -> None:
     """Register the resolvers and the schema config (idempotent)."""
-    for name, fn in (("vocab_size", _vocab_size), ("launch_dir", launch_dir), ("iso_d_ff", iso_d_ff),
-                     ("conf_dir", conf_dir)):
+    for name, fn in (
+        ("vocab_size", _vocab_size),
+        ("launch_dir", launch_dir),
+        ("iso_d_ff", iso_d_ff),
+        ("conf_dir", conf_dir),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)

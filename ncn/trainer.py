@@ -103,11 +103,15 @@ def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -
                 out = model(x, y)
             loss = out.loss / cfg.grad_accum
             scaler.scale(loss).backward()
-        losses += torch.stack([loss.detach(), out.ce_loss.detach() / cfg.grad_accum, out.reg_loss.detach() / cfg.grad_accum]).float()
+        losses += torch.stack(
+            [loss.detach(), out.ce_loss.detach() / cfg.grad_accum, out.reg_loss.detach() / cfg.grad_accum]
+        ).float()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), cfg.grad_clip or float("inf"))
     # fp16: the GradScaler itself skips steps with inf gradients; a NaN loss is still fatal
-    bad = torch.stack([~torch.isfinite(losses[0]), ~torch.isfinite(grad_norm) & (cfg.precision != "fp16")]).any().float()
+    bad = (
+        torch.stack([~torch.isfinite(losses[0]), ~torch.isfinite(grad_norm) & (cfg.precision != "fp16")]).any().float()
+    )
     if job.world_size > 1:
         torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)  # all ranks skip or stop together
     if bad.item():
@@ -121,11 +125,19 @@ def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -
         torch_dist.all_reduce(losses)
         losses /= job.world_size
     loss, ce, reg = losses.tolist()
-    return {"train/loss": loss, "train/ce_loss": ce, "train/reg_loss": reg, "train/ppl": math.exp(min(ce, 700.0)),
-            "train/grad_norm": float(grad_norm), "train/lr": lr}
+    return {
+        "train/loss": loss,
+        "train/ce_loss": ce,
+        "train/reg_loss": reg,
+        "train/ppl": math.exp(min(ce, 700.0)),
+        "train/grad_norm": float(grad_norm),
+        "train/lr": lr,
+    }
 
 
-def total_steps(cfg: TrainerConfig, state: TrainState, blocks_per_epoch: int, global_batch: int, tokens_per_step: int) -> int:
+def total_steps(
+    cfg: TrainerConfig, state: TrainState, blocks_per_epoch: int, global_batch: int, tokens_per_step: int
+) -> int:
     """Last optimizer step: the smallest of the configured bounds, counted on from `state`.
 
     blocks_per_epoch: training blocks per pass; global_batch: blocks per micro-batch over all
@@ -168,9 +180,11 @@ def save_checkpoint(job: Job, state: TrainState, keep: int) -> Path | None:
         return None
     state.data = job.loader.state_dict()
     snapshot = Snapshot(
-        state=state, model=job.model.state_dict(),
+        state=state,
+        model=job.model.state_dict(),
         optim={"optimizer": job.optimizer.state_dict(), "scaler": job.scaler.state_dict()},
-        config=job.config, extra={**job.extra, "time": time.time()},
+        config=job.config,
+        extra={**job.extra, "time": time.time()},
     )
     job.last_good = checkpoint.save(job.checkpoints, snapshot, keep=keep)
     return job.last_good
@@ -193,7 +207,7 @@ def _clock(seconds: float) -> str:
 
 
 def _eta(started: float, done: int, left: int) -> str:
-    """"elapsed 00:01:02, eta 00:03:04": wall time since `started` and the time `left` steps will take at that pace."""
+    """ "elapsed 00:01:02, eta 00:03:04": wall time since `started` and the time `left` steps will take at that pace."""
     elapsed = time.perf_counter() - started
     return f"elapsed {_clock(elapsed)}, eta {_clock(elapsed / done * left if done else float('nan'))}"
 
@@ -212,8 +226,13 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
     start_step, last_saved = state.step, state.step
     metrics: dict[str, float] = {}
     batches = iter(job.loader)
-    bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True,
-               disable=True if job.rank != 0 or not cfg.progress else None)
+    bar = tqdm(
+        total=total,
+        initial=state.step,
+        unit="step",
+        dynamic_ncols=True,
+        disable=True if job.rank != 0 or not cfg.progress else None,
+    )
     started, step_seconds, step_tokens = time.perf_counter(), 0.0, 0  # throughput counts step time only
     with bar, logging_redirect_tqdm():
         while True:
@@ -223,8 +242,13 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
                 state.val_loss = val["val/loss"]
                 metrics.update(val)
                 job.tracker.log_metrics(val, step=state.step)
-                log.info("step %d | val loss %.4f | val ppl %.2f | %s", state.step, val["val/loss"], val["val/ppl"],
-                         _eta(started, state.step - start_step, total - state.step))
+                log.info(
+                    "step %d | val loss %.4f | val ppl %.2f | %s",
+                    state.step,
+                    val["val/loss"],
+                    val["val/ppl"],
+                    _eta(started, state.step - start_step, total - state.step),
+                )
                 if job.probe and math.isfinite(state.val_loss):
                     _log_probe(job, state)
             if state.step > last_saved and (state.step % cfg.checkpoint_every == 0 or done):
@@ -239,8 +263,12 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
                 state.nonfinite_skipped += 1
                 if state.nonfinite_skipped > cfg.skip_nonfinite:
                     raise _diverged("non-finite loss or gradient", state.step + 1, job)
-                log.warning("step %d: non-finite loss or gradient, skipped (%d of at most %d)",
-                            state.step + 1, state.nonfinite_skipped, cfg.skip_nonfinite)
+                log.warning(
+                    "step %d: non-finite loss or gradient, skipped (%d of at most %d)",
+                    state.step + 1,
+                    state.nonfinite_skipped,
+                    cfg.skip_nonfinite,
+                )
                 job.tracker.log_metrics({"train/nonfinite_skipped": state.nonfinite_skipped}, step=state.step + 1)
                 continue
             state.step += 1
@@ -255,7 +283,15 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
                 metrics.update(result)
                 job.tracker.log_metrics(result, step=state.step)
                 bar.set_postfix(loss=f"{result['train/loss']:.3f}", tok_s=f"{result['train/tokens_per_s']:.0f}")
-                log.info("step %d/%d | loss %.4f | ce %.4f | reg %.5f | lr %.2e | grad %.3f | %.0f tok/s | %s",
-                         state.step, total, result["train/loss"], result["train/ce_loss"],
-                         result["train/reg_loss"], result["train/lr"], result["train/grad_norm"],
-                         result["train/tokens_per_s"], _eta(started, state.step - start_step, total - state.step))
+                log.info(
+                    "step %d/%d | loss %.4f | ce %.4f | reg %.5f | lr %.2e | grad %.3f | %.0f tok/s | %s",
+                    state.step,
+                    total,
+                    result["train/loss"],
+                    result["train/ce_loss"],
+                    result["train/reg_loss"],
+                    result["train/lr"],
+                    result["train/grad_norm"],
+                    result["train/tokens_per_s"],
+                    _eta(started, state.step - start_step, total - state.step),
+                )

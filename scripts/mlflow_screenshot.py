@@ -23,9 +23,17 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 # Params whose rows must appear in the compare view (present in every training run).
 PARAM_ROWS = ["ncn.targets", "n_params", "controller_share_pct"]
 
@@ -42,8 +50,9 @@ def sweep_runs(uri: str, sweep: str) -> tuple[object, list]:
 
     client = MlflowClient(tracking_uri=uri)
     ids = [e.experiment_id for e in client.search_experiments()]
-    parents = client.search_runs(ids, f"tags.`ncn.sweep` = '{sweep}'", order_by=["attributes.start_time DESC"],
-                                 max_results=1)
+    parents = client.search_runs(
+        ids, f"tags.`ncn.sweep` = '{sweep}'", order_by=["attributes.start_time DESC"], max_results=1
+    )
     if not parents:
         raise SystemExit(f"error: no sweep named {sweep} in {uri}: run python run.py -cd sweeps -cn {sweep} first")
     parent = parents[0]
@@ -53,9 +62,12 @@ def sweep_runs(uri: str, sweep: str) -> tuple[object, list]:
 
 def chromium(binary: str, url: str, *args: str, budget_ms: int, timeout: float) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                               f"--virtual-time-budget={budget_ms}", *args, url],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", *args, url],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +88,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: sweep run {parent.info.run_id} has no child runs", file=sys.stderr)
         return 1
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.uri,
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            args.uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -91,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error: mlflow ui did not start on port {port}", file=sys.stderr)
                     return 1
                 time.sleep(1)
-        query = urllib.parse.urlencode({"runs": json.dumps([r.info.run_id for r in children]),
-                                        "experiments": json.dumps([parent.info.experiment_id])})
+        query = urllib.parse.urlencode(
+            {
+                "runs": json.dumps([r.info.run_id for r in children]),
+                "experiments": json.dumps([parent.info.experiment_id]),
+            }
+        )
         url = f"{base}/#/compare-runs?{query}"
         dom = chromium(binary, url, "--dump-dom", budget_ms=args.budget_ms, timeout=300).stdout
         missing = [r.info.run_name for r in children if r.info.run_name not in dom]
@@ -101,13 +131,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the compare view at {url} does not show: {', '.join(missing)}", file=sys.stderr)
             return 1
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        chromium(binary, url, f"--screenshot={args.out.absolute()}", f"--window-size={args.window}",
-                 budget_ms=args.budget_ms, timeout=300)
+        chromium(
+            binary,
+            url,
+            f"--screenshot={args.out.absolute()}",
+            f"--window-size={args.window}",
+            budget_ms=args.budget_ms,
+            timeout=300,
+        )
         if not args.out.is_file() or args.out.stat().st_size < 10_000:
             print(f"error: chromium wrote no screenshot to {args.out}", file=sys.stderr)
             return 1
-        print(f"{args.out}: compare view of {len(children)} runs of sweep {args.sweep} "
-              f"(parent {parent.info.run_id}), all run names and params {', '.join(PARAM_ROWS)} rendered")
+        print(
+            f"{args.out}: compare view of {len(children)} runs of sweep {args.sweep} "
+            f"(parent {parent.info.run_id}), all run names and params {', '.join(PARAM_ROWS)} rendered"
+        )
         return 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # its own process group: the server's workers go with it

@@ -86,12 +86,17 @@ def typed_config(compose_config) -> Callable[..., RunConfig]:
     return _typed
 
 
-def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 240,
-            faults: Sequence[str] = ()) -> subprocess.CompletedProcess:
+def run_cli(
+    args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 240, faults: Sequence[str] = ()
+) -> subprocess.CompletedProcess:
     """`python run.py *args` in `cwd` (the launch dir), capturing text output; `faults` are
     `tests/faults.py` options (e.g. ["--nan-steps", "3"]) that run it under fault injection."""
     command = [str(REPO / "tests" / "faults.py"), *faults, "--"] if faults else [str(REPO / "run.py")]
     return subprocess.run(
         [sys.executable, *command, *args],
-        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

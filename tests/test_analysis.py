@@ -59,7 +59,9 @@ def test_summary_matches_hand_computation(signals):
     # precision[t, l, h] = (6t + 3l + h) / 10 + 0.5; min/max run over tokens and heads
     assert s["precision/L0/min"] == pytest.approx(0.5) and s["precision/L0/max"] == pytest.approx(3.1)
     assert s["precision/L1/min"] == pytest.approx(0.8) and s["precision/L1/max"] == pytest.approx(3.4)
-    assert s["precision/L1/mean"] == pytest.approx(np.mean([(6 * t + 3 + h) / 10 + 0.5 for t in range(5) for h in range(3)]))
+    assert s["precision/L1/mean"] == pytest.approx(
+        np.mean([(6 * t + 3 + h) / 10 + 0.5 for t in range(5) for h in range(3)])
+    )
     assert "gain/L0/frac_below_0.5" not in s and "precision/L0/frac_below_0.5" not in s
     assert len(s) == 4 * 2 * 3 + 2  # 4 stats × 2 layers × 3 signals + the gate's two fractions
 
@@ -68,12 +70,20 @@ def test_summary_table_rows_and_columns(signals):
     summary = signal_summary(signals, index=1)
     table = summary_table(summary)
     assert list(table.columns) == ["mean", "std", "min", "max", "frac_below_0.5"]
-    assert list(table.index) == [("ffn_gate", 0), ("ffn_gate", 1), ("gain", 0), ("gain", 1), ("precision", 0), ("precision", 1)]
+    assert list(table.index) == [
+        ("ffn_gate", 0),
+        ("ffn_gate", 1),
+        ("gain", 0),
+        ("gain", 1),
+        ("precision", 0),
+        ("precision", 1),
+    ]
     assert table.loc[("ffn_gate", 0), "frac_below_0.5"] == pytest.approx(0.6)
     assert table.loc[("precision", 1), "max"] == summary["precision/L1/max"]
     assert math.isnan(table.loc[("gain", 0), "frac_below_0.5"])
     many = summary_table({f"gain/L{i}/mean": float(i) for i in range(12)})
     assert [layer for _, layer in many.index] == list(range(12))  # numeric order: L10 after L9
+
 
 def test_table_long_format(signals, tmp_path):
     df = signal_table(signals, TOKENS, index=1)
@@ -183,8 +193,13 @@ def run(tmp_path_factory, _mlflow_template) -> TinyRun:
 
 def test_analyze_cli_writes_png_csv_summary_and_mlflow_artifacts(run, tmp_path):
     prompt = "Now is the winter of our discontent made glorious summer"
-    args = ["task=analyze", f"checkpoint={run.checkpoint}", f"prompt={prompt}", f"tracking.uri={run.mlflow_uri}",
-            f"hydra.run.dir={tmp_path}"]
+    args = [
+        "task=analyze",
+        f"checkpoint={run.checkpoint}",
+        f"prompt={prompt}",
+        f"tracking.uri={run.mlflow_uri}",
+        f"hydra.run.dir={tmp_path}",
+    ]
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "analysis"
@@ -245,7 +260,9 @@ def test_analyze_crops_a_long_prompt_from_the_left(run, tmp_path, caplog, task_c
     ids = gpt2_encoding().encode(prompt)
     assert len(ids) > 32  # block_size of model=tiny
     with caplog.at_level("WARNING", logger="ncn.tasks.analyze"):
-        analysis_main(*task_config(["task=analyze", f"checkpoint={run.checkpoint}", f"prompt={prompt}", "tracking=none"]))
+        analysis_main(
+            *task_config(["task=analyze", f"checkpoint={run.checkpoint}", f"prompt={prompt}", "tracking=none"])
+        )
     assert f"prompt of {len(ids)} tokens is longer than block_size=32: analyzing its last 32 tokens" in caplog.text
     df = pd.read_csv(tmp_path / "analysis" / "signals.csv", keep_default_na=False, na_values=[""])
     gain = df[(df.signal == "gain") & (df.layer == 1)]

@@ -37,11 +37,23 @@ def _model(**overrides: int) -> ModulatedGPT:
     return ModulatedGPT(ModelConfig(**{**TINY, **overrides}), ModulationConfig())
 
 
-def _save(directory: Path, step: int, model: ModulatedGPT, keep: int = 3, val_loss: float | None = None,
-          run_name: str = "tiny-run", run_id: str = RUN_ID) -> Path:
+def _save(
+    directory: Path,
+    step: int,
+    model: ModulatedGPT,
+    keep: int = 3,
+    val_loss: float | None = None,
+    run_name: str = "tiny-run",
+    run_id: str = RUN_ID,
+) -> Path:
     state = ckpt.TrainState(step=step, val_loss=val_loss, mlflow_run_id=run_id, run_name=run_name)
-    snapshot = ckpt.Snapshot(state=state, model=model.state_dict(), optim={"optimizer": {}, "scaler": {}},
-                             config=CONFIG, extra={"world_size": 1})
+    snapshot = ckpt.Snapshot(
+        state=state,
+        model=model.state_dict(),
+        optim={"optimizer": {}, "scaler": {}},
+        config=CONFIG,
+        extra={"world_size": 1},
+    )
     return ckpt.save(directory, snapshot, keep=keep)
 
 
@@ -56,14 +68,23 @@ def test_layout_pointer_and_retention(tmp_path: Path) -> None:
     # last 2 kept, plus the best (step 2) so trainer.resume=best still works
     assert sorted(p.name for p in directory.iterdir()) == ["latest", "step_000002", "step_000004", "step_000005"]
     assert sorted(f.name for f in (directory / "step_000005").iterdir()) == [
-        "config.yaml", "model.pt", "optim.pt", "train_state.json"]
+        "config.yaml",
+        "model.pt",
+        "optim.pt",
+        "train_state.json",
+    ]
     loaded = ckpt.load(directory / "step_000005")
     assert loaded.state == ckpt.TrainState(step=5, val_loss=4.2, mlflow_run_id=RUN_ID, run_name="tiny-run")
-    assert loaded.extra == {"world_size": 1, **{}} and json.loads((path / "train_state.json").read_text())["format"] == 2
+    assert (
+        loaded.extra == {"world_size": 1, **{}} and json.loads((path / "train_state.json").read_text())["format"] == 2
+    )
     assert all(torch.equal(loaded.model[k], v) for k, v in model.state_dict().items())
-    assert loaded.config.model.d_model == 32 and loaded.config == RunConfig(model=ModelConfig(**TINY), run_name="tiny-run")
-    assert loaded.describe() == (f"checkpoint of run tiny-run at step 5 (val loss 4.2000, ppl 66.69): {path} "
-                                 f"(MLflow run {RUN_ID})")
+    assert loaded.config.model.d_model == 32 and loaded.config == RunConfig(
+        model=ModelConfig(**TINY), run_name="tiny-run"
+    )
+    assert loaded.describe() == (
+        f"checkpoint of run tiny-run at step 5 (val loss 4.2000, ppl 66.69): {path} (MLflow run {RUN_ID})"
+    )
 
 
 def test_resolve_latest_best_and_paths(tmp_path: Path) -> None:
@@ -97,8 +118,11 @@ def test_resolve_a_run_name_or_mlflow_run_id_gives_that_runs_newest_checkpoint(t
     assert ckpt.resolve("small-full-s0", tmp_path) == real / "step_000250"
     assert ckpt.resolve(RUN_ID, tmp_path) == real / "step_000250"
     assert ckpt.resolve(other_id, tmp_path) == smoke / "step_000006"
-    with pytest.raises(CheckpointError, match=r"checkpoint=a{32}: no checkpoint folder, run name or MLflow run id matches "
-                                              r"this MLflow run id"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint=a{32}: no checkpoint folder, run name or MLflow run id matches "
+        r"this MLflow run id",
+    ):
         ckpt.resolve("a" * 32, tmp_path)
     with pytest.raises(CheckpointError, match="trainer.resume=no-such-run: no checkpoint folder, run name"):
         ckpt.resolve("no-such-run", tmp_path, key="trainer.resume")
@@ -193,9 +217,11 @@ def test_resume_config_takes_the_checkpoints_settings_and_refuses_contradictions
     for overridden in ({"model.d_model"}, {"model"}):
         with pytest.raises(CheckpointError) as info:
             ckpt.resume_config(other, loaded, frozenset(overridden))
-        assert str(info.value) == (f"model.d_model=64 differs from the checkpoint's model.d_model=32 ({saved}): a resume "
-                                   "continues the checkpoint's model, ncn and data settings; drop the override, or "
-                                   "start a new run")
+        assert str(info.value) == (
+            f"model.d_model=64 differs from the checkpoint's model.d_model=32 ({saved}): a resume "
+            "continues the checkpoint's model, ncn and data settings; drop the override, or "
+            "start a new run"
+        )
     with pytest.raises(CheckpointError, match="seed=5 differs from the checkpoint's seed=0"):
         ckpt.resume_config(current, loaded, frozenset({"seed"}))
 
@@ -208,37 +234,59 @@ def test_load_model_rebuilds_from_saved_config(saved: Path) -> None:
 
 
 def test_a_format_1_config_with_hydra_targets_is_upgraded(saved: Path) -> None:
-    old = {"model": {"_target_": "ncn.ModelConfig", **TINY}, "ncn": {"_target_": "ncn.ModulationConfig"},
-           "tracking": {"_target_": "ncn.tracking.NullTracker"}, "data": {"_target_": "ncn.data.DataModule",
-           "_convert_": "all", "source": "shakespeare"}, "prompt": "", "seed": 3}
+    old = {
+        "model": {"_target_": "ncn.ModelConfig", **TINY},
+        "ncn": {"_target_": "ncn.ModulationConfig"},
+        "tracking": {"_target_": "ncn.tracking.NullTracker"},
+        "data": {"_target_": "ncn.data.DataModule", "_convert_": "all", "source": "shakespeare"},
+        "prompt": "",
+        "seed": 3,
+    }
     (saved / "config.yaml").write_text(yaml.safe_dump(old))
     state = json.loads((saved / "train_state.json").read_text())
     (saved / "train_state.json").write_text(json.dumps({**state, "format": 1}))
     loaded = ckpt.load(saved)
     assert (loaded.config.tracking.backend, loaded.config.model.d_model, loaded.config.prompt, loaded.config.seed) == (
-        "none", 32, None, 3)
+        "none",
+        32,
+        None,
+        3,
+    )
 
 
-GOOD_STATE = {"format": 2, "step": 1, "tokens_seen": 0, "data": {"epoch": 0, "position": 4}, "nonfinite_skipped": 0,
-              "val_loss": 5.0, "mlflow_run_id": None}
+GOOD_STATE = {
+    "format": 2,
+    "step": 1,
+    "tokens_seen": 0,
+    "data": {"epoch": 0, "position": 4},
+    "nonfinite_skipped": 0,
+    "val_loss": 5.0,
+    "mlflow_run_id": None,
+}
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("null", "holds a NoneType, not a training state"),
-    ("[1, 2]", "holds a list, not a training state"),
-    ('"step_000001"', "holds a str, not a training state"),
-    ("{}", "has format None, expected 2"),
-    (json.dumps({"format": 99, "step": 1}), "has format 99, expected 2"),
-    (json.dumps({**GOOD_STATE, "step": "1"}), "step=1 is not a valid training state"),
-    (json.dumps({**GOOD_STATE, "step": None}), "step=None is not a valid training state"),
-    (json.dumps({k: v for k, v in GOOD_STATE.items() if k != "tokens_seen"}), "tokens_seen=<missing> is not a valid"),
-    (json.dumps({**GOOD_STATE, "data": [0, 4]}), "data=[0, 4] is not a valid training state"),
-    (json.dumps({**GOOD_STATE, "data": {"position": "4"}}), "is not a valid training state"),
-    (json.dumps({**GOOD_STATE, "val_loss": "low"}), "val_loss=low is not a valid training state"),
-    (json.dumps({**GOOD_STATE, "step": -3}), "step=-3, data="),
-    ("{not json", "is corrupt (JSONDecodeError)"),
-    ("\udcff", "is corrupt"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("null", "holds a NoneType, not a training state"),
+        ("[1, 2]", "holds a list, not a training state"),
+        ('"step_000001"', "holds a str, not a training state"),
+        ("{}", "has format None, expected 2"),
+        (json.dumps({"format": 99, "step": 1}), "has format 99, expected 2"),
+        (json.dumps({**GOOD_STATE, "step": "1"}), "step=1 is not a valid training state"),
+        (json.dumps({**GOOD_STATE, "step": None}), "step=None is not a valid training state"),
+        (
+            json.dumps({k: v for k, v in GOOD_STATE.items() if k != "tokens_seen"}),
+            "tokens_seen=<missing> is not a valid",
+        ),
+        (json.dumps({**GOOD_STATE, "data": [0, 4]}), "data=[0, 4] is not a valid training state"),
+        (json.dumps({**GOOD_STATE, "data": {"position": "4"}}), "is not a valid training state"),
+        (json.dumps({**GOOD_STATE, "val_loss": "low"}), "val_loss=low is not a valid training state"),
+        (json.dumps({**GOOD_STATE, "step": -3}), "step=-3, data="),
+        ("{not json", "is corrupt (JSONDecodeError)"),
+        ("\udcff", "is corrupt"),
+    ],
+)
 def test_train_state_json_of_any_shape_is_a_one_line_error_naming_it(saved: Path, text: str, message: str) -> None:
     (saved / "train_state.json").write_text(text, errors="surrogateescape")
     with pytest.raises(CheckpointError) as info:
@@ -248,15 +296,18 @@ def test_train_state_json_of_any_shape_is_a_one_line_error_naming_it(saved: Path
     assert ckpt._val_loss(saved) == float("inf")  # never the best checkpoint
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("null", "holds a NoneType, not a run config"),
-    ("- model\n- ncn\n", "holds a list, not a run config"),
-    ("model: [1, 2]\n", "does not describe a valid run"),
-    ("model: {d_model: 100, n_head: 3}\n", "model.d_model=100 is not divisible by model.n_head=3"),
-    ("model: {bogus: 1}\n", "model.bogus"),
-    ("trainer: {batch_size: many}\n", "trainer.batch_size"),
-    ("model: {d_model: [unclosed\n", "is corrupt (ParserError)"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("null", "holds a NoneType, not a run config"),
+        ("- model\n- ncn\n", "holds a list, not a run config"),
+        ("model: [1, 2]\n", "does not describe a valid run"),
+        ("model: {d_model: 100, n_head: 3}\n", "model.d_model=100 is not divisible by model.n_head=3"),
+        ("model: {bogus: 1}\n", "model.bogus"),
+        ("trainer: {batch_size: many}\n", "trainer.batch_size"),
+        ("model: {d_model: [unclosed\n", "is corrupt (ParserError)"),
+    ],
+)
 def test_config_yaml_of_any_shape_is_a_one_line_error_naming_it(saved: Path, text: str, message: str) -> None:
     (saved / "config.yaml").write_text(text)
     with pytest.raises(CheckpointError) as info:
@@ -265,12 +316,15 @@ def test_config_yaml_of_any_shape_is_a_one_line_error_naming_it(saved: Path, tex
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("", "does not name a checkpoint folder"),
-    ("../../etc\n", "does not name a checkpoint folder"),
-    ("step_000009\n", "points to"),
-    ("step_000001\nstep_000002\n", "does not name a checkpoint folder"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "does not name a checkpoint folder"),
+        ("../../etc\n", "does not name a checkpoint folder"),
+        ("step_000009\n", "points to"),
+        ("step_000001\nstep_000002\n", "does not name a checkpoint folder"),
+    ],
+)
 def test_latest_pointer_of_any_shape_is_a_one_line_error_naming_it(saved: Path, text: str, message: str) -> None:
     pointer = saved.parent / "latest"
     pointer.write_text(text)

@@ -56,7 +56,9 @@ class ExecGadget(SystemGadget):
 
 def _other_shape(file: Path) -> None:
     torch.manual_seed(0)
-    big = ModulatedGPT(ModelConfig(vocab_size=50304, block_size=32, d_model=64, n_layer=2, n_head=2), ModulationConfig())
+    big = ModulatedGPT(
+        ModelConfig(vocab_size=50304, block_size=32, d_model=64, n_layer=2, n_head=2), ModulationConfig()
+    )
     torch.save(big.state_dict(), file)
 
 
@@ -73,20 +75,49 @@ class Damage:
 
 
 DAMAGES = [
-    Damage("truncated", "model.pt", lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
-           ("model.pt is truncated or corrupt", "use an earlier checkpoint folder")),
-    Damage("random_bytes", "optim.pt", lambda f: f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size)),
-           ("optim.pt is not a PyTorch checkpoint", "use another checkpoint folder")),
-    Damage("other_shape", "model.pt", _other_shape,
-           ("model.pt does not fit this model (size mismatch for", "use the model/ncn options it was trained with")),
-    Damage("malicious_system", "optim.pt", lambda f: torch.save({"torch": SystemGadget(f.parent / MARKER)}, f),
-           ("optim.pt was refused: loading it would import posix.system (a pickle that can run code)",
-            "delete it and use a checkpoint written by ncn")),
-    Damage("malicious_eval", "model.pt", lambda f: torch.save({"wte.weight": EvalGadget(f.parent / MARKER)}, f),
-           ("model.pt was refused: loading it would import eval (a pickle that can run code)", "delete it")),
-    Damage("foreign_optimizer", "optim.pt", lambda f: torch.save({"state": {}, "lr": torch.tensor(1.0)}, f),
-           ("does not hold a ncn training state this run can restore (KeyError: 'optimizer')",
-            "resume from a checkpoint written by ncn's training"), names_folder=True),
+    Damage(
+        "truncated",
+        "model.pt",
+        lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+        ("model.pt is truncated or corrupt", "use an earlier checkpoint folder"),
+    ),
+    Damage(
+        "random_bytes",
+        "optim.pt",
+        lambda f: f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size)),
+        ("optim.pt is not a PyTorch checkpoint", "use another checkpoint folder"),
+    ),
+    Damage(
+        "other_shape",
+        "model.pt",
+        _other_shape,
+        ("model.pt does not fit this model (size mismatch for", "use the model/ncn options it was trained with"),
+    ),
+    Damage(
+        "malicious_system",
+        "optim.pt",
+        lambda f: torch.save({"torch": SystemGadget(f.parent / MARKER)}, f),
+        (
+            "optim.pt was refused: loading it would import posix.system (a pickle that can run code)",
+            "delete it and use a checkpoint written by ncn",
+        ),
+    ),
+    Damage(
+        "malicious_eval",
+        "model.pt",
+        lambda f: torch.save({"wte.weight": EvalGadget(f.parent / MARKER)}, f),
+        ("model.pt was refused: loading it would import eval (a pickle that can run code)", "delete it"),
+    ),
+    Damage(
+        "foreign_optimizer",
+        "optim.pt",
+        lambda f: torch.save({"state": {}, "lr": torch.tensor(1.0)}, f),
+        (
+            "does not hold a ncn training state this run can restore (KeyError: 'optimizer')",
+            "resume from a checkpoint written by ncn's training",
+        ),
+        names_folder=True,
+    ),
 ]
 GENERATED = [d for d in DAMAGES if d.id == "malicious_eval"]  # the generate/analyze/eval loader
 RESUMED = [d for d in DAMAGES if d not in GENERATED]  # the training resume
@@ -112,12 +143,23 @@ def _last_line(done) -> str:
 
 
 @pytest.mark.parametrize("damage", RESUMED, ids=[d.id for d in RESUMED])
-def test_resume_from_a_bad_checkpoint_fails_cleanly(damage: Damage, trained: TinyRun, tmp_path: Path, mlflow_store) -> None:
+def test_resume_from_a_bad_checkpoint_fails_cleanly(
+    damage: Damage, trained: TinyRun, tmp_path: Path, mlflow_store
+) -> None:
     folder, file = _spoiled_copy(trained, tmp_path, damage)
     store = tmp_path / "mlflow.db"
     uri = mlflow_store(store)
-    done = run_cli(["model=tiny", "trainer=smoke", f"trainer.resume={folder}", f"tracking.uri={uri}",
-                    f"hydra.run.dir={tmp_path / 'outputs' / 'run'}"], cwd=tmp_path, timeout=180)
+    done = run_cli(
+        [
+            "model=tiny",
+            "trainer=smoke",
+            f"trainer.resume={folder}",
+            f"tracking.uri={uri}",
+            f"hydra.run.dir={tmp_path / 'outputs' / 'run'}",
+        ],
+        cwd=tmp_path,
+        timeout=180,
+    )
     last = _last_line(done)
     assert last.startswith(f"error: {folder if damage.names_folder else file} ")  # names the culprit first
     for part in damage.expect:
@@ -129,8 +171,11 @@ def test_resume_from_a_bad_checkpoint_fails_cleanly(damage: Damage, trained: Tin
 @pytest.mark.parametrize("damage", GENERATED, ids=[d.id for d in GENERATED])
 def test_generate_from_a_bad_checkpoint_fails_cleanly(damage: Damage, trained: TinyRun, tmp_path: Path) -> None:
     folder, file = _spoiled_copy(trained, tmp_path, damage)
-    done = run_cli(["task=generate", f"checkpoint={folder}", "max_new_tokens=2", f"hydra.run.dir={tmp_path / 'gen'}"],
-                   cwd=tmp_path, timeout=180)
+    done = run_cli(
+        ["task=generate", f"checkpoint={folder}", "max_new_tokens=2", f"hydra.run.dir={tmp_path / 'gen'}"],
+        cwd=tmp_path,
+        timeout=180,
+    )
     last = _last_line(done)
     assert last.startswith(f"error: {file} ") and damage.expect[0] in last
     assert done.stdout == "" and not (folder / MARKER).exists()  # refused before any text was produced

@@ -25,7 +25,23 @@ from mlflow import MlflowClient
 from conftest import REPO, run_cli
 from tiny_checkpoint import TinyRun, tiny_run
 
-WORDS = ["the", "king", "queen", "lord", "speak", "night", "day", "love", "death", "crown", "sword", "heart", "blood", "fair", "foul"]
+WORDS = [
+    "the",
+    "king",
+    "queen",
+    "lord",
+    "speak",
+    "night",
+    "day",
+    "love",
+    "death",
+    "crown",
+    "sword",
+    "heart",
+    "blood",
+    "fair",
+    "foul",
+]
 TRAIN = ["model=tiny", "trainer=smoke"]
 
 
@@ -42,70 +58,174 @@ class Case:
 
 
 CASES = [
-    Case("shape", ("model.d_model=100", "model.n_head=3"),
-         ("model.d_model=100 is not divisible by model.n_head=3", "choose d_model as a multiple of n_head")),
-    Case("unknown_ncn_option", ("ncn=bogus",),
-         ("Could not find 'ncn/bogus'", "choose one of", "full", "none", "temperature_only", "swish_beta")),
-    Case("unknown_target", ("ncn.targets=[temperature,bogus]",),
-         ("ncn.targets contains unknown target 'bogus'", "choose from temperature, gain, activation")),
-    Case("block_size_too_large", ("model.block_size=4096",),
-         ("the val split has 602 tokens", "val documents: doc3.txt (602 tokens)", "fewer than block_size + 1 = 4097",
-          "set model.block_size=601 (or smaller), or add text")),
-    Case("empty_data_dir", (), ("data.path={empty} contains no .txt files", "point data.path at a folder"),
-         data="{empty}"),
-    Case("not_utf8", (), ("{latin1}/play.txt is not UTF-8 (byte 3", "re-encode it (e.g. iconv -t UTF-8)"),
-         data="{latin1}"),
-    Case("shorter_than_one_block", (),
-         ("the val split has 1 tokens", "the last 1 tokens of a.txt", "fewer than block_size + 1 = 33: add text"),
-         data="{short}"),
+    Case(
+        "shape",
+        ("model.d_model=100", "model.n_head=3"),
+        ("model.d_model=100 is not divisible by model.n_head=3", "choose d_model as a multiple of n_head"),
+    ),
+    Case(
+        "unknown_ncn_option",
+        ("ncn=bogus",),
+        ("Could not find 'ncn/bogus'", "choose one of", "full", "none", "temperature_only", "swish_beta"),
+    ),
+    Case(
+        "unknown_target",
+        ("ncn.targets=[temperature,bogus]",),
+        ("ncn.targets contains unknown target 'bogus'", "choose from temperature, gain, activation"),
+    ),
+    Case(
+        "block_size_too_large",
+        ("model.block_size=4096",),
+        (
+            "the val split has 602 tokens",
+            "val documents: doc3.txt (602 tokens)",
+            "fewer than block_size + 1 = 4097",
+            "set model.block_size=601 (or smaller), or add text",
+        ),
+    ),
+    Case(
+        "empty_data_dir",
+        (),
+        ("data.path={empty} contains no .txt files", "point data.path at a folder"),
+        data="{empty}",
+    ),
+    Case(
+        "not_utf8",
+        (),
+        ("{latin1}/play.txt is not UTF-8 (byte 3", "re-encode it (e.g. iconv -t UTF-8)"),
+        data="{latin1}",
+    ),
+    Case(
+        "shorter_than_one_block",
+        (),
+        ("the val split has 1 tokens", "the last 1 tokens of a.txt", "fewer than block_size + 1 = 33: add text"),
+        data="{short}",
+    ),
     Case("lr_zero", ("optim.lr=0",), ("optim.lr=0.0 must be > 0", "use e.g. optim.lr=6e-4")),
     Case("lr_negative", ("optim.lr=-1e-3",), ("optim.lr=-0.001 must be > 0", "use e.g. optim.lr=6e-4")),
-    Case("fp16_on_cpu", ("trainer.precision=fp16",),
-         ("trainer.precision=fp16 needs a CUDA GPU", "use trainer.precision=bf16 or fp32 on CPU")),
-    Case("resume_without_checkpoint", ("trainer.resume=latest",),
-         ("no checkpoint found under {tmp}/outputs or {tmp}/multirun", "train first")),
-    Case("resume_incompatible_model", ("trainer.resume={checkpoint}", "model.d_model=64"),
-         ("model.d_model=64 differs from the checkpoint's model.d_model=32 ({checkpoint})",
-          "a resume continues the checkpoint's model, ncn and data settings; drop the override")),
-    Case("resume_other_ncn_option", ("trainer.resume={checkpoint}", "ncn=temperature_only"),
-         ("ncn.targets=['temperature'] differs from the checkpoint's ncn.targets=['temperature', 'gain', 'activation']",
-          "drop the override")),
-    Case("generate_with_model_override", ("task=generate", "checkpoint={checkpoint}", "model.d_model=64"),
-         ("model.d_model cannot be set together with checkpoint=", "a checkpoint carries its own model and ncn settings",
-          "drop the override")),
-    Case("eval_with_ncn_option", ("task=eval", "checkpoint={checkpoint}", "ncn=gain_only"),
-         ("ncn cannot be set together with checkpoint=", "drop the override")),
-    Case("mlflow_unreachable", (), ("tracking.uri=http://127.0.0.1:9 is unreachable", "start the server",
-                                    "or use tracking=none"), uri="http://127.0.0.1:9"),
-    Case("mlflow_folder_missing", (), ("folder {tmp}/nowhere does not exist", "create it or point tracking.uri"),
-         uri="sqlite:///{tmp}/nowhere/mlflow.db"),
-    Case("output_dir_unwritable", ("hydra.run.dir={blocker}/run",),
-         ("cannot write {blocker}/run (Not a directory)", "hydra.run.dir=<writable folder>")),
-    Case("num_workers_negative", ("data.num_workers=-3",),
-         ("data.num_workers=-3 must be an integer >= 0 or 'auto'", "e.g. data.num_workers=0")),
-    Case("unknown_key", ("trainer.max_step=10",),
-         ("trainer.max_step is not a setting", "check the spelling", "max_steps, epochs, max_tokens")),
-    Case("wrong_type", ("trainer.batch_size=many",),
-         ("trainer.batch_size=many is invalid", "could not be converted to Integer", "trainer.batch_size=4")),
-    Case("no_step_bound", ("trainer.max_steps=null",),
-         ("trainer.max_steps, trainer.epochs and trainer.max_tokens are all null", "trainer.max_steps=300")),
+    Case(
+        "fp16_on_cpu",
+        ("trainer.precision=fp16",),
+        ("trainer.precision=fp16 needs a CUDA GPU", "use trainer.precision=bf16 or fp32 on CPU"),
+    ),
+    Case(
+        "resume_without_checkpoint",
+        ("trainer.resume=latest",),
+        ("no checkpoint found under {tmp}/outputs or {tmp}/multirun", "train first"),
+    ),
+    Case(
+        "resume_incompatible_model",
+        ("trainer.resume={checkpoint}", "model.d_model=64"),
+        (
+            "model.d_model=64 differs from the checkpoint's model.d_model=32 ({checkpoint})",
+            "a resume continues the checkpoint's model, ncn and data settings; drop the override",
+        ),
+    ),
+    Case(
+        "resume_other_ncn_option",
+        ("trainer.resume={checkpoint}", "ncn=temperature_only"),
+        (
+            "ncn.targets=['temperature'] differs from the checkpoint's "
+            "ncn.targets=['temperature', 'gain', 'activation']",
+            "drop the override",
+        ),
+    ),
+    Case(
+        "generate_with_model_override",
+        ("task=generate", "checkpoint={checkpoint}", "model.d_model=64"),
+        (
+            "model.d_model cannot be set together with checkpoint=",
+            "a checkpoint carries its own model and ncn settings",
+            "drop the override",
+        ),
+    ),
+    Case(
+        "eval_with_ncn_option",
+        ("task=eval", "checkpoint={checkpoint}", "ncn=gain_only"),
+        ("ncn cannot be set together with checkpoint=", "drop the override"),
+    ),
+    Case(
+        "mlflow_unreachable",
+        (),
+        ("tracking.uri=http://127.0.0.1:9 is unreachable", "start the server", "or use tracking=none"),
+        uri="http://127.0.0.1:9",
+    ),
+    Case(
+        "mlflow_folder_missing",
+        (),
+        ("folder {tmp}/nowhere does not exist", "create it or point tracking.uri"),
+        uri="sqlite:///{tmp}/nowhere/mlflow.db",
+    ),
+    Case(
+        "output_dir_unwritable",
+        ("hydra.run.dir={blocker}/run",),
+        ("cannot write {blocker}/run (Not a directory)", "hydra.run.dir=<writable folder>"),
+    ),
+    Case(
+        "num_workers_negative",
+        ("data.num_workers=-3",),
+        ("data.num_workers=-3 must be an integer >= 0 or 'auto'", "e.g. data.num_workers=0"),
+    ),
+    Case(
+        "unknown_key",
+        ("trainer.max_step=10",),
+        ("trainer.max_step is not a setting", "check the spelling", "max_steps, epochs, max_tokens"),
+    ),
+    Case(
+        "wrong_type",
+        ("trainer.batch_size=many",),
+        ("trainer.batch_size=many is invalid", "could not be converted to Integer", "trainer.batch_size=4"),
+    ),
+    Case(
+        "no_step_bound",
+        ("trainer.max_steps=null",),
+        ("trainer.max_steps, trainer.epochs and trainer.max_tokens are all null", "trainer.max_steps=300"),
+    ),
     Case("unknown_task", ("task=fit",), ("task=fit is unknown", "choose one of train, prepare, generate")),
     Case("seed_not_int", ("seed=abc",), ("seed=abc is invalid", "could not be converted to Integer", "seed=0")),
-    Case("max_new_tokens_not_int", ("task=generate", "checkpoint={checkpoint}", "max_new_tokens=abc"),
-         ("max_new_tokens=abc is invalid", "use a value like max_new_tokens=200")),
-    Case("data_path_missing", (), ("data.source=text_files needs data.path",
-                                   "set data.path=<folder|glob|file> of .txt files"), data=""),
-    Case("prompt_unquoted", ("task=generate", "checkpoint={checkpoint}", "prompt=To", "be,", "or", "not"),
-         ("cannot parse the override prompt=To be, or not (unquoted, the shell split it into words at its spaces)", "quote its value, e.g. \"prompt='To be, or not'\"")),
-    Case("checkpoint_path_with_equals", ("task=generate", "checkpoint=/runs/x/step=5"),
-         ("cannot parse the override checkpoint=/runs/x/step=5 (mismatched input '=' expecting <EOF>)",
-          "quote its value, e.g. \"checkpoint='/runs/x/step=5'\"")),
-    Case("resume_missing_folder", ("trainer.resume={tmp}/nowhere",),
-         ("trainer.resume={tmp}/nowhere: no checkpoint folder, run name or MLflow run id matches",
-          "pass trainer.resume=latest, trainer.resume=best, a run name, or an existing checkpoint folder")),
-    Case("empty_targets_of_ncn_option", ("ncn=full", "ncn.targets=[]"),
-         ("ncn.targets=[] builds the plain Transformer",
-          "use ncn=none (the baseline option) instead of emptying ncn=full's targets")),
+    Case(
+        "max_new_tokens_not_int",
+        ("task=generate", "checkpoint={checkpoint}", "max_new_tokens=abc"),
+        ("max_new_tokens=abc is invalid", "use a value like max_new_tokens=200"),
+    ),
+    Case(
+        "data_path_missing",
+        (),
+        ("data.source=text_files needs data.path", "set data.path=<folder|glob|file> of .txt files"),
+        data="",
+    ),
+    Case(
+        "prompt_unquoted",
+        ("task=generate", "checkpoint={checkpoint}", "prompt=To", "be,", "or", "not"),
+        (
+            "cannot parse the override prompt=To be, or not (unquoted, the shell split it into words at its spaces)",
+            "quote its value, e.g. \"prompt='To be, or not'\"",
+        ),
+    ),
+    Case(
+        "checkpoint_path_with_equals",
+        ("task=generate", "checkpoint=/runs/x/step=5"),
+        (
+            "cannot parse the override checkpoint=/runs/x/step=5 (mismatched input '=' expecting <EOF>)",
+            "quote its value, e.g. \"checkpoint='/runs/x/step=5'\"",
+        ),
+    ),
+    Case(
+        "resume_missing_folder",
+        ("trainer.resume={tmp}/nowhere",),
+        (
+            "trainer.resume={tmp}/nowhere: no checkpoint folder, run name or MLflow run id matches",
+            "pass trainer.resume=latest, trainer.resume=best, a run name, or an existing checkpoint folder",
+        ),
+    ),
+    Case(
+        "empty_targets_of_ncn_option",
+        ("ncn=full", "ncn.targets=[]"),
+        (
+            "ncn.targets=[] builds the plain Transformer",
+            "use ncn=none (the baseline option) instead of emptying ncn=full's targets",
+        ),
+    ),
 ]
 
 
@@ -142,15 +262,21 @@ def assert_nothing_lost(tmp: Path, store: Path, cache: Path | None = None) -> No
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path: Path, corpora: dict[str, Path], trained: TinyRun,
-                                            _mlflow_template: Path) -> None:
+def test_bad_input_fails_with_one_clear_line(
+    case: Case, tmp_path: Path, corpora: dict[str, Path], trained: TinyRun, _mlflow_template: Path
+) -> None:
     if case.id == "fp16_on_cpu" and torch.cuda.is_available():
         pytest.skip("fp16 is valid with a GPU")
     store, cache, blocker = tmp_path / "mlflow.db", tmp_path / "cache", tmp_path / "blocker"
     shutil.copyfile(_mlflow_template, store)
     blocker.write_text("a file where a folder is expected\n")
-    paths = {**{k: str(v) for k, v in corpora.items()}, "tmp": str(tmp_path), "store": f"sqlite:///{store}",
-             "blocker": str(blocker), "checkpoint": str(trained.checkpoint)}
+    paths = {
+        **{k: str(v) for k, v in corpora.items()},
+        "tmp": str(tmp_path),
+        "store": f"sqlite:///{store}",
+        "blocker": str(blocker),
+        "checkpoint": str(trained.checkpoint),
+    }
     args = [a.format(**paths) for a in case.args]
     if not any(a.startswith("hydra.run.dir=") for a in args):
         args.append(f"hydra.run.dir={tmp_path / 'outputs' / 'run'}")
@@ -173,15 +299,31 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path: Path, corpora
         assert not cache.exists() and seconds < 60
 
 
-@pytest.mark.parametrize("value", ["/runs/x/step=5", "To be, or not", "#1 hit", "it's", 'say "hi", then go',
-                                   "a=b, c#d 'e'", "naïve café — ünïcode", "$HOME and `cmd`!"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/runs/x/step=5",
+        "To be, or not",
+        "#1 hit",
+        "it's",
+        'say "hi", then go',
+        "a=b, c#d 'e'",
+        "naïve café — ünïcode",
+        "$HOME and `cmd`!",
+    ],
+)
 def test_a_rejected_override_suggests_a_quoting_that_works(tmp_path: Path, value: str) -> None:
     """The suggestion, pasted into bash, reaches the config as exactly the value that was meant."""
     from ncn.cli import shell_quote_override
 
     suggestion = shell_quote_override(f"prompt={value}")
-    shown = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} {REPO / 'run.py'} --cfg job {suggestion}"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        ["bash", "-c", f"{shlex.quote(sys.executable)} {REPO / 'run.py'} --cfg job {suggestion}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert yaml.safe_load(shown.stdout)["prompt"] == value
 
@@ -189,8 +331,18 @@ def test_a_rejected_override_suggests_a_quoting_that_works(tmp_path: Path, value
 def test_generate_crops_a_prompt_longer_than_block_size(tmp_path: Path, trained: TinyRun) -> None:
     """Documented behaviour (docs/errors.md): not an error; the last block_size tokens are used, with a warning."""
     prompt = " ".join(["king"] * 50)  # 50 tokens > block_size 32 of model=tiny
-    done = run_cli(["task=generate", f"checkpoint={trained.checkpoint}", f"prompt='{prompt}'", "max_new_tokens=4",
-                    "temperature=0", f"hydra.run.dir={tmp_path / 'gen'}"], cwd=tmp_path, timeout=180)
+    done = run_cli(
+        [
+            "task=generate",
+            f"checkpoint={trained.checkpoint}",
+            f"prompt='{prompt}'",
+            "max_new_tokens=4",
+            "temperature=0",
+            f"hydra.run.dir={tmp_path / 'gen'}",
+        ],
+        cwd=tmp_path,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "prompt of 50 tokens is longer than block_size=32: using its last 32 tokens" in done.stderr
     assert done.stdout.startswith(prompt)  # the whole prompt is still echoed

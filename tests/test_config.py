@@ -19,25 +19,48 @@ from ncn.tracking import MLflowTracker, NullTracker, default_run_name, open_trac
 from conftest import REPO, run_cli
 
 GROUPS = ("model", "ncn", "data", "optim", "trainer", "tracking")
-TYPES = {"model": ModelConfig, "ncn": ModulationConfig, "data": DataConfig, "optim": OptimConfig,
-         "trainer": TrainerConfig, "tracking": TrackingConfig}
+TYPES = {
+    "model": ModelConfig,
+    "ncn": ModulationConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+    "tracking": TrackingConfig,
+}
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((REPO / "conf" / g).glob("*.yaml"))]
 TARGETS = {
-    "none": [], "none_iso": [], "full": ["temperature", "gain", "activation"], "temperature_only": ["temperature"],
-    "gain_only": ["gain"], "activation_only": ["activation"], "no_temperature": ["gain", "activation"],
-    "no_gain": ["temperature", "activation"], "no_activation": ["temperature", "gain"],
-    "per_head_temperature": ["temperature", "gain", "activation"], "swish_beta": ["temperature", "gain", "activation"],
+    "none": [],
+    "none_iso": [],
+    "full": ["temperature", "gain", "activation"],
+    "temperature_only": ["temperature"],
+    "gain_only": ["gain"],
+    "activation_only": ["activation"],
+    "no_temperature": ["gain", "activation"],
+    "no_gain": ["temperature", "activation"],
+    "no_activation": ["temperature", "gain"],
+    "per_head_temperature": ["temperature", "gain", "activation"],
+    "swish_beta": ["temperature", "gain", "activation"],
     "paper_global": ["temperature", "gain", "activation"],
 }
 # Every flag of the reference train.py (NCN paper §6) -> the config key that replaces it.
 REFERENCE_FLAGS = {
-    "--d_model": "model.d_model", "--n_layer": "model.n_layer", "--n_head": "model.n_head",
-    "--ncn_heads": "ncn.heads", "--ncn_hidden_dim": "ncn.hidden_dim", "--num_epochs": "trainer.epochs",
-    "--batch_size": "trainer.batch_size", "--block_size": "model.block_size", "--lr": "optim.lr",
-    "--total_tokens": "data.total_tokens", "--use_amp": "trainer.precision",
-    "--checkpoint_frequency": "trainer.checkpoint_every", "--log_frequency": "trainer.log_every",
-    "--num_workers": "data.num_workers", "--resume_checkpoint": "trainer.resume",
-    "--gradient_accumulation_steps": "trainer.grad_accum", "--gradient_checkpointing": "trainer.activation_checkpointing",
+    "--d_model": "model.d_model",
+    "--n_layer": "model.n_layer",
+    "--n_head": "model.n_head",
+    "--ncn_heads": "ncn.heads",
+    "--ncn_hidden_dim": "ncn.hidden_dim",
+    "--num_epochs": "trainer.epochs",
+    "--batch_size": "trainer.batch_size",
+    "--block_size": "model.block_size",
+    "--lr": "optim.lr",
+    "--total_tokens": "data.total_tokens",
+    "--use_amp": "trainer.precision",
+    "--checkpoint_frequency": "trainer.checkpoint_every",
+    "--log_frequency": "trainer.log_every",
+    "--num_workers": "data.num_workers",
+    "--resume_checkpoint": "trainer.resume",
+    "--gradient_accumulation_steps": "trainer.grad_accum",
+    "--gradient_checkpointing": "trainer.activation_checkpointing",
     "--seed": "seed",
 }
 
@@ -82,12 +105,20 @@ def test_option_files_set_only_what_differs_from_the_schema() -> None:
             if key in ("defaults", "source", "backend"):  # an option's defaults list; the discriminators it names
                 continue
             assert value != getattr(defaults, key, object()), (
-                f"conf/{group}/{option}.yaml repeats the schema default {key}={value}")
+                f"conf/{group}/{option}.yaml repeats the schema default {key}={value}"
+            )
 
 
 def test_option_specifics(typed_config) -> None:
     paper = typed_config(["model=paper_18m"]).model
-    assert (paper.d_model, paper.n_layer, paper.n_head, paper.d_ff, paper.dropout, paper.block_size) == (256, 6, 8, 1024, 0.1, 512)
+    assert (paper.d_model, paper.n_layer, paper.n_head, paper.d_ff, paper.dropout, paper.block_size) == (
+        256,
+        6,
+        8,
+        1024,
+        0.1,
+        512,
+    )
     assert typed_config(["ncn=paper_global"]).ncn.pooling == "global"
     assert typed_config(["ncn=swish_beta"]).ncn.activation == "swish_beta"
     assert typed_config(["ncn=per_head_temperature"]).ncn.per_head_precision is True
@@ -96,7 +127,12 @@ def test_option_specifics(typed_config) -> None:
     smoke = typed_config(["trainer=smoke"]).trainer
     assert (smoke.max_steps, smoke.checkpoint_every, smoke.eval_every) == (6, 3, 3)
     data = typed_config(["data=tinystories"]).data
-    assert (data.source, data.path, data.val_split, data.tokenizer) == ("hf", "roneneldan/TinyStories", "validation", "gpt2")
+    assert (data.source, data.path, data.val_split, data.tokenizer) == (
+        "hf",
+        "roneneldan/TinyStories",
+        "validation",
+        "gpt2",
+    )
     assert typed_config(["data.tokenizer=bytes"]).model.vocab_size == 320  # 257 byte ids padded to 64
     assert typed_config(["tracking=none"]).tracking.backend == "none"
 
@@ -109,10 +145,13 @@ def test_schemas_reject_typos_and_wrong_types(compose_config) -> None:
 
 
 def test_run_names(compose_config) -> None:
-    assert default_run_name({"model": "small", "ncn": "temperature_only", "data": "shakespeare", "optim": "adamw"}, 0) == (
-        "small-temperature_only-s0"
+    assert default_run_name(
+        {"model": "small", "ncn": "temperature_only", "data": "shakespeare", "optim": "adamw"}, 0
+    ) == ("small-temperature_only-s0")
+    assert (
+        default_run_name({"model": "tiny", "ncn": "none", "data": "tinystories", "optim": "adamw"}, 3)
+        == "tiny-none-tinystories-s3"
     )
-    assert default_run_name({"model": "tiny", "ncn": "none", "data": "tinystories", "optim": "adamw"}, 3) == "tiny-none-tinystories-s3"
     cfg = compose_config(["ncn=gain_only", "seed=7"], hydra=True)
     assert default_run_name(OmegaConf.to_container(cfg.hydra.runtime.choices), cfg.seed) == "small-gain_only-s7"
 

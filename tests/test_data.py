@@ -342,8 +342,11 @@ def hf_caches(tmp_path, monkeypatch):
 
 def test_tinystories_offline_fails_fast(tmp_path, monkeypatch, hf_caches):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_DATASETS_OFFLINE=1 sets
-    dm = DataModule(DataConfig(**OmegaConf.to_container(OmegaConf.load(CONF / "tinystories.yaml")),
-                               cache_dir=str(tmp_path / "cache")))
+    dm = DataModule(
+        DataConfig(
+            **OmegaConf.to_container(OmegaConf.load(CONF / "tinystories.yaml")), cache_dir=str(tmp_path / "cache")
+        )
+    )
     start = time.perf_counter()
     with pytest.raises(NCNConfigError, match=r"data.path=roneneldan/TinyStories is not in the local HF cache"):
         dm.prepare()
@@ -373,8 +376,9 @@ def test_hf_local_loader_with_its_own_validation_split(tmp_path, hf_caches):
         rows = "\n".join(f'{{"story": "{split} story {i}: the end."}}' for i in range(n))
         (tmp_path / f"{split}.jsonl").write_text(rows + "\n", encoding="utf-8")
     files = {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "validation.jsonl")}
-    dm = _dm(source="hf", path="json", data_files=files, val_split="validation", text_column="story",
-             cache_dir=str(tmp_path))
+    dm = _dm(
+        source="hf", path="json", data_files=files, val_split="validation", text_column="story", cache_dir=str(tmp_path)
+    )
     info = dm.prepare()
     enc = gpt2_encoding()
     assert info.meta["split"]["rule"] == "source"
@@ -497,7 +501,11 @@ def test_hf_local_folder_with_glob_characters(tmp_path, hf_caches):
     info = dm.prepare()
     split = info.meta["split"]
     assert (split["rule"], split["train_documents"], split["val_documents"], split["documents_found"]) == (
-        "source", 5, 2, 7)
+        "source",
+        5,
+        2,
+        7,
+    )
     assert (info.train_tokens, info.val_tokens) == (sum(map(_n_tokens, train)), sum(map(_n_tokens, val)))
     assert split["val_document_tokens"] == [_n_tokens(t) for t in val]
 
@@ -506,8 +514,12 @@ def test_hf_json_data_files_with_glob_characters(tmp_path, hf_caches):
     texts = [f"row {i} of a file with brackets in its name" for i in range(4)]
     _jsonl(tmp_path / "[X]" / "train[1].jsonl", texts)
     _jsonl(tmp_path / "[X]" / "train1.jsonl", ["a file the pattern train[1] would match instead"])
-    dm = _dm(source="hf", path="json", data_files={"train": str(tmp_path / "[X]" / "train[1].jsonl")},
-             cache_dir=str(tmp_path / "cache"))
+    dm = _dm(
+        source="hf",
+        path="json",
+        data_files={"train": str(tmp_path / "[X]" / "train[1].jsonl")},
+        cache_dir=str(tmp_path / "cache"),
+    )
     info = dm.prepare()
     assert info.meta["split"]["documents_found"] == 4
     assert info.train_tokens + info.val_tokens == sum(map(_n_tokens, texts))
@@ -550,12 +562,14 @@ def test_dataset_identity_uses_public_cache_files_or_content(tmp_path, hf_caches
     # Hub splits are identified through `Dataset.cache_files` (public API): if datasets changes
     # what it returns, this test fails instead of the cache silently keying on nothing.
     _jsonl(tmp_path / "d.jsonl", ["one", "two", "three"])
-    loaded = datasets.load_dataset("json", data_files=str(tmp_path / "d.jsonl"), split="train",
-                                   cache_dir=str(tmp_path / "hf"))
+    loaded = datasets.load_dataset(
+        "json", data_files=str(tmp_path / "d.jsonl"), split="train", cache_dir=str(tmp_path / "hf")
+    )
     kind, files, rows = dataset_identity(loaded, "text")
     assert (kind, rows) == ("arrow", 3) and files and all(f.endswith(".arrow") and Path(f).is_file() for f in files)
-    again = datasets.load_dataset("json", data_files=str(tmp_path / "d.jsonl"), split="train",
-                                  cache_dir=str(tmp_path / "hf"))
+    again = datasets.load_dataset(
+        "json", data_files=str(tmp_path / "d.jsonl"), split="train", cache_dir=str(tmp_path / "hf")
+    )
     assert dataset_identity(again, "text") == ["arrow", files, 3]
     memory = dataset_identity(datasets.Dataset.from_dict({"text": ["one", "two", "three"]}), "text")
     assert memory[0] == "content" and memory[2] == 3
@@ -588,8 +602,13 @@ def test_text_files_and_hf_with_bytes(glob_corpus, tmp_path, hf_caches):
     assert info.train_tokens + info.val_tokens == sum(len(t.encode()) + 1 for t in GLOB_DOCS.values())
     texts = [f"byte-level row {i}: ünï" for i in range(4)]
     _jsonl(tmp_path / "rows.jsonl", texts)
-    hf = _dm(source="hf", tokenizer="bytes", path="json", data_files=str(tmp_path / "rows.jsonl"),
-             cache_dir=str(tmp_path / "cache")).prepare()
+    hf = _dm(
+        source="hf",
+        tokenizer="bytes",
+        path="json",
+        data_files=str(tmp_path / "rows.jsonl"),
+        cache_dir=str(tmp_path / "cache"),
+    ).prepare()
     assert hf.cache_dir.name.startswith("hf-json-bytes-")
     assert hf.train_tokens + hf.val_tokens == sum(len(t.encode()) + 1 for t in texts)
     assert hf.val_tokens == hf.val_bytes + hf.meta["split"]["val_documents"]
@@ -616,8 +635,7 @@ def test_val_split_too_short_names_documents_and_fixes(tmp_path):
     )
     order = np.array(info.meta["split"]["order_tokens"])
     assert order[: val_prefix(order, 0.18)].sum() >= 65 and order[: val_prefix(order, 0.17)].sum() < 65
-    fixed = _dm(source="text_files", path=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.18,
-                split_seed=1)
+    fixed = _dm(source="text_files", path=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.18, split_seed=1)
     assert len(fixed.val_batches(batch_size=1, block_size=64)) >= 1
 
 

@@ -44,8 +44,14 @@ def test_eval_on_another_data_config(run, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "story.txt").write_text(" ".join(f"the cat number {i} sat on the mat." for i in range(1000)))
-    args = ["task=eval", f"checkpoint={run.checkpoint}", "trainer=smoke", "data=text_files", f"data.path={corpus}",
-            f"hydra.run.dir={tmp_path / 'out'}"]
+    args = [
+        "task=eval",
+        f"checkpoint={run.checkpoint}",
+        "trainer=smoke",
+        "data=text_files",
+        f"data.path={corpus}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    ]
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip().splitlines()[-1]

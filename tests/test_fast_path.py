@@ -45,8 +45,9 @@ def _faults(mode: str) -> int:
     """Fewest page faults of a cycle among the last 6 (steady state: reuse shows as a cycle with none;
     glibc still re-faults a block now and then, e.g. when a thread arena served it)."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=REPO, env=env, capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS, mode], cwd=REPO, env=env, capture_output=True, text=True, check=True, timeout=120
+    )
     return min(int(n) for n in out.stdout.split()[-6:])
 
 
@@ -79,8 +80,26 @@ def restore_torch_settings():
 
 
 def test_train_step_benchmark_reports_median_ratio_as_last_line(tmp_path, capsys, restore_torch_settings):
-    report = train_step.main(["--model", "tiny", "--ncn", "none,full", "--steps", "3", "--warmup", "1",
-                              "--batch-size", "2", "--block-size", "32", "--threads", "1", "--out", str(tmp_path)])
+    report = train_step.main(
+        [
+            "--model",
+            "tiny",
+            "--ncn",
+            "none,full",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "2",
+            "--block-size",
+            "32",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = {r["variant"]: r for r in report["results"]}
     expected = statistics.median(rows["full"]["step_times_s"]) / statistics.median(rows["none"]["step_times_s"])
     assert report["ratios"]["full/none"] == expected

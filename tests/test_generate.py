@@ -47,8 +47,14 @@ def test_encode_prompt():
     assert encode_prompt("", encoding) == [EOT_TOKEN]
     assert encode_prompt(None, encoding) == [EOT_TOKEN]
     assert encode_prompt("a<|endoftext|>b", encoding) == [64, EOT_TOKEN, 65]
-    assert encode_prompt("1984", encoding) == [28296]  # prompt=1984 reaches the task as a string (RunConfig.prompt: str)
-    assert encode_prompt(None, get_encoding("bytes")) == [256] and encode_prompt("hé", get_encoding("bytes")) == [104, 195, 169]
+    assert encode_prompt("1984", encoding) == [
+        28296
+    ]  # prompt=1984 reaches the task as a string (RunConfig.prompt: str)
+    assert encode_prompt(None, get_encoding("bytes")) == [256] and encode_prompt("hé", get_encoding("bytes")) == [
+        104,
+        195,
+        169,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,14 @@ def model(run):
 
 
 def test_cli_same_seed_same_text_and_speed_line(run, model, tmp_path, capsys, task_config):
-    args = ["task=generate", f"checkpoint={run.checkpoint}", "prompt=To be", "max_new_tokens=20", "temperature=0.8", "top_k=50"]
+    args = [
+        "task=generate",
+        f"checkpoint={run.checkpoint}",
+        "prompt=To be",
+        "max_new_tokens=20",
+        "temperature=0.8",
+        "top_k=50",
+    ]
     first = run_cli([*args, "seed=0", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     found = re.search(r"^(\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s \(KV cache, cpu\)$", first.stderr, re.M)
@@ -130,6 +143,8 @@ def test_global_pooling_checkpoint_generates_without_cache(run, tmp_path, capsys
     main(*task_config(["task=generate", f"checkpoint={ckpt}", "prompt=To be", "max_new_tokens=3", "temperature=0"]))
     err = capsys.readouterr().err
     warning = [line for line in err.splitlines() if line.startswith("warning: ")]
-    assert warning == ["warning: ncn.pooling=global (the leaking mode) cannot use the KV cache: "
-                       "re-running the full forward pass for every token (slower)"]
+    assert warning == [
+        "warning: ncn.pooling=global (the leaking mode) cannot use the KV cache: "
+        "re-running the full forward pass for every token (slower)"
+    ]
     assert re.search(r"^3 tokens in [\d.]+ s: [\d.]+ tokens/s \(no cache, cpu\)$", err, re.M)

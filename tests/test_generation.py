@@ -77,8 +77,9 @@ def test_greedy_generation_with_and_without_cache_agree():
 
 def test_global_pooling_refuses_incremental_generation():
     model = tiny(ALL, pooling="global")
-    with pytest.raises(NCNConfigError,
-                       match=r"ncn\.pooling=global cannot decode incrementally.*Python argument use_cache=False"):
+    with pytest.raises(
+        NCNConfigError, match=r"ncn\.pooling=global cannot decode incrementally.*Python argument use_cache=False"
+    ):
         model.generate(prompt(T=4), 3)
     out = model.generate(prompt(T=4), 3, temperature=0, use_cache=False)
     with torch.no_grad():

@@ -34,17 +34,32 @@ def imports(module: str) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(_file(module).read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ncn"):
-            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in LIBRARY | TASKS | ENTRY else node.module
-                      for a in node.names}
+            found |= {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in LIBRARY | TASKS | ENTRY else node.module
+                for a in node.names
+            }
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("ncn")}
     return found - {module}
 
 
 def test_the_floors_are_what_the_layout_says() -> None:
-    assert {"ncn.config", "ncn.gpt", "ncn.data", "ncn.checkpoint", "ncn.tracking", "ncn.runtime", "ncn.plots",
-            "ncn.trainer", "ncn.evaluation", "ncn.tokenizer", "ncn.optim"} <= LIBRARY
-    assert {f"ncn.tasks.{t}" for t in ("train", "prepare", "generate", "analyze", "evaluate", "report", "sweep")} == TASKS
+    assert {
+        "ncn.config",
+        "ncn.gpt",
+        "ncn.data",
+        "ncn.checkpoint",
+        "ncn.tracking",
+        "ncn.runtime",
+        "ncn.plots",
+        "ncn.trainer",
+        "ncn.evaluation",
+        "ncn.tokenizer",
+        "ncn.optim",
+    } <= LIBRARY
+    assert {
+        f"ncn.tasks.{t}" for t in ("train", "prepare", "generate", "analyze", "evaluate", "report", "sweep")
+    } == TASKS
 
 
 @pytest.mark.parametrize("module", sorted(LIBRARY | ENTRY))
@@ -62,17 +77,32 @@ def test_a_task_imports_only_the_library(module: str) -> None:
 @pytest.mark.parametrize("module", sorted(LIBRARY | TASKS - {"ncn.tasks.sweep"}))
 def test_no_library_or_task_function_takes_a_dict_config(module: str) -> None:
     tree = ast.parse(_file(module).read_text())
-    hydra = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-             and any((getattr(n, "module", None) or a.name).startswith("hydra") for a in n.names)]
+    hydra = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        and any((getattr(n, "module", None) or a.name).startswith("hydra") for a in n.names)
+    ]
     assert hydra == [], f"{module} imports Hydra"
-    signatures = [ast.unparse(a.annotation) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef,))
-                  for a in f.args.args + f.args.kwonlyargs if a.annotation is not None]
+    signatures = [
+        ast.unparse(a.annotation)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef,))
+        for a in f.args.args + f.args.kwonlyargs
+        if a.annotation is not None
+    ]
     assert not [s for s in signatures if "DictConfig" in s], f"{module} has a function taking a DictConfig"
 
 
 def _modules_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"], cwd=REPO,
-                         capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return {m.split(".")[0] for m in out.stdout.split()}
 
 

@@ -25,8 +25,16 @@ from ncn.trainer import Job, optimizer_step
 
 from conftest import run_cli
 
-ARGS = ["model=tiny", "trainer=smoke", "trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.eval_every=4",
-        "trainer.eval_batches=1", "trainer.probe_tokens=0", "trainer.threads=1"]
+ARGS = [
+    "model=tiny",
+    "trainer=smoke",
+    "trainer.max_steps=8",
+    "trainer.checkpoint_every=4",
+    "trainer.eval_every=4",
+    "trainer.eval_batches=1",
+    "trainer.probe_tokens=0",
+    "trainer.threads=1",
+]
 TOKENS_PER_STEP = 4 * 32  # trainer=smoke batch_size x model=tiny block_size
 
 
@@ -44,11 +52,16 @@ def _jsonl(run_dir: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in records if key in r}
 
 
-def test_nonfinite_beyond_the_skip_budget_stops_failed_and_keeps_the_last_good_checkpoint(tmp_path: Path, mlflow_store) -> None:
+def test_nonfinite_beyond_the_skip_budget_stops_failed_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, mlflow_store
+) -> None:
     uri = mlflow_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
-    done = run_cli([*ARGS, "trainer.skip_nonfinite=1", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"],
-                   cwd=tmp_path, faults=["--nan-steps", "3,6"])
+    done = run_cli(
+        [*ARGS, "trainer.skip_nonfinite=1", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        faults=["--nan-steps", "3,6"],
+    )
     assert done.returncode == RUN_FAILED_EXIT, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
@@ -77,8 +90,11 @@ def test_nonfinite_beyond_the_skip_budget_stops_failed_and_keeps_the_last_good_c
 def test_skip_nonfinite_skips_each_bad_step_and_logs_it(tmp_path: Path, mlflow_store) -> None:
     uri = mlflow_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
-    done = run_cli([*ARGS, "trainer.skip_nonfinite=2", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"],
-                   cwd=tmp_path, faults=["--nan-steps", "3,6"])
+    done = run_cli(
+        [*ARGS, "trainer.skip_nonfinite=2", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        faults=["--nan-steps", "3,6"],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for step, n in ((3, 1), (6, 2)):
         assert f"step {step}: non-finite loss or gradient, skipped ({n} of at most 2)" in done.stdout + done.stderr
@@ -96,14 +112,27 @@ def test_skip_nonfinite_skips_each_bad_step_and_logs_it(tmp_path: Path, mlflow_s
 def _job(model: ModulatedGPT, tmp_path: Path) -> Job:
     ocfg = OptimConfig(lr=1e-3, warmup_steps=0)
     optimizer = build_optimizer(model, ocfg)
-    return Job(model=model, train_model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, ocfg, 10),
-               scaler=torch.amp.GradScaler("cpu", enabled=False), loader=None, val_batches=[], tracker=NullTracker(),
-               device=torch.device("cpu"), checkpoints=tmp_path, config={}, tokens_per_step=32)
+    return Job(
+        model=model,
+        train_model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, ocfg, 10),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loader=None,
+        val_batches=[],
+        tracker=NullTracker(),
+        device=torch.device("cpu"),
+        checkpoints=tmp_path,
+        config={},
+        tokens_per_step=32,
+    )
 
 
 def test_a_bad_step_changes_no_weight_optimizer_state_or_schedule(tmp_path: Path, monkeypatch) -> None:
     torch.manual_seed(0)
-    model = ModulatedGPT(ModelConfig(vocab_size=128, block_size=16, d_model=32, n_layer=2, n_head=2), ModulationConfig())
+    model = ModulatedGPT(
+        ModelConfig(vocab_size=128, block_size=16, d_model=32, n_layer=2, n_head=2), ModulationConfig()
+    )
     parts, cfg = _job(model, tmp_path), TrainerConfig(max_steps=10)
     x = torch.randint(0, 128, (2, 17))
     x[0, 0] = 5  # the token whose embedding overflows below
@@ -132,6 +161,8 @@ def test_a_bad_step_changes_no_weight_optimizer_state_or_schedule(tmp_path: Path
 
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
-    assert all(torch.equal(parts.optimizer.state[p]["exp_avg"], m) for p, m in zip(model.parameters(), moments, strict=True))
+    assert all(
+        torch.equal(parts.optimizer.state[p]["exp_avg"], m) for p, m in zip(model.parameters(), moments, strict=True)
+    )
     assert (parts.optimizer.param_groups[0]["lr"], parts.scheduler.last_epoch) == (lr, epoch)
     assert all(p.grad is None for p in model.parameters())  # nothing left over for the next step

@@ -46,7 +46,9 @@ def test_schedule_values() -> None:
     assert lr_at(110, **kw) == lr_at(10_000, **kw) == 1e-4  # floor
     decay = [lr_at(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(decay, decay[1:], strict=True))
-    assert lr_at(3, lr=1e-3, min_lr=0.0, warmup_steps=0, total_steps=4) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert lr_at(3, lr=1e-3, min_lr=0.0, warmup_steps=0, total_steps=4) == pytest.approx(
+        1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4))
+    )
 
 
 def test_lambda_lr_follows_the_pure_function(model: ModulatedGPT) -> None:
@@ -60,9 +62,16 @@ def test_lambda_lr_follows_the_pure_function(model: ModulatedGPT) -> None:
         scheduler.step()
 
 
-@pytest.mark.parametrize(("override", "key"), [({"lr": 0.0}, "optim.lr=0.0"), ({"lr": -1.0}, "optim.lr=-1.0"),
-                                               ({"min_lr": 1.0}, "optim.min_lr=1.0"), ({"beta2": 1.0}, "optim.beta2=1.0"),
-                                               ({"warmup_steps": -1}, "optim.warmup_steps=-1")])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"lr": 0.0}, "optim.lr=0.0"),
+        ({"lr": -1.0}, "optim.lr=-1.0"),
+        ({"min_lr": 1.0}, "optim.min_lr=1.0"),
+        ({"beta2": 1.0}, "optim.beta2=1.0"),
+        ({"warmup_steps": -1}, "optim.warmup_steps=-1"),
+    ],
+)
 def test_bad_values_name_the_key(override: dict, key: str) -> None:
     with pytest.raises(NCNConfigError, match=key.replace(".", r"\.")):
         OptimConfig(**override)
@@ -74,7 +83,9 @@ def test_fused_needs_cuda(model: ModulatedGPT) -> None:
     assert build_optimizer(model, OptimConfig()).defaults["fused"] is False
 
 
-def _trained(model: ModulatedGPT, cfg: OptimConfig, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def _trained(
+    model: ModulatedGPT, cfg: OptimConfig, steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps=10)
     idx = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))

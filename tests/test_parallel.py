@@ -16,8 +16,16 @@ from mlflow import MlflowClient
 
 from conftest import REPO
 
-ARGS = ["model=tiny", "trainer=smoke", "trainer.max_steps=3", "trainer.checkpoint_every=3", "trainer.eval_every=3",
-        "trainer.eval_batches=1", "trainer.probe_tokens=0", "trainer.threads=1"]
+ARGS = [
+    "model=tiny",
+    "trainer=smoke",
+    "trainer.max_steps=3",
+    "trainer.checkpoint_every=3",
+    "trainer.eval_every=3",
+    "trainer.eval_batches=1",
+    "trainer.probe_tokens=0",
+    "trainer.threads=1",
+]
 
 
 @pytest.mark.slow
@@ -26,9 +34,21 @@ def test_two_jobs_share_a_cold_cache_and_a_fresh_store(tmp_path: Path) -> None:
     uri = f"sqlite:///{db}"
     env = {**os.environ, "NCN_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
     jobs = [
-        subprocess.Popen([sys.executable, str(REPO / "run.py"), *ARGS, f"tracking.uri={uri}", f"run_name=job{i}",
-                          f"hydra.run.dir={tmp_path / f'job{i}'}"],
-                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "run.py"),
+                *ARGS,
+                f"tracking.uri={uri}",
+                f"run_name=job{i}",
+                f"hydra.run.dir={tmp_path / f'job{i}'}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [job.communicate(timeout=280) for job in jobs]
@@ -48,6 +68,8 @@ def test_two_jobs_share_a_cold_cache_and_a_fresh_store(tmp_path: Path) -> None:
     assert len(experiments) == 1  # created once, not once per job
     runs = client.search_runs([experiments[0].experiment_id])
     assert sorted((r.info.run_name, r.info.status) for r in runs) == [("job0", "FINISHED"), ("job1", "FINISHED")]
-    histories = [sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "train/loss")) for r in runs]
+    histories = [
+        sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "train/loss")) for r in runs
+    ]
     assert [s for s, _ in histories[0]] == [1, 2, 3]
     assert histories[0] == histories[1]  # same seed, same cache bytes: the same training

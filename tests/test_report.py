@@ -30,10 +30,12 @@ PARAMS = {"none": (1000, "0.000"), "full": (1100, "9.091"), "gain_only": (1050, 
 SPEED = {"none": [100.0, 200.0, 300.0], "full": [90.0, 110.0], "gain_only": [50.0]}
 
 
-def _child(client: MlflowClient, exp: str, parent: str, variant: str, seed: int, loss: float | None,
-           status: str = "FINISHED") -> str:
-    run = client.create_run(exp, run_name=f"tiny-{variant}-s{seed}",
-                            tags={"mlflow.parentRunId": parent, "hydra.choices.ncn": variant})
+def _child(
+    client: MlflowClient, exp: str, parent: str, variant: str, seed: int, loss: float | None, status: str = "FINISHED"
+) -> str:
+    run = client.create_run(
+        exp, run_name=f"tiny-{variant}-s{seed}", tags={"mlflow.parentRunId": parent, "hydra.choices.ncn": variant}
+    )
     rid = run.info.run_id
     n, share = PARAMS[variant]
     params = {"seed": str(seed), "n_params": str(n), "controller_share_pct": share, "tokens_per_step": "100"}
@@ -52,8 +54,11 @@ def sweep(tmp_path: Path, mlflow_store) -> tuple[MlflowClient, str]:
     client.tracker = MLflowTracker(client.tracking_uri)  # the interface the report task uses
     exp = client.create_experiment("ncn", artifact_location=(tmp_path / "artifacts").as_uri())
     grid = {"ncn": ["none", "gain_only", "full"], "seed": ["0", "1", "2"]}
-    parent = client.create_run(exp, run_name="ablation", tags={
-        "ncn.sweep": "ablation", "ncn.sweep.grid": json.dumps(grid), "ncn.sweep.dir": str(tmp_path / "sweep")}).info.run_id
+    parent = client.create_run(
+        exp,
+        run_name="ablation",
+        tags={"ncn.sweep": "ablation", "ncn.sweep.grid": json.dumps(grid), "ncn.sweep.dir": str(tmp_path / "sweep")},
+    ).info.run_id
     for variant, by_seed in LOSSES.items():
         for seed, loss in by_seed.items():
             _child(client, exp, parent, variant, seed, loss)
@@ -80,7 +85,10 @@ def test_report_table_statistics_by_hand(sweep, tmp_path: Path) -> None:
     half = T_975_DF2 * math.sqrt(0.0116666667 / 2) / math.sqrt(3)
     assert full["delta_method"] == "paired" and full["baseline"] == "none"
     assert full["delta_val_loss"] == pytest.approx(-0.35 / 3)
-    assert (full["delta_ci_low"], full["delta_ci_high"]) == (pytest.approx(-0.35 / 3 - half), pytest.approx(-0.35 / 3 + half))
+    assert (full["delta_ci_low"], full["delta_ci_high"]) == (
+        pytest.approx(-0.35 / 3 - half),
+        pytest.approx(-0.35 / 3 + half),
+    )
     assert half == pytest.approx(0.18973, abs=1e-5)
     # Welch (seeds differ): var 0.02/2 and 0.01/3, df = 1.6842
     from scipy.stats import t
@@ -140,7 +148,7 @@ def test_find_sweep_by_id_experiment_and_errors(sweep, tmp_path: Path) -> None:
     assert find_sweep("ncn").run_id == newer  # newest sweep of the experiment
     assert find_sweep(None).run_id == newer  # of the tracker's experiment
     assert find_sweep("ablation").run_id == parent_id  # a sweep name: its newest launch
-    odd = "it's a \"sweep\" – naïve, ünïcode"  # both quote kinds: no MLflow filter string could hold it
+    odd = 'it\'s a "sweep" – naïve, ünïcode'  # both quote kinds: no MLflow filter string could hold it
     named = client.create_run(exp, run_name=odd, tags={"ncn.sweep": odd}).info.run_id
     assert find_sweep(odd).run_id == named
     with pytest.raises(NCNConfigError, match="sweep_run=nope is neither a run id, an experiment nor a sweep name"):
@@ -154,7 +162,10 @@ def test_find_sweep_by_id_experiment_and_errors(sweep, tmp_path: Path) -> None:
 
 def test_loss_plot_reads_plain_values_and_names_the_sweep() -> None:
     """Losses near 10.82 must read as 10.82 on the axis, not as an offset "+1.082e1" over ticks 0.003."""
-    curves = {"none": [{0.0: 10.8232, 100.0: 10.8261}, {0.0: 10.8240, 100.0: 10.8270}], "full": [{0.0: 10.8255, 100.0: 10.8290}]}
+    curves = {
+        "none": [{0.0: 10.8232, 100.0: 10.8261}, {0.0: 10.8240, 100.0: 10.8270}],
+        "full": [{0.0: 10.8255, 100.0: 10.8290}],
+    }
     fig = loss_curves(curves, "sweep ablation (parent run 0123abcd)", "val loss (nats/token)")
     fig.canvas.draw()
     ax = fig.axes[0]

@@ -30,9 +30,17 @@ from faults import CRASH_EXIT_CODE
 
 STEPS, EVERY = 16, 4
 # One CPU thread: bitwise-reproducible and, on a busy 2-core machine, several times faster than two.
-RESUME = ["model=tiny", "model.dropout=0.1", "trainer=smoke", f"trainer.max_steps={STEPS}",
-          f"trainer.checkpoint_every={EVERY}", "trainer.eval_every=8", "trainer.eval_batches=1", "trainer.probe_tokens=0",
-          "trainer.threads=1"]
+RESUME = [
+    "model=tiny",
+    "model.dropout=0.1",
+    "trainer=smoke",
+    f"trainer.max_steps={STEPS}",
+    f"trainer.checkpoint_every={EVERY}",
+    "trainer.eval_every=8",
+    "trainer.eval_batches=1",
+    "trainer.probe_tokens=0",
+    "trainer.threads=1",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +98,12 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(reference: Path, 
     uri = mlflow_store(tmp_path / "mlflow.db")
     first, second = tmp_path / "outputs" / "first", tmp_path / "outputs" / "second"
     with (tmp_path / "first.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *RESUME, f"tracking.uri={uri}",
-                                 f"hydra.run.dir={first}"], cwd=tmp_path, stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "run.py"), *RESUME, f"tracking.uri={uri}", f"hydra.run.dir={first}"],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=log,
+        )
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline:
             if (first / "metrics.jsonl").is_file() and max(losses(first), default=0) >= kill_at:
@@ -121,17 +133,23 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(reference: Path, 
     assert (state["step"], state["data"]) == (STEPS, {"epoch": 0, "position": STEPS * 4})
 
 
-def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(reference: Path, tmp_path: Path, mlflow_store) -> None:
+def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(
+    reference: Path, tmp_path: Path, mlflow_store
+) -> None:
     uri = mlflow_store(tmp_path / "mlflow.db")
     first, second = tmp_path / "outputs" / "first", tmp_path / "outputs" / "second"
-    crashed = run_cli([*RESUME, f"tracking.uri={uri}", f"hydra.run.dir={first}"], cwd=tmp_path,
-                      faults=["--crash-before-rename", "12"])
+    crashed = run_cli(
+        [*RESUME, f"tracking.uri={uri}", f"hydra.run.dir={first}"], cwd=tmp_path, faults=["--crash-before-rename", "12"]
+    )
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
 
     checkpoints = first / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_000008\n"
     assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".tmp-")) == [
-        "latest", "step_000004", "step_000008"]
+        "latest",
+        "step_000004",
+        "step_000008",
+    ]
     [unfinished] = checkpoints.glob(".tmp-step_000012-*")  # written, never renamed, never pointed at
     assert {p.name for p in unfinished.iterdir()} == {"model.pt", "optim.pt", "train_state.json", "config.yaml"}
     previous = ckpt.load(ckpt.resolve("latest", tmp_path))

@@ -61,7 +61,9 @@ def test_sweep_grid_merges_like_hydra() -> None:
     """Command-line values replace the file's grid key by key, keeping the file's order."""
     grid = sweep_grid({"ncn": "none,full,gain_only", "seed": "0,1,2"}, ["model=tiny", "seed=0", "ncn=none,full"])
     assert list(grid.items()) == [("ncn", ["none", "full"]), ("seed", ["0"]), ("model", ["tiny"])]
-    assert sweep_grid({"optim.lr": "tag(log, interval(1e-4, 1e-2))"}, []) == {"optim.lr": "tag(log, interval(1e-4, 1e-2))"}
+    assert sweep_grid({"optim.lr": "tag(log, interval(1e-4, 1e-2))"}, []) == {
+        "optim.lr": "tag(log, interval(1e-4, 1e-2))"
+    }
 
 
 def test_slurm_launcher_config_composes(compose_config) -> None:
@@ -93,18 +95,52 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 small .txt files (~1,000 words each) of seeded pseudo-English."""
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
-    words = ["the", "a", "king", "queen", "night", "day", "sword", "crown", "love", "death", "speak", "hear", "my", "lord", "lady", "fair", "foul"]
+    words = [
+        "the",
+        "a",
+        "king",
+        "queen",
+        "night",
+        "day",
+        "sword",
+        "crown",
+        "love",
+        "death",
+        "speak",
+        "hear",
+        "my",
+        "lord",
+        "lady",
+        "fair",
+        "foul",
+    ]
     for i in range(10):
         (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(1000)) + ".\n")
     return root
 
 
-def _sweep(tmp: Path, corpus: Path, name: str, *overrides: str, env: dict[str, str] | None = None,
-           faults: list[str] = ()):
+def _sweep(
+    tmp: Path, corpus: Path, name: str, *overrides: str, env: dict[str, str] | None = None, faults: list[str] = ()
+):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    done = run_cli(["-cd", str(REPO / "sweeps"), "-cn", name, *FAST, "data=text_files", f"data.path={corpus}",
-                    "data.val_fraction=0.2", f"tracking.uri={uri}", *overrides], cwd=tmp, env=env, timeout=400,
-                   faults=faults)
+    done = run_cli(
+        [
+            "-cd",
+            str(REPO / "sweeps"),
+            "-cn",
+            name,
+            *FAST,
+            "data=text_files",
+            f"data.path={corpus}",
+            "data.val_fraction=0.2",
+            f"tracking.uri={uri}",
+            *overrides,
+        ],
+        cwd=tmp,
+        env=env,
+        timeout=400,
+        faults=faults,
+    )
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ncn").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -129,7 +165,10 @@ def test_two_variant_sweep_nests_runs_and_reports(two_variant) -> None:
     assert [c.info.status for c in [parent, *children]] == ["FINISHED"] * 3
     tags = parent.data.tags
     assert (parent.info.run_name, tags["ncn.sweep"], json.loads(tags["ncn.sweep.grid"])) == (
-        "ablation", "ablation", {"ncn": ["none", "full"]})
+        "ablation",
+        "ablation",
+        {"ncn": ["none", "full"]},
+    )
     assert (tags["ncn.sweep.jobs"], tags["ncn.sweep.jobs_finished"], tags["ncn.sweep.jobs_expected"]) == ("2", "2", "2")
     assert Path(tags["ncn.sweep.dir"]).parent.parent == tmp_path / "multirun" / "ablation"
     assert sorted(c.data.tags["ncn.sweep.job"] for c in children) == ["0: ncn=none", "1: ncn=full"]
@@ -151,8 +190,15 @@ def test_two_variant_sweep_nests_runs_and_reports(two_variant) -> None:
     assert rows[1]["controller_share_pct"] == float(full.data.params["controller_share_pct"])
 
     # the same report through the CLI task, into its Hydra run dir and printed
-    shown = run_cli(["task=report", f"sweep_run={parent.info.run_id}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                     f"hydra.run.dir={tmp_path / 'report_run'}"], cwd=tmp_path)
+    shown = run_cli(
+        [
+            "task=report",
+            f"sweep_run={parent.info.run_id}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"hydra.run.dir={tmp_path / 'report_run'}",
+        ],
+        cwd=tmp_path,
+    )
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert f"| full | 0 | {int(full.data.params['n_params']):,} |" in shown.stdout
     assert (tmp_path / "report_run" / "report" / "report.csv").read_text().count("\n") == 3  # header + 2 rows
@@ -160,14 +206,25 @@ def test_two_variant_sweep_nests_runs_and_reports(two_variant) -> None:
 
 def test_joblib_parallel_jobs_on_fresh_store_and_cold_cache(tmp_path: Path, corpus: Path) -> None:
     cache = tmp_path / "cold_cache"  # neither the sqlite file nor the token cache exists yet
-    done, client, parent, children = _sweep(tmp_path, corpus, "ablation", "ncn=full", "seed=0,1",
-                                            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                                            env={"NCN_CACHE_DIR": str(cache)})
+    done, client, parent, children = _sweep(
+        tmp_path,
+        corpus,
+        "ablation",
+        "ncn=full",
+        "seed=0,1",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        env={"NCN_CACHE_DIR": str(cache)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert [(c.info.run_name, c.info.status) for c in children] == [
-        ("tiny-full-text_files-s0", "FINISHED"), ("tiny-full-text_files-s1", "FINISHED")]
+        ("tiny-full-text_files-s0", "FINISHED"),
+        ("tiny-full-text_files-s1", "FINISHED"),
+    ]
     assert parent.info.status == "FINISHED" and parent.data.tags["ncn.sweep.launcher"] == "JoblibLauncher"
-    assert [c.data.params["seed"] for c in children] == ["0", "1"] and all("val/loss" in c.data.metrics for c in children)
+    assert [c.data.params["seed"] for c in children] == ["0", "1"] and all(
+        "val/loss" in c.data.metrics for c in children
+    )
     assert len({c.data.tags["ncn.run_dir"] for c in children}) == 2
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # one token cache, built once
     # the store is still usable: a new run can be written and read back
@@ -181,18 +238,27 @@ def test_failing_job_fails_parent_and_exit_code(tmp_path: Path, corpus: Path, ml
     """Job 0 diverges (NaN at step 2, no skips allowed), job 1 skips that step and finishes, job 2
     has a config error before its training run exists: it still gets a FAILED child run."""
     mlflow_store(tmp_path / "mlflow.db")
-    done, client, parent, children = _sweep(tmp_path, corpus, "ablation", "ncn=full", "seed=0",
-                                            "trainer.skip_nonfinite=0,5,-1", faults=["--nan-steps", "2"])
+    done, client, parent, children = _sweep(
+        tmp_path, corpus, "ablation", "ncn=full", "seed=0", "trainer.skip_nonfinite=0,5,-1", faults=["--nan-steps", "2"]
+    )
     assert done.returncode == 3, done.stderr[-3000:]  # the first failure: a run that failed on its own
     assert done.stderr.strip().splitlines()[-1].startswith("error: non-finite loss or gradient at step 2")
     by_job = {c.data.tags["ncn.sweep.job"]: c for c in children}
     assert {k: c.info.status for k, c in by_job.items()} == {
-        "0: trainer.skip_nonfinite=0": "FAILED", "1: trainer.skip_nonfinite=5": "FINISHED",
-        "2: trainer.skip_nonfinite=-1": "FAILED"}
-    assert by_job["2: trainer.skip_nonfinite=-1"].data.tags["ncn.error"].startswith(
-        "usage error (exit 2), NCNConfigError: trainer.skip_nonfinite=-1 must be >= 0")
-    assert by_job["0: trainer.skip_nonfinite=0"].data.tags["ncn.error"].startswith(
-        "run failed (exit 3), DivergenceError: non-finite loss or gradient at step 2")
+        "0: trainer.skip_nonfinite=0": "FAILED",
+        "1: trainer.skip_nonfinite=5": "FINISHED",
+        "2: trainer.skip_nonfinite=-1": "FAILED",
+    }
+    assert (
+        by_job["2: trainer.skip_nonfinite=-1"]
+        .data.tags["ncn.error"]
+        .startswith("usage error (exit 2), NCNConfigError: trainer.skip_nonfinite=-1 must be >= 0")
+    )
+    assert (
+        by_job["0: trainer.skip_nonfinite=0"]
+        .data.tags["ncn.error"]
+        .startswith("run failed (exit 3), DivergenceError: non-finite loss or gradient at step 2")
+    )
     tags = parent.data.tags
     assert parent.info.status == "FAILED"
     assert (tags["ncn.sweep.jobs"], tags["ncn.sweep.jobs_finished"], tags["ncn.sweep.jobs_failed"]) == ("3", "1", "2")
@@ -207,9 +273,21 @@ def test_mlflow_ui_compare_view_renders_the_sweep(two_variant) -> None:
     """scripts/mlflow_screenshot.py against the two-variant store: run names and params in the DOM."""
     tmp_path = two_variant[0]
     shot = tmp_path / "compare.png"
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "mlflow_screenshot.py"), "--uri",
-                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(shot), "--budget-ms", "15000"],
-                          capture_output=True, text=True, timeout=400)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "mlflow_screenshot.py"),
+            "--uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--out",
+            str(shot),
+            "--budget-ms",
+            "15000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "compare view of 2 runs of sweep ablation" in done.stdout
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000

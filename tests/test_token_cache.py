@@ -67,8 +67,10 @@ def test_build_contents_and_meta(corpus, tmp_path):
     assert meta["tokens"] == {"train": len(expected_train), "val": len(expected_val)}
     assert (info.train_tokens, info.val_tokens) == (len(expected_train), len(expected_val))
     assert meta["text_bytes"] == sum(len(t.encode()) for t in DOCS.values())
-    assert meta["bytes"] == {"train": sum(len(DOCS[n].encode()) for n in train_names),
-                             "val": len(DOCS[val_names[0]].encode())}
+    assert meta["bytes"] == {
+        "train": sum(len(DOCS[n].encode()) for n in train_names),
+        "val": len(DOCS[val_names[0]].encode()),
+    }
     assert (info.train_bytes, info.val_bytes) == (meta["bytes"]["train"], meta["bytes"]["val"])
     assert (meta["split"]["documents_found"], meta["split"]["skipped_empty"]) == (4, 0)
     assert meta["split"]["val_document_tokens"] == [len(expected_val)]
@@ -144,20 +146,38 @@ DAMAGES = [
     ("null", lambda m, t: b"null", "meta.json is null, not an object"),
     ("list", lambda m, t: b"[]", "meta.json is list, not an object"),
     ("empty object", lambda m, t: b"{}", "meta.json.fingerprint is missing"),
-    ("missing key", lambda m, t: (_drop(m, "tokens.val"), json.dumps(m).encode())[1],
-     "meta.json.tokens.val is missing"),
-    ("string count", lambda m, t: (_set(m, "tokens.train", "12"), json.dumps(m).encode())[1],
-     "meta.json.tokens.train is '12', not an integer >= 0"),
-    ("bool count", lambda m, t: (_set(m, "bytes.val", True), json.dumps(m).encode())[1],
-     "meta.json.bytes.val is True, not an integer >= 0"),
-    ("null section", lambda m, t: (_set(m, "split", None), json.dumps(m).encode())[1],
-     "meta.json.split is null, not an object"),
-    ("list of names is a string", lambda m, t: (_set(m, "split.val_names", "a.txt"), json.dumps(m).encode())[1],
-     "meta.json.split.val_names is str, not a list"),
+    (
+        "missing key",
+        lambda m, t: (_drop(m, "tokens.val"), json.dumps(m).encode())[1],
+        "meta.json.tokens.val is missing",
+    ),
+    (
+        "string count",
+        lambda m, t: (_set(m, "tokens.train", "12"), json.dumps(m).encode())[1],
+        "meta.json.tokens.train is '12', not an integer >= 0",
+    ),
+    (
+        "bool count",
+        lambda m, t: (_set(m, "bytes.val", True), json.dumps(m).encode())[1],
+        "meta.json.bytes.val is True, not an integer >= 0",
+    ),
+    (
+        "null section",
+        lambda m, t: (_set(m, "split", None), json.dumps(m).encode())[1],
+        "meta.json.split is null, not an object",
+    ),
+    (
+        "list of names is a string",
+        lambda m, t: (_set(m, "split.val_names", "a.txt"), json.dumps(m).encode())[1],
+        "meta.json.split.val_names is str, not a list",
+    ),
     ("random bytes", lambda m, t: os.urandom(64) + b"\xff", "meta.json is not JSON"),
     ("truncated", lambda m, t: t[: len(t) // 2], "meta.json is not JSON"),
-    ("size mismatch", lambda m, t: (_set(m, "tokens.val", m["tokens"]["val"] + 1), json.dumps(m).encode())[1],
-     "val.bin holds"),
+    (
+        "size mismatch",
+        lambda m, t: (_set(m, "tokens.val", m["tokens"]["val"] + 1), json.dumps(m).encode())[1],
+        "val.bin holds",
+    ),
     ("old version", lambda m, t: (_set(m, "version", 1), json.dumps(m).encode())[1], "meta.json has version 1"),
 ]
 
@@ -292,7 +312,10 @@ def test_whitespace_only_documents_are_skipped_and_counted(tmp_path):
     enc = gpt2_encoding()
     split = info.meta["split"]
     assert (split["documents_found"], split["skipped_empty"], split["train_documents"] + split["val_documents"]) == (
-        6, 3, 3)
+        6,
+        3,
+        3,
+    )
     assert info.train_tokens + info.val_tokens == sum(len(enc.encode_ordinary(t)) + 1 for t in texts.values())
     assert info.meta["text_bytes"] == sum(len(t.encode()) for t in texts.values())  # blank bytes are not counted
     assert set(split["val_names"]) <= set(texts)
@@ -393,6 +416,11 @@ def test_cache_hit_builds_no_tokenizer_and_imports_no_datasets(corpus, tmp_path)
         f"info = token_cache.prepare(TextFiles({str(corpus)!r}), {str(cache)!r}, 'gpt2')\n"
         "print(info.cache_hit, sorted(m for m in ('datasets', 'pyarrow', 'torch') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.stdout.split("\n")[-2] == "True []"

@@ -62,8 +62,9 @@ def test_smoke_run_records_params_metrics_and_artifacts(reference: tuple[Path, s
     client, run = _only_run(uri)
     assert (run.info.status, run.info.run_name) == ("FINISHED", "tiny-full-s0")
     params = run.data.params
-    count = ModulatedGPT(ModelConfig(vocab_size=50304, block_size=32, d_model=32, n_layer=2, n_head=2),
-                         ModulationConfig()).num_parameters()
+    count = ModulatedGPT(
+        ModelConfig(vocab_size=50304, block_size=32, d_model=32, n_layer=2, n_head=2), ModulationConfig()
+    ).num_parameters()
     assert params["model.vocab_size"] == "50304"
     assert params["ncn.targets"] == "[temperature, gain, activation]"
     assert params["trainer.max_steps"] == "6" and params["optim.lr"] == "0.0006"
@@ -74,19 +75,41 @@ def test_smoke_run_records_params_metrics_and_artifacts(reference: tuple[Path, s
     assert [s for s, _ in _history(client, run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
     assert [s for s, _ in _history(client, run.info.run_id, "val/loss")] == [0, 3, 6]
     assert [s for s, _ in _history(client, run.info.run_id, "signals/precision/L1/std")] == [0, 3, 6]
-    assert _history(client, run.info.run_id, "train/lr")[0] == (1, pytest.approx(lr_at(0, lr=6e-4, min_lr=6e-5, warmup_steps=100, total_steps=6)))
+    assert _history(client, run.info.run_id, "train/lr")[0] == (
+        1,
+        pytest.approx(lr_at(0, lr=6e-4, min_lr=6e-5, warmup_steps=100, total_steps=6)),
+    )
     val0 = _history(client, run.info.run_id, "val/ppl")[0][1]
     assert 30_000 < val0 < 80_000  # a fresh model is near uniform over 50k tokens
-    assert set(run.data.metrics) >= {"train/ce_loss", "train/reg_loss", "train/ppl", "train/grad_norm",
-                                     "train/tokens_per_s", "train/tokens_seen", "signals/gain/L0/mean", "signals/ffn_gate/L1/mean"}
+    assert set(run.data.metrics) >= {
+        "train/ce_loss",
+        "train/reg_loss",
+        "train/ppl",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/tokens_seen",
+        "signals/gain/L0/mean",
+        "signals/ffn_gate/L1/mean",
+    }
     assert run.data.metrics["train/tokens_seen"] == 6 * 4 * 32
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "hydra", "metrics.json", "probe"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "probe")} == {
-        "probe/signals_step_000000.png", "probe/signals_step_000003.png", "probe/signals_step_000006.png"}
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "hydra")} == {"hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml"}
+        "probe/signals_step_000000.png",
+        "probe/signals_step_000003.png",
+        "probe/signals_step_000006.png",
+    }
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "hydra")} == {
+        "hydra/config.yaml",
+        "hydra/hydra.yaml",
+        "hydra/overrides.yaml",
+    }
     tags = run.data.tags
-    assert "model=tiny" in tags["ncn.command"] and tags["hydra.choices.model"] == "tiny" and tags["hydra.choices.ncn"] == "full"
+    assert (
+        "model=tiny" in tags["ncn.command"]
+        and tags["hydra.choices.model"] == "tiny"
+        and tags["hydra.choices.ncn"] == "full"
+    )
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final["val/loss"] == pytest.approx(run.data.metrics["val/loss"]) and final["step"] == 6
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -97,11 +120,16 @@ def test_smoke_run_records_params_metrics_and_artifacts(reference: tuple[Path, s
     assert state["data"] == {"epoch": 0, "position": 6 * 4}
 
 
-def test_resume_after_crash_is_exact_and_continues_the_run(reference: tuple[Path, str], tmp_path: Path, mlflow_store) -> None:
+def test_resume_after_crash_is_exact_and_continues_the_run(
+    reference: tuple[Path, str], tmp_path: Path, mlflow_store
+) -> None:
     ref_dir, ref_uri = reference
     uri = mlflow_store(tmp_path / "mlflow.db")
-    crashed = run_cli([*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'outputs' / 'a'}"], cwd=tmp_path,
-                      faults=["--crash-before-rename", "6"])  # dies while writing the final checkpoint
+    crashed = run_cli(
+        [*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'outputs' / 'a'}"],
+        cwd=tmp_path,
+        faults=["--crash-before-rename", "6"],
+    )  # dies while writing the final checkpoint
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
     client, run = _only_run(uri)
     assert run.info.status == "RUNNING"
@@ -131,19 +159,24 @@ def test_resume_after_crash_is_exact_and_continues_the_run(reference: tuple[Path
 
 def test_nonfinite_loss_stops_failed_or_is_skipped(tmp_path: Path, mlflow_store) -> None:
     uri = mlflow_store(tmp_path / "stop.db")
-    stop = run_cli([*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'stop'}"], cwd=tmp_path,
-                   faults=["--nan-steps", "5"])
+    stop = run_cli(
+        [*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'stop'}"], cwd=tmp_path, faults=["--nan-steps", "5"]
+    )
     assert stop.returncode == RUN_FAILED_EXIT == 3
     assert stop.stderr.strip().splitlines()[-1] == (
         f"error: non-finite loss or gradient at step 5: training diverged (newest good checkpoint: "
         f"{tmp_path / 'stop' / 'checkpoints' / 'step_000003'}); lower optim.lr, use trainer.precision=fp32, "
-        "or set trainer.skip_nonfinite=N to skip up to N bad steps")
+        "or set trainer.skip_nonfinite=N to skip up to N bad steps"
+    )
     assert _only_run(uri)[1].info.status == "FAILED"
     assert (tmp_path / "stop" / "checkpoints" / "latest").read_text().strip() == "step_000003"
 
     uri = mlflow_store(tmp_path / "skip.db")
-    skip = run_cli([*SMOKE, f"tracking.uri={uri}", "trainer.skip_nonfinite=1", f"hydra.run.dir={tmp_path / 'skip'}"],
-                   cwd=tmp_path, faults=["--nan-steps", "2"])
+    skip = run_cli(
+        [*SMOKE, f"tracking.uri={uri}", "trainer.skip_nonfinite=1", f"hydra.run.dir={tmp_path / 'skip'}"],
+        cwd=tmp_path,
+        faults=["--nan-steps", "2"],
+    )
     assert skip.returncode == 0, skip.stderr[-3000:]
     client, run = _only_run(uri)
     assert run.info.status == "FINISHED"
@@ -151,20 +184,26 @@ def test_nonfinite_loss_stops_failed_or_is_skipped(tmp_path: Path, mlflow_store)
     assert [s for s, _ in _history(client, run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize(("overrides", "any_good"), [
-    (["optim.lr=1e6", "optim.warmup_steps=0"], False),  # the eval at step 3 is NaN: nothing is ever saved
-    # no eval until the end: checkpoints while the weights are finite, none once they are not
-    (["optim.lr=1e6", "optim.warmup_steps=0", "trainer.eval_every=1000", "trainer.checkpoint_every=1"], True),
-])
-def test_a_diverged_model_is_never_checkpointed(tmp_path: Path, mlflow_store, overrides: list[str],
-                                                any_good: bool) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "any_good"),
+    [
+        (["optim.lr=1e6", "optim.warmup_steps=0"], False),  # the eval at step 3 is NaN: nothing is ever saved
+        # no eval until the end: checkpoints while the weights are finite, none once they are not
+        (["optim.lr=1e6", "optim.warmup_steps=0", "trainer.eval_every=1000", "trainer.checkpoint_every=1"], True),
+    ],
+)
+def test_a_diverged_model_is_never_checkpointed(
+    tmp_path: Path, mlflow_store, overrides: list[str], any_good: bool
+) -> None:
     uri = mlflow_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
     done = run_cli([*SMOKE, *overrides, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert done.returncode == 3, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert "training diverged" in last and "lower optim.lr" in last
-    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").exists() else []
+    saved = (
+        sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").exists() else []
+    )
     if not any_good:
         assert "no good checkpoint was written" in last and saved == []
     else:
@@ -178,10 +217,24 @@ def test_a_diverged_model_is_never_checkpointed(tmp_path: Path, mlflow_store, ov
 
 def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
     uri = mlflow_store(tmp_path / "mlflow.db")
-    cmd = [sys.executable, str(REPO / "run.py"), *SMOKE, "trainer.max_steps=10000", "trainer.log_every=1",
-           "trainer.checkpoint_every=1", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        str(REPO / "run.py"),
+        *SMOKE,
+        "trainer.max_steps=10000",
+        "trainer.log_every=1",
+        "trainer.checkpoint_every=1",
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + 180
     for line in proc.stdout:  # wait until training is under way
         if "step 2/10000" in line or time.monotonic() > deadline:
@@ -191,8 +244,11 @@ def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
     assert proc.returncode == 130, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]  # where it stopped and how to resume
     checkpoints = re.escape(str(tmp_path / "run" / "checkpoints"))
-    assert re.fullmatch(rf"error: interrupted at step \d+ \(last checkpoint: {checkpoints}/step_\d{{6}}\): "
-                        r"resume with trainer.resume=latest", last), last
+    assert re.fullmatch(
+        rf"error: interrupted at step \d+ \(last checkpoint: {checkpoints}/step_\d{{6}}\): "
+        r"resume with trainer.resume=latest",
+        last,
+    ), last
     assert _only_run(uri)[1].info.status == "KILLED"
 
 

@@ -92,7 +92,6 @@ def summary_table(summary: dict[str, float]) -> pd.DataFrame:
     return wide[[c for c in ("mean", "std", "min", "max", f"frac_below_{GATE_THRESHOLD:g}") if c in wide.columns]]
 
 
-
 def main(cfg: RunConfig, ctx: RunContext) -> None:
     """`task=analyze`: signals of `cfg.prompt` (None: the training probe) under `cfg.checkpoint`, saved and tracked.
 
@@ -123,7 +122,9 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
         print(f"no prompt given: analyzing the training probe, the first {n} validation tokens", file=sys.stderr)
     block = model.config.block_size
     if len(ids) > block:
-        log.warning("prompt of %d tokens is longer than block_size=%d: analyzing its last %d tokens", len(ids), block, block)
+        log.warning(
+            "prompt of %d tokens is longer than block_size=%d: analyzing its last %d tokens", len(ids), block, block
+        )
         ids = ids[-block:]
     signals = run_signals(model, ids)
     labels = token_labels(ids, encoding)
@@ -136,8 +137,18 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
     signal_heatmaps(signals, labels, title=title).savefig(files[0], dpi=120)
     signal_table(signals, labels).to_csv(files[1], index=False)
     summary = signal_summary(signals)
-    files[2].write_text(json.dumps({"checkpoint": str(ckpt.path), "run_name": name, "step": ckpt.state.step,
-                                    "tokens": len(ids), "statistics": summary}, indent=2))
+    files[2].write_text(
+        json.dumps(
+            {
+                "checkpoint": str(ckpt.path),
+                "run_name": name,
+                "step": ckpt.state.step,
+                "tokens": len(ids),
+                "statistics": summary,
+            },
+            indent=2,
+        )
+    )
     with pd.option_context("display.width", 120, "display.precision", 4):
         print(summary_table(summary))
     for file in files:

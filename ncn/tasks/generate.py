@@ -43,8 +43,11 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     # global pooling's salience at t sees tokens after t: no KV cache can reproduce its forward pass
     use_cache = model.controller is None or model.modulation_config.pooling != "global"
     if not use_cache:
-        print("warning: ncn.pooling=global (the leaking mode) cannot use the KV cache: "
-              "re-running the full forward pass for every token (slower)", file=sys.stderr)
+        print(
+            "warning: ncn.pooling=global (the leaking mode) cannot use the KV cache: "
+            "re-running the full forward pass for every token (slower)",
+            file=sys.stderr,
+        )
 
     # stream() checks its arguments when called, so a bad setting fails before any output.
     new_tokens = model.stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache)

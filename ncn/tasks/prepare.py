@@ -1,4 +1,4 @@
-"""`python run.py task=prepare data=<option>`: build (or verify) the token cache of a data config and print its summary."""
+"""`python run.py task=prepare data=<option>`: build (or verify) the token cache of a data config, print its summary."""
 
 from __future__ import annotations
 

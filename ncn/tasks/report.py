@@ -23,9 +23,23 @@ from ncn.config import RunConfig, RunContext, TrackingConfig
 from ncn.errors import NCNConfigError
 from ncn.tracking import RunRecord, Tracker, open_tracker
 
-FIELDS = ["variant", "seeds", "runs", "params", "controller_share_pct", "val_loss_mean", "val_loss_std",
-          "val_ppl_mean", "val_ppl_std", "delta_val_loss", "delta_ci_low", "delta_ci_high", "delta_method",
-          "baseline", "tokens_per_s"]
+FIELDS = [
+    "variant",
+    "seeds",
+    "runs",
+    "params",
+    "controller_share_pct",
+    "val_loss_mean",
+    "val_loss_std",
+    "val_ppl_mean",
+    "val_ppl_std",
+    "delta_val_loss",
+    "delta_ci_low",
+    "delta_ci_high",
+    "delta_method",
+    "baseline",
+    "tokens_per_s",
+]
 
 
 @dataclass
@@ -62,7 +76,10 @@ def delta_interval(variant: dict[int, float], baseline: dict[int, float]) -> tup
         half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
         return delta, delta - half, delta + half, "paired"
     if len(variant) > 1 and len(baseline) > 1:
-        a, b = statistics.variance(variant.values()) / len(variant), statistics.variance(baseline.values()) / len(baseline)
+        a, b = (
+            statistics.variance(variant.values()) / len(variant),
+            statistics.variance(baseline.values()) / len(baseline),
+        )
         if a + b == 0:
             return delta, delta, delta, "welch"
         df = (a + b) ** 2 / (a**2 / (len(variant) - 1) + b**2 / (len(baseline) - 1))
@@ -92,9 +109,17 @@ def collect(tracker: Tracker, parent: RunRecord) -> tuple[list[RunResult], list[
         per_step = float(p.get("tokens_per_step", "nan"))
         speed = [v for _, v in tracker.metric_history(run.run_id, "train/tokens_per_s")]
         curve = [(step * per_step, v) for step, v in tracker.metric_history(run.run_id, "val/loss")]
-        results.append(RunResult(_variant(run, keys), int(p.get("seed", 0)), int(p.get("n_params", 0)),
-                                 float(p.get("controller_share_pct", "nan")), run.metrics["val/loss"],
-                                 statistics.fmean(speed) if speed else math.nan, curve))
+        results.append(
+            RunResult(
+                _variant(run, keys),
+                int(p.get("seed", 0)),
+                int(p.get("n_params", 0)),
+                float(p.get("controller_share_pct", "nan")),
+                run.metrics["val/loss"],
+                statistics.fmean(speed) if speed else math.nan,
+                curve,
+            )
+        )
     order = _grid_order(grid, keys)
     labels = sorted({r.variant for r in results}, key=lambda v: order.index(v) if v in order else len(order))
     return results, labels, sorted(failed)
@@ -133,13 +158,32 @@ def table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> 
         base = _baseline_of(label, keys, grid, labels)
         delta = (math.nan, math.nan, math.nan, "")
         if base in by_label and base != label and by_label[base]:
-            delta = delta_interval({s: r.val_loss for s, r in runs.items()},
-                                   {s: r.val_loss for s, r in by_label[base].items()})
+            delta = delta_interval(
+                {s: r.val_loss for s, r in runs.items()}, {s: r.val_loss for s, r in by_label[base].items()}
+            )
         first = next(iter(runs.values()))
-        rows.append(dict(zip(FIELDS, [
-            label, ",".join(str(s) for s in sorted(runs)), len(runs), first.params, first.controller_share_pct,
-            loss_mean, loss_std, ppl_mean, ppl_std, *delta, base if base in by_label else "",
-            statistics.fmean(r.tokens_per_s for r in runs.values())], strict=True)))
+        rows.append(
+            dict(
+                zip(
+                    FIELDS,
+                    [
+                        label,
+                        ",".join(str(s) for s in sorted(runs)),
+                        len(runs),
+                        first.params,
+                        first.controller_share_pct,
+                        loss_mean,
+                        loss_std,
+                        ppl_mean,
+                        ppl_std,
+                        *delta,
+                        base if base in by_label else "",
+                        statistics.fmean(r.tokens_per_s for r in runs.values()),
+                    ],
+                    strict=True,
+                )
+            )
+        )
     return rows
 
 
@@ -149,18 +193,26 @@ def _num(x: float, fmt: str) -> str:
 
 def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
     """The table as Markdown (losses in nats/token, Δ < 0 = better than the baseline)."""
-    lines = [f"### {title}", "",
-             "| variant | seeds | params | controller % | val loss | val ppl | Δ val loss vs baseline [95 % CI] | tokens/s |",
-             "|---|---|---:|---:|---|---|---|---:|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| variant | seeds | params | controller % | val loss | val ppl | Δ val loss vs baseline [95 % CI] "
+        "| tokens/s |",
+        "|---|---|---:|---:|---|---|---|---:|",
+    ]
     for r in rows:
         if r["delta_method"]:
-            delta = (f"{r['delta_val_loss']:+.4f} [{_num(r['delta_ci_low'], '+.4f')}, {_num(r['delta_ci_high'], '+.4f')}]"
-                     f" vs {r['baseline']}")
+            delta = (
+                f"{r['delta_val_loss']:+.4f} [{_num(r['delta_ci_low'], '+.4f')}, {_num(r['delta_ci_high'], '+.4f')}]"
+                f" vs {r['baseline']}"
+            )
         else:
             delta = "baseline" if r["baseline"] == r["variant"] else "n/a"
-        lines.append(f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['controller_share_pct']:.2f} | "
-                     f"{r['val_loss_mean']:.4f} ± {_num(r['val_loss_std'], '.4f')} | "
-                     f"{r['val_ppl_mean']:.2f} ± {_num(r['val_ppl_std'], '.2f')} | {delta} | {r['tokens_per_s']:,.0f} |")
+        lines.append(
+            f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['controller_share_pct']:.2f} | "
+            f"{r['val_loss_mean']:.4f} ± {_num(r['val_loss_std'], '.4f')} | "
+            f"{r['val_ppl_mean']:.2f} ± {_num(r['val_ppl_std'], '.2f')} | {delta} | {r['tokens_per_s']:,.0f} |"
+        )
     if failed:
         lines += ["", f"Not included (did not finish): {', '.join(failed)}"]
     return "\n".join(lines) + "\n"
@@ -180,8 +232,10 @@ def report(tracker: Tracker, parent: RunRecord, out_dir: Path) -> tuple[list[dic
     under `report/`; returns (rows, paths)."""
     results, labels, failed = collect(tracker, parent)
     if not results:
-        raise NCNConfigError(f"sweep run {parent.run_id} has no finished child runs with a val/loss: "
-                             "nothing to report (check the sweep's job logs)")
+        raise NCNConfigError(
+            f"sweep run {parent.run_id} has no finished child runs with a val/loss: "
+            "nothing to report (check the sweep's job logs)"
+        )
     grid = json.loads(parent.tags.get("ncn.sweep.grid", "{}"))
     rows = table(results, labels, grid)
     title = f"sweep {parent.tags.get('ncn.sweep', parent.name)} (parent run {parent.run_id[:8]})"

@@ -51,7 +51,7 @@ def sweep_grid(params: dict[str, Any], arguments: list[str]) -> OrderedDict[str,
 
 
 def describe_failure(exc: BaseException) -> str:
-    """"<kind> (exit <code>), <Type>: <first line>" of a job's exception; kinds as in docs/errors.md."""
+    """ "<kind> (exit <code>), <Type>: <first line>" of a job's exception; kinds as in docs/errors.md."""
     code = exit_code(exc)
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
@@ -139,8 +139,13 @@ class SweepCallback(Callback):
         os.environ[PARENT_ENV] = self.parent_run_id
         self._finished = False
         atexit.register(self._finish, False)
-        log.info("sweep %s: parent MLflow run %s in %s (sweep_run=%s for task=report)", self.sweep_name,
-                 self.parent_run_id, self.uri, self.parent_run_id)
+        log.info(
+            "sweep %s: parent MLflow run %s in %s (sweep_run=%s for task=report)",
+            self.sweep_name,
+            self.parent_run_id,
+            self.uri,
+            self.parent_run_id,
+        )
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is not None:
@@ -152,8 +157,9 @@ class SweepCallback(Callback):
         tracker = self._tracker()
         job = config.hydra.job
         parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        overrides = " ".join(f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed
-                             if o.get_key_element() in self.swept)
+        overrides = " ".join(
+            f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed if o.get_key_element() in self.swept
+        )
         run_dir = config.hydra.runtime.output_dir
         children = [c.run_id for c in tracker.child_runs(self.parent_run_id) if c.tags.get("ncn.run_dir") == run_dir]
         error = _job_error(job_return)
@@ -161,8 +167,13 @@ class SweepCallback(Callback):
             text = describe_failure(error)
             tracker.set_tags({f"ncn.sweep.failed.{job.num}": f"{overrides}: {text}"}, run_id=self.parent_run_id)
             if not children:  # died before its training run existed (e.g. a config error)
-                children = [tracker.create_run(f"job{job.num}", status="FAILED", tags={
-                    "mlflow.parentRunId": self.parent_run_id, "ncn.run_dir": run_dir, "ncn.error": text})]
+                children = [
+                    tracker.create_run(
+                        f"job{job.num}",
+                        status="FAILED",
+                        tags={"mlflow.parentRunId": self.parent_run_id, "ncn.run_dir": run_dir, "ncn.error": text},
+                    )
+                ]
             for child in children:
                 tracker.set_tags({"ncn.error": text}, run_id=child)
         for child in children:
@@ -193,15 +204,26 @@ class SweepCallback(Callback):
         bad = bool(failed or failed_jobs or missing)
         interrupted = not normal and "KILLED" in statuses and "FAILED" not in statuses and not failed_jobs
         status = "KILLED" if interrupted else "FAILED" if bad or not normal else "FINISHED"
-        tags = {"ncn.sweep.jobs": len(children), "ncn.sweep.jobs_finished": statuses.count("FINISHED"),
-                "ncn.sweep.jobs_failed": len(statuses) - statuses.count("FINISHED")}
+        tags = {
+            "ncn.sweep.jobs": len(children),
+            "ncn.sweep.jobs_finished": statuses.count("FINISHED"),
+            "ncn.sweep.jobs_failed": len(statuses) - statuses.count("FINISHED"),
+        }
         if missing:
             tags["ncn.sweep.jobs_missing"] = missing
         tracker.set_tags({k: str(v) for k, v in tags.items()}, run_id=self.parent_run_id)
         tracker.terminate(self.parent_run_id, status)
         if normal:  # at exit, run.py's `error: ...` line must stay the last line on stderr
-            log.info("sweep %s: %d of %d job runs FINISHED%s; parent run %s %s%s (report: python run.py task=report "
-                     "sweep_run=%s)", self.sweep_name, statuses.count("FINISHED"), len(children),
-                     f", {missing} missing" if missing else "", self.parent_run_id, status,
-                     f" (failed: {', '.join(failed)})" if failed else "", self.parent_run_id)
+            log.info(
+                "sweep %s: %d of %d job runs FINISHED%s; parent run %s %s%s (report: python run.py task=report "
+                "sweep_run=%s)",
+                self.sweep_name,
+                statuses.count("FINISHED"),
+                len(children),
+                f", {missing} missing" if missing else "",
+                self.parent_run_id,
+                status,
+                f" (failed: {', '.join(failed)})" if failed else "",
+                self.parent_run_id,
+            )
         return bad

@@ -40,8 +40,15 @@ def _resume_source(cfg: RunConfig, ctx: RunContext) -> tuple[RunConfig, Checkpoi
     return checkpoint.resume_config(cfg, ckpt, ctx.overridden), ckpt
 
 
-def _build_job(cfg: RunConfig, ctx: RunContext, data: DataModule, tracker: Tracker, device: torch.device,
-               rank: int, world_size: int) -> Job:
+def _build_job(
+    cfg: RunConfig,
+    ctx: RunContext,
+    data: DataModule,
+    tracker: Tracker,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+) -> Job:
     """Model (seeded), optimizer, scaler, loaders and probe of this run; the schedule comes after restore."""
     t = cfg.trainer
     loader = data.train_loader(t.batch_size, cfg.model.block_size, cfg.seed, rank, world_size)
@@ -54,39 +61,76 @@ def _build_job(cfg: RunConfig, ctx: RunContext, data: DataModule, tracker: Track
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * world_size
     probe = data.probe_tokens(t.probe_tokens) if t.probe_tokens and rank == 0 else []
-    extra = {"world_size": world_size, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-             "tokens_per_step": tokens_per_step, "run_dir": str(ctx.run_dir)}
-    return Job(model=model, train_model=train_model, optimizer=build_optimizer(model, cfg.optim), scheduler=None,
-               scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"), loader=loader,
-               val_batches=val_batches, tracker=tracker, device=device, checkpoints=ctx.run_dir / "checkpoints",
-               config=dataclasses.asdict(cfg), tokens_per_step=tokens_per_step, probe=probe,
-               probe_labels=token_labels(probe, data.encoding), extra=extra, seed=cfg.seed, rank=rank,
-               world_size=world_size)
+    extra = {
+        "world_size": world_size,
+        "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum,
+        "tokens_per_step": tokens_per_step,
+        "run_dir": str(ctx.run_dir),
+    }
+    return Job(
+        model=model,
+        train_model=train_model,
+        optimizer=build_optimizer(model, cfg.optim),
+        scheduler=None,
+        scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
+        loader=loader,
+        val_batches=val_batches,
+        tracker=tracker,
+        device=device,
+        checkpoints=ctx.run_dir / "checkpoints",
+        config=dataclasses.asdict(cfg),
+        tokens_per_step=tokens_per_step,
+        probe=probe,
+        probe_labels=token_labels(probe, data.encoding),
+        extra=extra,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
-def _record_start(job: Job, state: TrainState, cfg: RunConfig, ctx: RunContext, data: DataModule,
-                  resumed: Checkpoint | None) -> None:
+def _record_start(
+    job: Job, state: TrainState, cfg: RunConfig, ctx: RunContext, data: DataModule, resumed: Checkpoint | None
+) -> None:
     """Open (or continue) the MLflow run and record the config, sizes, tags and Hydra files."""
     count = job.model.num_parameters()
     info = data.prepare()
-    params = {**flatten(job.config), "n_params": str(count.total), "n_params_controller": str(count.controller),
-              "controller_share_pct": f"{count.controller_share_pct:.3f}",
-              "dataset.train_tokens": str(info.train_tokens), "dataset.val_tokens": str(info.val_tokens),
-              "world_size": str(job.world_size), "tokens_per_step": str(job.tokens_per_step)}
-    tags = {"mlflow.source.name": "run.py", "ncn.command": ctx.command, "ncn.run_dir": str(ctx.run_dir),
-            **{f"hydra.choices.{k}": v for k, v in ctx.choices.items()}}
+    params = {
+        **flatten(job.config),
+        "n_params": str(count.total),
+        "n_params_controller": str(count.controller),
+        "controller_share_pct": f"{count.controller_share_pct:.3f}",
+        "dataset.train_tokens": str(info.train_tokens),
+        "dataset.val_tokens": str(info.val_tokens),
+        "world_size": str(job.world_size),
+        "tokens_per_step": str(job.tokens_per_step),
+    }
+    tags = {
+        "mlflow.source.name": "run.py",
+        "ncn.command": ctx.command,
+        "ncn.run_dir": str(ctx.run_dir),
+        **{f"hydra.choices.{k}": v for k, v in ctx.choices.items()},
+    }
     if commit := git_commit(ctx.launch_dir):
         tags["mlflow.source.git.commit"] = commit
     tracker = job.tracker
-    state.mlflow_run_id = tracker.start(state.run_name, run_id=state.mlflow_run_id,
-                                        resume_step=state.step if resumed else None, tags=tags)
+    state.mlflow_run_id = tracker.start(
+        state.run_name, run_id=state.mlflow_run_id, resume_step=state.step if resumed else None, tags=tags
+    )
     tracker.log_params(params)
     prefix = f"resume/step_{state.step:06d}/" if resumed else ""
     tracker.log_dict(job.config, f"{prefix}config.yaml")
     if (ctx.run_dir / ".hydra").is_dir():
         tracker.log_artifact(ctx.run_dir / ".hydra", f"{prefix}hydra")
-    log.info("%s: %s params (controller %.2f%%), %d tokens per step, run dir %s", state.run_name,
-             f"{count.total:,}", count.controller_share_pct, job.tokens_per_step, ctx.run_dir)
+    log.info(
+        "%s: %s params (controller %.2f%%), %d tokens per step, run dir %s",
+        state.run_name,
+        f"{count.total:,}",
+        count.controller_share_pct,
+        job.tokens_per_step,
+        ctx.run_dir,
+    )
 
 
 def _interrupted(step: int, job: Job) -> str:
@@ -108,8 +152,9 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
         check_baseline_choice(ctx.choices, cfg.ncn.targets)
     run_name = cfg.run_name or default_run_name(ctx.choices, cfg.seed)
     cfg = dataclasses.replace(cfg, run_name=run_name)
-    device, rank, world_size = setup_device(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.threads,
-                                            cfg.trainer.deterministic)
+    device, rank, world_size = setup_device(
+        cfg.trainer.device, cfg.trainer.precision, cfg.trainer.threads, cfg.trainer.deterministic
+    )
     tracker = open_tracker(cfg.tracking, ctx.launch_dir, ctx.run_dir) if rank == 0 else NullTracker()
     tracker.check()
     if tracker.enabled:  # checkpoints record the store itself, so tasks find the run from any folder
@@ -117,15 +162,22 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     data = DataModule(cfg.data)
     data.prepare()
     if data.vocab_size > cfg.model.vocab_size:
-        raise NCNConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                             f"{data.vocab_size}: use model.vocab_size={data.vocab_size}")
+        raise NCNConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{data.vocab_size}: use model.vocab_size={data.vocab_size}"
+        )
     job = _build_job(cfg, ctx, data, tracker, device, rank, world_size)
     state = TrainState(run_name=run_name)
     if resumed is not None:
         state = checkpoint.restore(resumed, job.model, job.optimizer, cfg.optim, job.scaler, job.loader)
         job.last_good = resumed.path
-        log.info("resuming run %s (MLflow run %s) at step %d from %s", state.run_name, state.mlflow_run_id,
-                 state.step, resumed.path)
+        log.info(
+            "resuming run %s (MLflow run %s) at step %d from %s",
+            state.run_name,
+            state.mlflow_run_id,
+            state.step,
+            resumed.path,
+        )
     last = total_steps(cfg.trainer, state, job.loader.blocks_per_epoch, job.loader.global_batch, job.tokens_per_step)
     job.scheduler = build_scheduler(job.optimizer, cfg.optim, last, start_step=state.step)
     with sigterm_as_interrupt(rank == 0):
@@ -148,8 +200,13 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     tracker.end("FINISHED")
     if rank == 0:
         where = f"MLflow run {tracker.run_id} in {tracker.uri}" if tracker.enabled else "no tracking"
-        log.info("done: val loss %.4f, val ppl %.2f | run dir %s | %s", final.get("val/loss", float("nan")),
-                 final.get("val/ppl", float("nan")), ctx.run_dir, where)
+        log.info(
+            "done: val loss %.4f, val ppl %.2f | run dir %s | %s",
+            final.get("val/loss", float("nan")),
+            final.get("val/ppl", float("nan")),
+            ctx.run_dir,
+            where,
+        )
         if tracker.enabled:
             log.info("browse: mlflow ui --backend-store-uri %s", shlex.quote(tracker.uri))
     return float(final.get("val/loss", float("nan")))
