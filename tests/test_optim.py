@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_optim.py
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -45,7 +46,7 @@ def test_schedule_values() -> None:
     assert lr_at(60, **kw) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way through the cosine
     assert lr_at(110, **kw) == lr_at(10_000, **kw) == 1e-4  # floor
     decay = [lr_at(s, **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(decay, decay[1:], strict=True))
+    assert all(a >= b for a, b in itertools.pairwise(decay))
     assert lr_at(3, lr=1e-3, min_lr=0.0, warmup_steps=0, total_steps=4) == pytest.approx(
         1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4))
     )
