@@ -75,7 +75,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)
             # The chunk's query i sits at position start + i and may see keys 0 .. start + i.
             # (is_causal would align the mask top-left, wrong for Tc < keys; the reference
-            # dropped the mask altogether when a cache was given, spec §5.1.)
+            # dropped the mask altogether when a cache was given, docs/method.md §7.)
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, d)  # (B, T, d)

@@ -154,7 +154,7 @@ class Controller(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise the controller (run after the base model's init, spec §5.1).
+        """Initialise the controller (run after the base model's init, docs/method.md §6).
 
         | parameter | init |
         |---|---|

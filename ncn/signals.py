@@ -33,7 +33,7 @@ RANGES: dict[str, tuple[float, float]] = {
 
 # Initial bias b2 of the controller's output column for each signal (NCN paper §3 table):
 # with raw z = b2 every signal sits at (about) its neutral value, so training starts near
-# the plain Transformer instead of at precision 0.70 / gate 0.50 (paper §4.1.4, spec §5.1).
+# the plain Transformer instead of at precision 0.70 / gate 0.50 (NCN paper §4.1.4; docs/method.md §3).
 _p = NEUTRAL["activation_beta"] / ACTIVATION_BETA_MAX
 NEUTRAL_BIAS: dict[str, float] = {
     "gain": 0.0,  # 2·sigmoid(0) = 1
