@@ -63,7 +63,7 @@ def test_future_tokens_do_not_change_past_logits_extensions(variant):
 @pytest.mark.parametrize("targets", TARGET_SETS[1:], ids=lambda t: "+".join(t))
 def test_global_pooling_leaks_the_future(targets):
     a, b = _perturbed_logits(randomize_controller(tiny(targets, pooling="global")), t=11)
-    assert (a[:, :12] - b[:, :12]).abs().max().item() > 1e-5  # NCN paper §5: the reference's leak, reproduced (causal: 0)
+    assert (a[:, :12] - b[:, :12]).abs().max().item() > 1e-5  # NCN paper §5: the leak, reproduced
 
 
 @pytest.mark.parametrize("variant", [{}, {"activation": "swish_beta", "per_head_precision": True}])
