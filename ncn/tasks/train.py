@@ -90,9 +90,7 @@ def _build_job(
     )
 
 
-def _record_start(
-    job: Job, state: TrainState, cfg: RunConfig, ctx: RunContext, data: DataModule, resumed: Checkpoint | None
-) -> None:
+def _record_start(job: Job, state: TrainState, ctx: RunContext, data: DataModule, resumed: Checkpoint | None) -> None:
     """Open (or continue) the MLflow run and record the config, sizes, tags and Hydra files."""
     count = job.model.num_parameters()
     info = data.prepare()
@@ -182,7 +180,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     job.scheduler = build_scheduler(job.optimizer, cfg.optim, last, start_step=state.step)
     with sigterm_as_interrupt(rank == 0):
         try:
-            _record_start(job, state, cfg, ctx, data, resumed)
+            _record_start(job, state, ctx, data, resumed)
             metrics = train(job, state, cfg.trainer, last)
             final = {**metrics, "step": state.step, "tokens_seen": state.tokens_seen}
             if rank == 0:
