@@ -40,7 +40,12 @@ RESUME = [
     "trainer.eval_batches=1",
     "trainer.probe_tokens=0",
     "trainer.threads=1",
+    "trainer.skip_nonfinite=1",
 ]
+# The loss of step 2 is NaN once (tests/faults.py): the step is skipped and retried on the next
+# batch, so the data position and the skip count are state a resume must carry too.
+FAULTS = ["--nan-steps", "2"]
+RESTORED = ("step", "tokens_seen", "data", "nonfinite_skipped", "val_loss")  # TrainState fields a resume must keep
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +76,13 @@ def assert_same_checkpoint(ours: Path, theirs: Path) -> None:
         assert unequal == [], f"{name}: {unequal[:5]} differ"
 
 
+def assert_same_state(ours: Path, theirs: Path) -> None:
+    """The resumed run's final TrainState equals the uninterrupted run's (data position, skips, tokens)."""
+    a, b = (json.loads((p / "train_state.json").read_text()) for p in (ours, theirs))
+    assert {k: a[k] for k in RESTORED} == {k: b[k] for k in RESTORED}
+    assert (a["step"], a["nonfinite_skipped"], a["data"]) == (STEPS, 1, {"epoch": 0, "position": (STEPS + 1) * 4})
+
+
 def assert_one_continuous_history(uri: str, reference: Path) -> None:
     """A single FINISHED MLflow run whose train/loss and val/loss equal the reference's at every step, once."""
     client = MlflowClient(uri)
@@ -87,7 +99,7 @@ def assert_one_continuous_history(uri: str, reference: Path) -> None:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run dir of the uninterrupted run (metrics.jsonl only: its MLflow run is not needed)."""
     base = tmp_path_factory.mktemp("uninterrupted")
-    done = run_cli([*RESUME, "tracking=none", f"hydra.run.dir={base / 'run'}"], cwd=base)
+    done = run_cli([*RESUME, "tracking=none", f"hydra.run.dir={base / 'run'}"], cwd=base, faults=FAULTS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(losses(base / "run")) == list(range(1, STEPS + 1))
     return base / "run"
@@ -99,7 +111,15 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(reference: Path, 
     first, second = tmp_path / "outputs" / "first", tmp_path / "outputs" / "second"
     with (tmp_path / "first.log").open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(REPO / "run.py"), *RESUME, f"tracking.uri={uri}", f"hydra.run.dir={first}"],
+            [
+                sys.executable,
+                str(REPO / "tests" / "faults.py"),
+                *FAULTS,
+                "--",
+                *RESUME,
+                f"tracking.uri={uri}",
+                f"hydra.run.dir={first}",
+            ],
             cwd=tmp_path,
             stdout=log,
             stderr=log,
@@ -129,8 +149,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(reference: Path, 
     assert {**before, **after} == expected, context
     assert_one_continuous_history(uri, reference)
     assert_same_checkpoint(second / "checkpoints" / "step_000016", reference / "checkpoints" / "step_000016")
-    state = json.loads((second / "checkpoints" / "step_000016" / "train_state.json").read_text())
-    assert (state["step"], state["data"]) == (STEPS, {"epoch": 0, "position": STEPS * 4})
+    assert_same_state(second / "checkpoints" / "step_000016", reference / "checkpoints" / "step_000016")
 
 
 def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(
@@ -139,7 +158,9 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(
     uri = mlflow_store(tmp_path / "mlflow.db")
     first, second = tmp_path / "outputs" / "first", tmp_path / "outputs" / "second"
     crashed = run_cli(
-        [*RESUME, f"tracking.uri={uri}", f"hydra.run.dir={first}"], cwd=tmp_path, faults=["--crash-before-rename", "12"]
+        [*RESUME, f"tracking.uri={uri}", f"hydra.run.dir={first}"],
+        cwd=tmp_path,
+        faults=[*FAULTS, "--crash-before-rename", "12"],
     )
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
 
@@ -154,7 +175,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(
     assert {p.name for p in unfinished.iterdir()} == {"model.pt", "optim.pt", "train_state.json", "config.yaml"}
     previous = ckpt.load(ckpt.resolve("latest", tmp_path))
     assert previous.path == checkpoints / "step_000008"
-    assert (previous.state.step, previous.state.data) == (8, {"epoch": 0, "position": 32})
+    assert (previous.state.step, previous.state.data) == (8, {"epoch": 0, "position": (8 + 1) * 4})  # 1 skipped
     assert sorted(losses(first)) == list(range(1, 13))
 
     resumed = run_cli(["trainer.resume=latest", f"hydra.run.dir={second}"], cwd=tmp_path)
@@ -163,3 +184,4 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(
     assert losses(second) == {s: expected[s] for s in range(9, STEPS + 1)}
     assert_one_continuous_history(uri, reference)
     assert_same_checkpoint(second / "checkpoints" / "step_000016", reference / "checkpoints" / "step_000016")
+    assert_same_state(second / "checkpoints" / "step_000016", reference / "checkpoints" / "step_000016")
