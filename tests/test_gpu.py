@@ -102,7 +102,7 @@ def test_bf16_autocast_with_compile_matches_fp32_eager():
     assert _relative_error(logits, reference_logits) <= 4 * U
 
 
-def _attention_ops(prof: profile) -> tuple[set[str], set[str]]:
+def _kernels(prof: profile) -> tuple[set[str], set[str]]:
     """(operator names, device kernel names) recorded by `prof`."""
     events = prof.key_averages()
     ops = {e.key for e in events if e.key.startswith("aten::")}
@@ -110,18 +110,28 @@ def _attention_ops(prof: profile) -> tuple[set[str], set[str]]:
     return ops, kernels
 
 
+def _attention_ops(ops: set[str], kinds: tuple[str, ...]) -> tuple[set[str], set[str]]:
+    """(forward, backward) SDPA operators among `ops` whose name holds one of `kinds`."""
+    found = {op for op in ops if any(kind in op for kind in kinds)}
+    return {op for op in found if "backward" not in op}, {op for op in found if "backward" in op}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_cuda)], ids=["eager", "compiled"])
-def test_flash_attention_runs_for_precision_scaled_queries(compiled: bool):
-    """The precision-scaled queries (Q' = beta Q, a strided view) keep SDPA on its flash kernel, in the
-    forward and the backward pass: forced (`sdpa_kernel(FLASH_ATTENTION)` raises when flash cannot
-    take the inputs) and chosen by default (the profiler sees the flash operator and, on CUDA, a
-    kernel named flash, and neither the memory-efficient nor the math one). Training setup: bf16
-    autocast; attention dropout 0.1 on CUDA (flash supports it there), 0 on CPU (whose flash kernel
-    has no dropout)."""
+def test_fused_attention_kernel_runs_for_precision_scaled_queries(compiled: bool):
+    """The precision-scaled queries (Q' = beta Q, a strided view) keep SDPA on a fused kernel in the
+    forward and the backward pass, in the training setup (bf16 autocast; attention dropout 0.1 on
+    CUDA, 0 on CPU, whose flash kernel has no dropout).
+
+    By default the profiler sees flash attention, or on Hopper cuDNN's attention when this torch
+    build prefers it (both the FlashAttention algorithm), and neither the memory-efficient nor the
+    math fallback. Eager, `sdpa_kernel(FLASH_ATTENTION)` forces flash alone (it raises "No available
+    kernel" when flash cannot take the inputs) and the profiler sees its operators and, on CUDA, a
+    kernel named flash."""
     model = _model(dropout=0.1 if CUDA else 0.0).train()
     step = torch.compile(model) if compiled else model
     x, y = _batch()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if CUDA else [])]
 
     def forward_backward() -> None:
         with autocast(DEVICE, "bf16"):
@@ -131,15 +141,19 @@ def test_flash_attention_runs_for_precision_scaled_queries(compiled: bool):
             torch.cuda.synchronize()
 
     forward_backward()  # compiles (outside the profiler, which would also record the tracing)
-    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if CUDA else [])]
     with profile(activities=activities) as prof:
         forward_backward()
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        forward_backward()  # RuntimeError "No available kernel" if flash could not take these inputs
-    ops, kernels = _attention_ops(prof)
-    flash_ops = {op for op in ops if "flash_attention" in op}
-    assert any("backward" not in op for op in flash_ops) and any("backward" in op for op in flash_ops), ops
-    assert not {op for op in ops if "efficient_attention" in op or "attention_math" in op}, ops
+    ops, _ = _kernels(prof)
+    forward, backward = _attention_ops(ops, ("flash_attention", "cudnn_attention"))
+    assert forward and backward, sorted(ops)
+    assert _attention_ops(ops, ("efficient_attention", "attention_math")) == (set(), set()), sorted(ops)
+    if compiled:
+        return  # a compiled graph need not be retraced when the backend context changes
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), profile(activities=activities) as prof:
+        forward_backward()
+    ops, kernels = _kernels(prof)
+    forward, backward = _attention_ops(ops, ("flash_attention",))
+    assert forward and backward, sorted(ops)
     if CUDA:
         assert any("flash" in k.lower() for k in kernels), sorted(kernels)[:40]
 
