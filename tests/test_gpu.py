@@ -286,6 +286,8 @@ def test_fp16_run_resumes_with_the_grad_scaler_state(task_config, tmp_path: Path
     ]
     cfg, ctx = task_config(args)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for run_dir in (whole, resumed):
+        run_dir.mkdir()  # Hydra creates a run's folder before the task starts
     train.main(cfg, dataclasses.replace(ctx, run_dir=whole))
     saved = _scaler_state(whole, 3)
     assert saved["_growth_tracker"] > 0 or saved["scale"] < 2.0**16  # not a fresh scaler's state
