@@ -132,18 +132,19 @@ def one_line(exc: BaseException) -> str:
     return ": ".join(dict.fromkeys(line for line in first[:2] if "$VALUE" not in line))
 
 
-def _app_groups(parent: str = "") -> list[str]:
-    """The app's config groups under `parent` (nested ones as `a/b`), without Hydra's own `hydra/...`."""
+def _app_groups(parent: str = "") -> dict[str, list[str]]:
+    """{group: its options} of the app's config groups under `parent` (nested ones as `a/b`),
+    without Hydra's own `hydra/...`; groups without options of their own are left out, as Hydra does."""
     loader = GlobalHydra.instance().config_loader()
-    groups = []
+    groups: dict[str, list[str]] = {}
     for child in loader.list_groups(parent):
         name = f"{parent}/{child}" if parent else child
         if name == "hydra":
             continue
-        if loader.get_group_options(name, ObjectType.CONFIG):
-            groups.append(name)
+        if options := loader.get_group_options(name, ObjectType.CONFIG):
+            groups[name] = options
         if loader.get_group_options(name, ObjectType.GROUP):
-            groups.extend(_app_groups(name))
+            groups.update(_app_groups(name))
     return groups
 
 
@@ -166,12 +167,12 @@ def app_help(argv: list[str], config_dir: Path, config_name: str) -> str | None:
     overrides = [a for a in argv if a not in HELP_FLAGS]
     with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # as Hydra's help does: `${hydra:...}` resolves in the template
         template = str(cfg.hydra.help.template)
         used = {m.group(1) or m.group(2) for m in re.finditer(r"\$(?:(\w+)|\{(\w+)\})", template)}
         if used - {"APP_CONFIG_GROUPS", "CONFIG"}:
             return None
-        loader = GlobalHydra.instance().config_loader()
-        groups = "".join(f"{g}: {', '.join(sorted(loader.get_group_options(g)))}\n" for g in sorted(_app_groups()))
+        groups = "".join(f"{g}: {', '.join(sorted(options))}\n" for g, options in sorted(_app_groups().items()))
     with open_dict(cfg):
         del cfg["hydra"]
     return string.Template(template).substitute(APP_CONFIG_GROUPS=groups, CONFIG=OmegaConf.to_yaml(cfg))
