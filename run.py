@@ -10,6 +10,7 @@ returned value (final val loss for train) is a sweeper's objective.
 import importlib
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.errors import HydraException
@@ -40,7 +41,10 @@ if __name__ == "__main__":
         sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # config errors reach us as exceptions, not as a printed report
     try:
-        main()
+        if (help_text := cli.app_help(sys.argv[1:], Path(__file__).parent / "conf", "config")) is not None:
+            print(help_text)
+        else:
+            main()
     except (NCNConfigError, RunFailedError, HydraException, OmegaConfBaseException, KeyboardInterrupt) as exc:
         print(f"error: {cli.one_line(exc)}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, (HydraException, OmegaConfBaseException)) else exit_code(exc))

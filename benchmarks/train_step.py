@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"machine: {where}; load average {load_before[0]:.2f} -> {load_after[0]:.2f}; "
         f"{dt.datetime.now():%Y-%m-%d %H:%M}; torch {torch.__version__}"
     )
+    fused = bool(variants[0].job.optimizer.defaults.get("fused"))
+    print(f"optimizer: AdamW fused={fused} (optim.fused=null: fused on CUDA); deterministic={tcfg.deterministic}")
     print(
         "FLOPs/token = 6*N + 12*n_layer*d_model*T (N: params without position embedding); "
         f"MFU = FLOPs/token * tokens/s / peak ({f'{peak:g} TFLOP/s' if peak else 'n/a: pass --peak-tflops'})"
@@ -292,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         "platform": platform.platform(),
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_")},
         "peak_tflops": peak,
+        "fused_adamw": fused,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "results": rows,
