@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from ncn import ModulatedGPT
+from ncn.errors import RunFailedError
 from ncn.tasks.report import report
 from ncn.tasks.sweep import sweep_grid
 from ncn.tracking import MLflowTracker
@@ -291,3 +293,85 @@ def test_mlflow_ui_compare_view_renders_the_sweep(two_variant) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "compare view of 2 runs of sweep ablation" in done.stdout
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+# --- Optuna: a failing trial (hydra/sweeper=ncn_optuna, max_failure_rate over all trials) ---
+
+LR_SEARCH = ["hydra.sweeper.n_trials=4", "optim.lr=choice(1e30,1e-3)"]  # 1e30 diverges at step 2
+
+
+@pytest.mark.slow
+def test_lr_search_goes_on_after_a_diverging_trial(tmp_path: Path, corpus: Path, mlflow_store) -> None:
+    """4 trials, TPE seed 0 draws lr 1e30 for trial 1 only: 1 of 4 failed is within max_failure_rate 0.25,
+    so all 4 run; trial 1 is FAILED in MLflow and FAIL in the study, the best lr is saved, exit 3."""
+    mlflow_store(tmp_path / "mlflow.db")
+    done, client, parent, children = _sweep(tmp_path, corpus, "lr_search", *LR_SEARCH)
+    assert done.returncode == 3, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: 1 of 4 trials failed (first: trial 1, optim.lr=1e+30: run failed (exit 3), DivergenceError: "
+        "non-finite loss or gradient at step 2"
+    ), last
+    assert "); best: trial 0 (optim.lr=0.001) = " in last and "(within max_failure_rate=0.25: at most 1 of 4" in last
+    by_job = {c.data.tags["ncn.sweep.job"]: c.info.status for c in children}
+    assert by_job == {
+        "0: optim.lr=0.001": "FINISHED",
+        "1: optim.lr=1e+30": "FAILED",
+        "2: optim.lr=0.001": "FINISHED",
+        "3: optim.lr=0.001": "FINISHED",
+    }
+    tags = parent.data.tags
+    assert (parent.info.status, tags["ncn.sweep.jobs_finished"], tags["ncn.sweep.jobs_failed"]) == ("FAILED", "3", "1")
+    # the plugin logs "Failed experiment" exactly where it tells Optuna the trial's state is FAIL
+    assert (done.stdout + done.stderr).count("Failed experiment: non-finite loss or gradient at step 2") == 1
+    [results] = (tmp_path / "multirun" / "lr_search").glob("*/*/optimization_results.yaml")
+    best = yaml.safe_load(results.read_text())
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert best["best_params"] == {"optim.lr": 0.001}
+    assert best["best_value"] == pytest.approx(min(c.data.metrics["val/loss"] for c in finished))
+
+
+@pytest.mark.slow
+def test_lr_search_stops_once_more_than_its_share_failed(tmp_path: Path, corpus: Path, mlflow_store) -> None:
+    """TPE seed 6 draws lr 1e30 for trials 0 and 1: 2 failures > 25 % of 4, the study stops before trial 2."""
+    mlflow_store(tmp_path / "mlflow.db")
+    done, _, parent, children = _sweep(tmp_path, corpus, "lr_search", *LR_SEARCH, "hydra.sweeper.sampler.seed=6")
+    assert done.returncode == 3, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 2 of 2 trials failed (first: trial 0, optim.lr=1e+30: run failed (exit 3)"), last
+    assert last.endswith(
+        "no trial finished: more than hydra.sweeper.max_failure_rate=0.25 of 4 trials (at most 1) may fail, so the "
+        "study stopped; narrow the search space (e.g. a lower optim.lr bound) or raise hydra.sweeper.max_failure_rate"
+    ), last
+    assert [c.info.status for c in children] == ["FAILED", "FAILED"]
+    assert (parent.info.status, parent.data.tags["ncn.sweep.jobs_failed"]) == ("FAILED", "2")
+    assert not list((tmp_path / "multirun" / "lr_search").glob("*/*/2"))  # trial 2 never launched
+
+
+def test_failure_budget_counts_over_all_trials() -> None:
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.ncn_optuna_sweeper.ncn_optuna_sweeper import FailureBudget, trial_of
+
+    def job(value: object, overrides: list[str], failed: bool = False) -> JobReturn:
+        ret = JobReturn(overrides=overrides, status=JobStatus.FAILED if failed else JobStatus.COMPLETED)
+        ret._return_value = value  # what a launcher stores: the value, or the exception the job raised
+        return ret
+
+    budget = FailureBudget(0.25, 8)  # at most 2 of 8 may fail
+    budget.searched = ["optim.lr"]
+    budget.trials = [
+        trial_of(0, job(6.5, ["optim.lr=0.001", "model=tiny"])),
+        trial_of(1, job(RuntimeError("boom"), ["optim.lr=0.1", "model=tiny"], failed=True)),
+        trial_of(2, job(float("nan"), ["optim.lr=0.05", "model=tiny"])),
+        trial_of(3, job(6.25, ["optim.lr=0.002", "model=tiny"])),
+    ]
+    assert budget.allowed == 2 and [t.number for t in budget.failed] == [1, 2]
+    budget.check()  # 2 of at most 2
+    assert budget.summary(Path("o.yaml")).startswith(
+        "2 of 4 trials failed (first: trial 1, optim.lr=0.1: crash (exit 1), RuntimeError: boom); "
+        "best: trial 3 (optim.lr=0.002) = 6.25 (within max_failure_rate=0.25: at most 2 of 8"
+    )
+    budget.trials.append(trial_of(4, job(None, ["optim.lr=0.2"])))
+    with pytest.raises(RunFailedError, match=r"^3 of 5 trials failed .* so the study stopped"):
+        budget.check()
