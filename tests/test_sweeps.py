@@ -23,8 +23,9 @@ from mlflow import MlflowClient
 
 from ncn import ModulatedGPT
 from ncn.errors import RunFailedError
+from ncn.tasks.report import collect as report_collect
 from ncn.tasks.report import report
-from ncn.tasks.sweep import sweep_grid
+from ncn.tasks.sweep import hydra_quoted, sweep_grid
 from ncn.tracking import MLflowTracker
 
 from conftest import REPO, run_cli
@@ -124,7 +125,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _sweep(
     tmp: Path, corpus: Path, name: str, *overrides: str, env: dict[str, str] | None = None, faults: list[str] = ()
 ):
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"  # the default store of the launch dir `tmp` (no tracking.uri override)
     done = run_cli(
         [
             "-cd",
@@ -135,7 +136,6 @@ def _sweep(
             "data=text_files",
             f"data.path={corpus}",
             "data.val_fraction=0.2",
-            f"tracking.uri={uri}",
             *overrides,
         ],
         cwd=tmp,
@@ -375,3 +375,79 @@ def test_failure_budget_counts_over_all_trials() -> None:
     budget.trials.append(trial_of(4, job(None, ["optim.lr=0.2"])))
     with pytest.raises(RunFailedError, match=r"^3 of 5 trials failed .* so the study stopped"):
         budget.check()
+
+
+# --- user text in paths and names: quotes, spaces, non-ASCII (runs are found by id, matched in Python) ---
+
+ODD_FOLDER = 'it\'s a "quoted" földer, ünïcode'
+ODD_NAME = "o'brien's \"best\" rün"
+
+
+@pytest.mark.slow
+def test_failing_jobs_in_an_odd_folder_with_an_odd_run_name(tmp_path: Path, corpus: Path, mlflow_store) -> None:
+    """A sweep launched from a folder whose name has quotes, spaces and non-ASCII, with such a run_name: job 0
+    diverges, job 1 finishes, job 2 fails before its run exists. Each failure has its FAILED child and the
+    counts are right; then the sweep resumed by its (odd) folder reruns job 0 (now without the fault) into a
+    new run that supersedes the failed one, skips job 1 and fails job 2 again on the same placeholder."""
+    launch = tmp_path / ODD_FOLDER
+    launch.mkdir()
+    mlflow_store(launch / "mlflow.db")
+    grid = ["ncn=full", "seed=0", "trainer.skip_nonfinite=0,5,-1", f"run_name={hydra_quoted(ODD_NAME)}"]
+    done, client, parent, children = _sweep(launch, corpus, "ablation", *grid, faults=["--nan-steps", "2"])
+    assert done.returncode == 3, done.stderr[-3000:]
+    by_job = {c.data.tags["ncn.sweep.job"]: c for c in children}
+    assert {k: (c.info.run_name, c.info.status) for k, c in by_job.items()} == {
+        "0: trainer.skip_nonfinite=0": (ODD_NAME, "FAILED"),
+        "1: trainer.skip_nonfinite=5": (ODD_NAME, "FINISHED"),
+        "2: trainer.skip_nonfinite=-1": ("job2", "FAILED"),  # the placeholder of a job that died before its run
+    }
+    folder = Path(parent.data.tags["ncn.sweep.dir"])
+    assert folder.parent.parent.parent.parent == launch and ODD_FOLDER in str(folder)
+    assert {c.data.tags["ncn.run_dir"] for c in children} == {str(folder / n) for n in "012"}
+    tags = parent.data.tags
+    assert (parent.info.status, tags["ncn.sweep.jobs"], tags["ncn.sweep.jobs_failed"]) == ("FAILED", "3", "2")
+    assert sorted(k for k in tags if k.startswith("ncn.sweep.failed.")) == ["ncn.sweep.failed.0", "ncn.sweep.failed.2"]
+    diverged = by_job["0: trainer.skip_nonfinite=0"].info.run_id
+
+    resume = f"sweep_resume={folder.relative_to(launch)}"  # relative to the launch dir: no quoting needed
+    again, _, parent, children = _sweep(launch, corpus, "ablation", *grid, resume)
+    assert again.returncode == 2, again.stderr[-3000:]  # job 2's config error, again
+    assert again.stderr.strip().splitlines()[-1].startswith("error: trainer.skip_nonfinite=-1 must be >= 0")
+    tracker = MLflowTracker(client.tracking_uri)
+    current = tracker.sweep_jobs(parent.info.run_id)  # one run per job: its newest attempt
+    assert [(j.tags["ncn.sweep.job"], j.status) for j in current] == [
+        ("0: trainer.skip_nonfinite=0", "FINISHED"),
+        ("1: trainer.skip_nonfinite=5", "FINISHED"),
+        ("2: trainer.skip_nonfinite=-1", "FAILED"),
+    ]
+    assert len(children) == 4 and current[1].run_id == by_job["1: trainer.skip_nonfinite=5"].info.run_id
+    old = client.get_run(diverged)
+    assert (old.info.status, old.data.tags["ncn.superseded_by"]) == ("FAILED", current[0].run_id)
+    tags = parent.data.tags
+    assert (
+        parent.info.status,
+        tags["ncn.sweep.jobs"],
+        tags["ncn.sweep.jobs_finished"],
+        tags["ncn.sweep.jobs_failed"],
+    ) == (
+        "FAILED",
+        "3",
+        "2",
+        "1",
+    )
+    assert sorted(k for k in tags if k.startswith("ncn.sweep.failed.")) == ["ncn.sweep.failed.2"]
+    results, _, failed = report_collect(tracker, tracker.get_run(parent.info.run_id))
+    assert (len(results), failed) == (2, ["job2 (FAILED)"])
+
+
+def test_screenshot_script_finds_a_sweep_by_a_name_with_quotes(tmp_path: Path, mlflow_store) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlflow_screenshot", REPO / "scripts" / "mlflow_screenshot.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tracker = MLflowTracker(mlflow_store(tmp_path / "mlflow.db"))
+    parent = tracker.start("o'brien", tags={"ncn.sweep": 'o\'brien "ü"'})
+    child = tracker.create_run("run", tags={"mlflow.parentRunId": parent})
+    found, children = script.sweep_runs(tracker.uri, 'o\'brien "ü"')
+    assert (found.info.run_id, [c.info.run_id for c in children]) == (parent, [child])
