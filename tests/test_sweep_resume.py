@@ -31,6 +31,7 @@ from ncn.tasks.report import collect
 from ncn.tracking import MLflowTracker
 
 from conftest import REPO, run_cli
+from tiny_checkpoint import tiny_run
 
 GRID = ["ncn=none,full,gain_only", "seed=0"]
 FAST = [
@@ -154,6 +155,15 @@ def test_sigkilled_sweep_resumes_exactly(reference: Path, corpus: Path, tmp_path
     results, _, failed = collect(MLflowTracker(uri), MLflowTracker(uri).get_run(parent.info.run_id))
     assert (sorted(r.variant for r in results), failed) == (["full", "gain_only", "none"], [])
 
+    # tracking=none: no parent run, the folder alone says what ran; the uninterrupted sweep, resumed, skips all
+    files = {job: _files(reference / job) for job in ("0", "1", "2")}
+    launch = reference.parents[3]
+    done = run_cli(_args(corpus, launch, f"sweep_resume={reference}", tracked=False), cwd=launch, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.stderr + done.stdout).count("already finished") == 3
+    assert all(files[job] == _files(reference / job) for job in files)
+    assert [p.name for p in (launch / "multirun" / "ablation").glob("*/*")] == [reference.name]  # no new folder
+
 
 @pytest.mark.slow
 def test_joblib_resume_by_folder_skips_finished_jobs(corpus: Path, tmp_path: Path, mlflow_store) -> None:
@@ -200,20 +210,17 @@ def test_joblib_resume_by_folder_skips_finished_jobs(corpus: Path, tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def finished_job(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> tuple[Path, dict]:
-    """A sweep folder whose single job finished (tracking=none), and that job's config as composed."""
-    tmp = tmp_path_factory.mktemp("finished_job")
-    done = run_cli(_args(corpus, tmp, grid=["ncn=full", "seed=0"], tracked=False), cwd=tmp, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return _sweep_dir(tmp) / "0", json.loads((_sweep_dir(tmp) / "0" / "metrics.json").read_text())
+def finished(tmp_path_factory: pytest.TempPathFactory, _mlflow_template: Path) -> Path:
+    """Run dir of the session's tiny training run (6 steps, checkpoints at 3 and 6, metrics.json written)."""
+    return tiny_run(tmp_path_factory, _mlflow_template).checkpoint.parents[1]
 
 
 def _job_config(run_dir: Path):
     return checkpoint.load(checkpoint.read_pointer(run_dir / "checkpoints" / "latest"), tensors=False).config
 
 
-def test_plan_skips_a_finished_job_with_its_recorded_val_loss(finished_job, tmp_path: Path) -> None:
-    run_dir, metrics = finished_job
+def test_plan_skips_a_finished_job_with_its_recorded_val_loss(finished: Path, tmp_path: Path) -> None:
+    run_dir, metrics = finished, json.loads((finished / "metrics.json").read_text())
     cfg = _job_config(run_dir)
     plan = job_resume.plan_job(run_dir, dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=2)))
     assert (plan.action, plan.checkpoint, plan.val_loss) == (
@@ -224,10 +231,10 @@ def test_plan_skips_a_finished_job_with_its_recorded_val_loss(finished_job, tmp_
     assert job_resume.plan_job(tmp_path, cfg) == job_resume.JobPlan("fresh")  # an empty folder: a new job
 
 
-def test_plan_resumes_a_preempted_job_into_its_run(finished_job, tmp_path: Path) -> None:
+def test_plan_resumes_a_preempted_job_into_its_run(finished: Path, tmp_path: Path) -> None:
     """What a requeued SLURM job (submitit reruns the same job in the same folder) decides: without
     metrics.json the latest checkpoint is resumed, into the MLflow run it records."""
-    run_dir, _ = finished_job
+    run_dir = finished
     copy = tmp_path / "0"
     shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
     (copy / "checkpoints" / "latest").write_text("step_000003\n")
@@ -238,8 +245,8 @@ def test_plan_resumes_a_preempted_job_into_its_run(finished_job, tmp_path: Path)
     assert plan == job_resume.JobPlan("resume", copy / "checkpoints" / "step_000003", None, state["mlflow_run_id"])
 
 
-def test_plan_refuses_another_config_or_another_sweep(finished_job, tmp_path: Path) -> None:
-    run_dir, _ = finished_job
+def test_plan_refuses_another_config_or_another_sweep(finished: Path, tmp_path: Path) -> None:
+    run_dir = finished
     cfg = _job_config(run_dir)
     other = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.01))
     with pytest.raises(NCNConfigError, match=r"^sweep job 4: its folder .* holds a run trained with optim.lr=0.0006, "):

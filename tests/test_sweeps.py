@@ -9,6 +9,7 @@ Run: python -m pytest -q tests/test_sweeps.py   (about 2 minutes on 2 cores)
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -73,6 +74,47 @@ def test_slurm_launcher_config_composes(compose_config) -> None:
     cfg = compose_config(["hydra/launcher=slurm"], hydra=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.timeout_min) == (1, 240)
+    assert cfg.hydra.launcher.max_num_timeout == 3  # a job that hits its time limit is requeued (and resumes)
+    multi = ["hydra/launcher=slurm", "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4"]
+    launcher = compose_config([*multi, "hydra.launcher.nodes=2"], hydra=True).hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+
+
+def test_a_requeued_slurm_job_reruns_the_same_job() -> None:
+    """What resuming a preempted or timed-out SLURM job relies on: submitit calls the launcher's
+    `checkpoint` and requeues what it returns, the same call with the same job number and sweep dir key,
+    so the rerun lands in the same folder, where `ncn.job_resume.plan_job` finds its checkpoint
+    (tests/test_sweep_resume.py: test_plan_resumes_a_preempted_job_into_its_run)."""
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    launcher = SlurmLauncher(submitit_folder="x", timeout_min=1, max_num_timeout=3)
+    args = (["ncn=full", "seed=1"], "hydra.sweep.dir", 7, "job_id_for_7", {})
+    delayed = launcher.checkpoint(*args)
+    assert (delayed.function, delayed.args, delayed.kwargs) == (launcher, args, {})
+
+
+def test_non_zero_slurm_rank_leaves_logging_and_bookkeeping_to_rank_0(monkeypatch, tmp_path: Path) -> None:
+    """Every task of a multi-task SLURM job runs the job; the callback keeps tasks > 0 out of the job's log
+    file and out of the store (rank 0 tags the runs), as run.py does for torchrun's ranks."""
+    import logging
+
+    from ncn.tasks.sweep import SweepCallback
+
+    callback = SweepCallback()
+    callback.parent_run_id = "0" * 32  # no store behind it: any store access would fail
+    log_file = logging.FileHandler(tmp_path / "run.log")
+    root = logging.getLogger()
+    root.addHandler(log_file)
+    try:
+        monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+        monkeypatch.setenv("SLURM_PROCID", "1")
+        callback.on_job_start(config=None)
+        assert log_file not in root.handlers
+        assert os.environ["NCN_PARENT_RUN_ID"] == "0" * 32
+        callback.on_job_end(config=None, job_return=None)  # returns before touching the store
+    finally:
+        root.removeHandler(log_file)
+        monkeypatch.delenv("NCN_PARENT_RUN_ID", raising=False)
 
 
 # d_ff = 4·d + round(controller params / (n_layer·(2d + 1))), worked out by hand:

@@ -256,9 +256,6 @@ class SweepCallback(Callback):
         }
         run_id = tracker.start(parent.name, run_id=parent.run_id, tags=tags)  # RUNNING again
         tracker.log_dict({"overrides": list(config.hydra.overrides.task)}, f"resume/{count}/sweep.json")
-        previous = folder / "multirun.yaml"
-        if previous.is_file():  # the sweeper writes this launch's copy: keep the earlier one beside it
-            shutil.copy2(previous, folder / f"multirun.before_resume_{count}.yaml")
         _reuse_sweep_dir(config, folder)
         log.info("sweep %s: resuming parent run %s (resume %d) in %s", self.sweep_name, run_id, count, folder)
         return run_id
@@ -359,7 +356,12 @@ class SweepCallback(Callback):
 def _reuse_sweep_dir(config: DictConfig, folder: Path) -> None:
     """Point this launch at `folder`: the sweeper and launcher read `hydra.sweep.dir` of `config`; each
     job's config is composed again from `hydra.overrides.hydra` (Hydra's `load_sweep_config`), so the
-    folder goes there too, as an override, and job N runs in `<folder>/N` again."""
+    folder goes there too, as an override, and job N runs in `<folder>/N` again. The sweeper writes
+    this launch's multirun.yaml there: the earlier one is kept as multirun.before_resume_<n>.yaml."""
+    previous = folder / "multirun.yaml"
+    if previous.is_file():
+        n = 1 + len(list(folder.glob("multirun.before_resume_*.yaml")))
+        shutil.copy2(previous, folder / f"multirun.before_resume_{n}.yaml")
     with read_write(config.hydra), open_dict(config.hydra):
         config.hydra.sweep.dir = str(folder)
         config.hydra.overrides.hydra.append(f"hydra.sweep.dir={hydra_quoted(str(folder))}")
