@@ -303,3 +303,25 @@ def test_sweep_resume_outside_a_sweep_is_refused(task_config) -> None:
     cfg, ctx = task_config(["model=tiny", "tracking=none", "sweep_resume=0123abcd"])
     with pytest.raises(NCNConfigError, match=r"^sweep_resume=0123abcd continues a sweep: launch it as one, e\.g\. "):
         train.main(cfg, ctx)
+
+
+def test_resume_target_by_parent_id_or_folder(tmp_path: Path, mlflow_store) -> None:
+    from ncn.tasks.sweep import resume_target
+
+    tracker = MLflowTracker(mlflow_store(tmp_path / "mlflow.db"))
+    folder = tmp_path / "multirun" / "ablation" / "d" / "t"
+    folder.mkdir(parents=True)
+    parent = tracker.start("ablation", tags={"ncn.sweep": "ablation", "ncn.sweep.dir": str(folder)})
+    child = tracker.create_run("tiny-full-s0", tags={"mlflow.parentRunId": parent})
+    assert resume_target(tracker, parent, tmp_path)[0].run_id == parent
+    found, where = resume_target(tracker, "multirun/ablation/d/t", tmp_path)  # relative to the launch dir
+    assert (found.run_id, where) == (parent, folder)
+    assert resume_target(None, str(folder), tmp_path) == (None, folder)  # tracking=none: the folder alone
+    with pytest.raises(NCNConfigError, match=f"^sweep_resume={child} is MLflow run 'tiny-full-s0', not a sweep's"):
+        resume_target(tracker, child, tmp_path)
+    with pytest.raises(NCNConfigError, match="^sweep_resume=nope is neither an MLflow run of this store nor a folder"):
+        resume_target(tracker, "nope", tmp_path)
+    with pytest.raises(
+        NCNConfigError, match=f"^sweep_resume=multirun: no sweep of experiment ncn in .* ran in {tmp_path}"
+    ):
+        resume_target(tracker, "multirun", tmp_path)

@@ -108,11 +108,15 @@ def resume_target(tracker: Tracker | None, spec: str, launch_dir: Path) -> tuple
     folder = Path(spec).expanduser()
     folder = folder if folder.is_absolute() else launch_dir / folder
     if not folder.is_dir():
-        kind = "an MLflow run id of this store, nor" if tracker is not None else ""
+        example = "sweep_resume=multirun/ablation/<date>/<time>"
+        if tracker is None:
+            raise NCNConfigError(
+                f"sweep_resume={spec} is not a folder (with tracking=none a sweep is resumed by its folder): pass "
+                f"the sweep's folder, e.g. {example}"
+            )
         raise NCNConfigError(
-            f"sweep_resume={spec} is neither {kind} an existing sweep folder: pass the parent run id printed at "
-            "the sweep's start and end (with tracking.uri=<its store>), or the sweep's folder, e.g. "
-            "sweep_resume=multirun/ablation/<date>/<time>"
+            f"sweep_resume={spec} is neither an MLflow run of this store nor a folder: pass the parent run id printed "
+            f"at the sweep's start and end (with tracking.uri=<its store>), or the sweep's folder, e.g. {example}"
         )
     if tracker is None:
         return None, folder.resolve()
