@@ -1,9 +1,12 @@
 """Sweep tests: every sweeps/*.yaml composes; the iso-parameter baseline matches `full` within 0.5 %;
 real `python run.py -cd sweeps ...` multiruns (model=tiny trainer=smoke on a small synthetic
 text_files corpus) checked in a temporary MLflow store: parent/child nesting, identical param
-keys, the report, the joblib launcher on a fresh store and cold cache, and a failing job.
+keys, the report, the joblib launcher on a fresh store and cold cache, failing jobs (also in a
+launch folder and with a run_name full of quotes, spaces and non-ASCII), the Optuna search that
+goes on after a diverging trial and stops once more than its share failed; the SLURM launcher's
+settings and requeue contract, and non-zero SLURM ranks leaving bookkeeping to rank 0.
 
-Run: python -m pytest -q tests/test_sweeps.py   (about 2 minutes on 2 cores)
+Run: python -m pytest -q tests/test_sweeps.py   (about 4 minutes on 2 cores)
 """
 
 from __future__ import annotations
