@@ -105,19 +105,19 @@ def test_non_zero_slurm_rank_leaves_logging_and_bookkeeping_to_rank_0(monkeypatc
 
     callback = SweepCallback()
     callback.parent_run_id = "0" * 32  # no store behind it: any store access would fail
+    monkeypatch.setenv("NCN_PARENT_RUN_ID", "unset")  # recorded as absent: the teardown removes what the callback sets
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
     log_file = logging.FileHandler(tmp_path / "run.log")
     root = logging.getLogger()
     root.addHandler(log_file)
     try:
-        monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
-        monkeypatch.setenv("SLURM_PROCID", "1")
         callback.on_job_start(config=None)
         assert log_file not in root.handlers
         assert os.environ["NCN_PARENT_RUN_ID"] == "0" * 32
         callback.on_job_end(config=None, job_return=None)  # returns before touching the store
     finally:
         root.removeHandler(log_file)
-        monkeypatch.delenv("NCN_PARENT_RUN_ID", raising=False)
 
 
 # d_ff = 4·d + round(controller params / (n_layer·(2d + 1))), worked out by hand:
