@@ -63,8 +63,11 @@ class JobPlan:
 def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
     """The flattened keys whose values differ between two run configs, `RUNTIME_KEYS` left out."""
     old, new = flatten(asdict(saved)), flatten(asdict(current))
-    runtime = [k for k in (old.keys() | new.keys()) if any(k == r or k.startswith(r + ".") for r in RUNTIME_KEYS)]
-    return sorted(k for k in (old.keys() | new.keys()) - set(runtime) if old.get(k) != new.get(k))
+
+    def runtime(key: str) -> bool:
+        return any(key == r or key.startswith(r + ".") for r in RUNTIME_KEYS)
+
+    return sorted(k for k in old.keys() | new.keys() if not runtime(k) and old.get(k) != new.get(k))
 
 
 def plan_job(run_dir: Path, cfg: RunConfig, job: int | None = None) -> JobPlan:
