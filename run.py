@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ncn import cli
 from ncn.errors import NCNConfigError, RunFailedError, exit_code
+from ncn.runtime import distributed_env
 
 TASK_MODULES = {
     "train": "train",
@@ -37,7 +38,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 writes a run dir and logs
+    if distributed_env().rank > 0:  # torchrun or srun: only rank 0 writes a run dir and logs
         sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # config errors reach us as exceptions, not as a printed report
     try:

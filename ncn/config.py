@@ -426,7 +426,10 @@ class RunConfig:
     `<model>-<ncn>[-<data>][-<optim>]-s<seed>`. checkpoint: what generate/analyze/eval load
     (latest | best | PATH | run name | MLflow run id). prompt: generate/analyze text (None =
     generate from a fresh document; analyze the training probe). max_new_tokens, temperature
-    (0 = greedy), top_k: sampling. sweep_run: the sweep a report is about.
+    (0 = greedy), top_k: sampling. sweep_run: the sweep a report is about. sweep_resume: a
+    multirun continues this earlier sweep (its MLflow parent run id or its sweep folder):
+    finished jobs are skipped, interrupted ones resume from their latest checkpoint
+    (docs/sweeps.md "Resuming a sweep").
 
     Raises:
         NCNConfigError: an unknown task.
@@ -447,6 +450,7 @@ class RunConfig:
     temperature: float = 1.0
     top_k: int | None = None
     sweep_run: str | None = None
+    sweep_resume: str | None = None
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)

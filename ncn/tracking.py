@@ -172,6 +172,30 @@ class Tracker:
         """Set the end status of run `run_id`."""
         raise self._needs_store("a sweep")
 
+    # --- sweep bookkeeping: resumed sweeps, one run per job (ncn/tasks/sweep.py, ncn/tasks/report.py) ---
+
+    def sweeps(self) -> list[RunRecord]:
+        """The sweeps' parent runs (tagged `ncn.sweep`) of this tracker's experiment, oldest first."""
+        raise self._needs_store("a sweep")
+
+    def delete_tags(self, keys: Iterable[str], run_id: str) -> None:
+        """Remove the tags `keys` of run `run_id` (absent ones are ignored)."""
+        raise self._needs_store("a sweep")
+
+    def sweep_jobs(self, parent_id: str) -> list[RunRecord]:
+        """One run per job of the sweep `parent_id`, in the order the jobs first ran.
+
+        A job is its run dir (tag `ncn.run_dir`; a child without one is a job of its own). A job
+        run again in the same folder (a resumed sweep, a requeued SLURM job) may own several
+        children: a run killed before its first checkpoint, a FAILED placeholder of a job that
+        died before its run existed, then the run of the new attempt. Its current state is its
+        newest attempt (latest start time); earlier ones are history, never counted twice.
+        """
+        jobs: dict[str, RunRecord] = {}
+        for run in self.child_runs(parent_id):  # oldest first: a later attempt replaces an earlier one in place
+            jobs[run.tags.get("ncn.run_dir") or run.run_id] = run
+        return list(jobs.values())
+
 
 class NullTracker(Tracker):
     """No tracking server (`tracking=none`): only the local metrics.jsonl."""
@@ -432,6 +456,19 @@ class MLflowTracker(Tracker):
 
     def terminate(self, run_id: str, status: str) -> None:
         self._ready().set_terminated(run_id, status)
+
+    # --- sweep bookkeeping (see Tracker) ---
+
+    def sweeps(self) -> list[RunRecord]:
+        self._ready()
+        return [r for r in self._search([self.experiment_id]) if "ncn.sweep" in r.tags]
+
+    def delete_tags(self, keys: Iterable[str], run_id: str) -> None:
+        client = self._ready()
+        present = client.get_run(run_id).data.tags
+        for key in keys:
+            if key in present:
+                client.delete_tag(run_id, key)
 
 
 def open_tracker(cfg: TrackingConfig, launch_dir: Path, run_dir: Path | None = None) -> Tracker:

@@ -50,9 +50,9 @@ def sweep_runs(uri: str, sweep: str) -> tuple[object, list]:
 
     client = MlflowClient(tracking_uri=uri)
     ids = [e.experiment_id for e in client.search_experiments()]
-    parents = client.search_runs(
-        ids, f"tags.`ncn.sweep` = '{sweep}'", order_by=["attributes.start_time DESC"], max_results=1
-    )
+    # the sweep name is user text: matched in Python, never put into a filter string
+    runs = client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=50000)
+    parents = [r for r in runs if r.data.tags.get("ncn.sweep") == sweep]
     if not parents:
         raise SystemExit(f"error: no sweep named {sweep} in {uri}: run python run.py -cd sweeps -cn {sweep} first")
     parent = parents[0]

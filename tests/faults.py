@@ -3,8 +3,10 @@
 FAULTS: `--nan-steps 3,5` makes the loss of each listed optimizer step NaN once (the step is
 then skipped or stops the run, as a real divergence would); `--crash-before-rename STEP` ends
 the process (exit status `CRASH_EXIT_CODE`) after the checkpoint of STEP is fully written to its
-temporary folder, before it is renamed into place. The faults patch ncn's functions in this
-process only, then run run.py as `__main__`: nothing of this lives in the product.
+temporary folder, before it is renamed into place; `--sigkill-at RUN:STEP` SIGKILLs the process
+(like the OOM killer or a lost node: nothing can clean up) when its RUN-th training run is about to
+start optimizer step STEP + 1. The faults patch ncn's functions in this process only (a basic-launcher
+sweep runs its jobs in it), then run run.py as `__main__`: nothing of this lives in the product.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import runpy
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,10 +71,32 @@ def crash_before_rename(step: int) -> None:
     os.rename = rename
 
 
+def sigkill_at(run: int, step: int) -> None:
+    """SIGKILL this process when training run `run` (1-based, counted in this process) has done and
+    logged optimizer step `step`, before it starts the next one."""
+    import ncn.tasks.train
+    import ncn.trainer
+
+    original_train, original_step = ncn.tasks.train.train, ncn.trainer.optimizer_step
+    runs = [0]
+
+    def train(job: Any, state: Any, cfg: Any, total: int) -> Any:
+        runs[0] += 1
+        return original_train(job, state, cfg, total)
+
+    def optimizer_step(job: Any, batches: Any, cfg: Any, index: int) -> Any:
+        if runs[0] == run and index == step:  # index: steps done so far
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_step(job, batches, cfg, index)
+
+    ncn.tasks.train.train, ncn.trainer.optimizer_step = train, optimizer_step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nan-steps", default="", help="comma-separated optimizer steps whose loss becomes NaN once")
     parser.add_argument("--crash-before-rename", type=int, help="step whose checkpoint is never renamed into place")
+    parser.add_argument("--sigkill-at", help="RUN:STEP: SIGKILL when the RUN-th training run has done STEP steps")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -79,6 +104,8 @@ def main() -> None:
         inject_nan({int(s) for s in args.nan_steps.split(",")})
     if args.crash_before_rename is not None:
         crash_before_rename(args.crash_before_rename)
+    if args.sigkill_at:
+        sigkill_at(*(int(n) for n in args.sigkill_at.split(":")))
     overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
     sys.argv = [str(REPO / "run.py"), *overrides]
     runpy.run_path(str(REPO / "run.py"), run_name="__main__")

@@ -1,14 +1,18 @@
 """Sweep tests: every sweeps/*.yaml composes; the iso-parameter baseline matches `full` within 0.5 %;
 real `python run.py -cd sweeps ...` multiruns (model=tiny trainer=smoke on a small synthetic
 text_files corpus) checked in a temporary MLflow store: parent/child nesting, identical param
-keys, the report, the joblib launcher on a fresh store and cold cache, and a failing job.
+keys, the report, the joblib launcher on a fresh store and cold cache, failing jobs (also in a
+launch folder and with a run_name full of quotes, spaces and non-ASCII), the Optuna search that
+goes on after a diverging trial and stops once more than its share failed; the SLURM launcher's
+settings and requeue contract, and non-zero SLURM ranks leaving bookkeeping to rank 0.
 
-Run: python -m pytest -q tests/test_sweeps.py   (about 2 minutes on 2 cores)
+Run: python -m pytest -q tests/test_sweeps.py   (about 4 minutes on 2 cores)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -17,12 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from ncn import ModulatedGPT
+from ncn.errors import RunFailedError
+from ncn.tasks.report import collect as report_collect
 from ncn.tasks.report import report
-from ncn.tasks.sweep import sweep_grid
+from ncn.tasks.sweep import hydra_quoted, sweep_grid
 from ncn.tracking import MLflowTracker
 
 from conftest import REPO, run_cli
@@ -70,6 +77,47 @@ def test_slurm_launcher_config_composes(compose_config) -> None:
     cfg = compose_config(["hydra/launcher=slurm"], hydra=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.timeout_min) == (1, 240)
+    assert cfg.hydra.launcher.max_num_timeout == 3  # a job that hits its time limit is requeued (and resumes)
+    multi = ["hydra/launcher=slurm", "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4"]
+    launcher = compose_config([*multi, "hydra.launcher.nodes=2"], hydra=True).hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+
+
+def test_a_requeued_slurm_job_reruns_the_same_job() -> None:
+    """What resuming a preempted or timed-out SLURM job relies on: submitit calls the launcher's
+    `checkpoint` and requeues what it returns, the same call with the same job number and sweep dir key,
+    so the rerun lands in the same folder, where `ncn.job_resume.plan_job` finds its checkpoint
+    (tests/test_sweep_resume.py: test_plan_resumes_a_preempted_job_into_its_run)."""
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    launcher = SlurmLauncher(submitit_folder="x", timeout_min=1, max_num_timeout=3)
+    args = (["ncn=full", "seed=1"], "hydra.sweep.dir", 7, "job_id_for_7", {})
+    delayed = launcher.checkpoint(*args)
+    assert (delayed.function, delayed.args, delayed.kwargs) == (launcher, args, {})
+
+
+def test_non_zero_slurm_rank_leaves_logging_and_bookkeeping_to_rank_0(monkeypatch, tmp_path: Path) -> None:
+    """Every task of a multi-task SLURM job runs the job; the callback keeps tasks > 0 out of the job's log
+    file and out of the store (rank 0 tags the runs), as run.py does for torchrun's ranks."""
+    import logging
+
+    from ncn.tasks.sweep import SweepCallback
+
+    callback = SweepCallback()
+    callback.parent_run_id = "0" * 32  # no store behind it: any store access would fail
+    monkeypatch.setenv("NCN_PARENT_RUN_ID", "unset")  # recorded as absent: the teardown removes what the callback sets
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    log_file = logging.FileHandler(tmp_path / "run.log")
+    root = logging.getLogger()
+    root.addHandler(log_file)
+    try:
+        callback.on_job_start(config=None)
+        assert log_file not in root.handlers
+        assert os.environ["NCN_PARENT_RUN_ID"] == "0" * 32
+        callback.on_job_end(config=None, job_return=None)  # returns before touching the store
+    finally:
+        root.removeHandler(log_file)
 
 
 # d_ff = 4·d + round(controller params / (n_layer·(2d + 1))), worked out by hand:
@@ -122,7 +170,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _sweep(
     tmp: Path, corpus: Path, name: str, *overrides: str, env: dict[str, str] | None = None, faults: list[str] = ()
 ):
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"  # the default store of the launch dir `tmp` (no tracking.uri override)
     done = run_cli(
         [
             "-cd",
@@ -133,7 +181,6 @@ def _sweep(
             "data=text_files",
             f"data.path={corpus}",
             "data.val_fraction=0.2",
-            f"tracking.uri={uri}",
             *overrides,
         ],
         cwd=tmp,
@@ -291,3 +338,161 @@ def test_mlflow_ui_compare_view_renders_the_sweep(two_variant) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "compare view of 2 runs of sweep ablation" in done.stdout
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+# --- Optuna: a failing trial (hydra/sweeper=ncn_optuna, max_failure_rate over all trials) ---
+
+LR_SEARCH = ["hydra.sweeper.n_trials=4", "optim.lr=choice(1e30,1e-3)"]  # 1e30 diverges at step 2
+
+
+@pytest.mark.slow
+def test_lr_search_goes_on_after_a_diverging_trial(tmp_path: Path, corpus: Path, mlflow_store) -> None:
+    """4 trials, TPE seed 0 draws lr 1e30 for trial 1 only: 1 of 4 failed is within max_failure_rate 0.25,
+    so all 4 run; trial 1 is FAILED in MLflow and FAIL in the study, the best lr is saved, exit 3."""
+    mlflow_store(tmp_path / "mlflow.db")
+    done, client, parent, children = _sweep(tmp_path, corpus, "lr_search", *LR_SEARCH)
+    assert done.returncode == 3, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: 1 of 4 trials failed (first: trial 1, optim.lr=1e+30: run failed (exit 3), DivergenceError: "
+        "non-finite loss or gradient at step 2"
+    ), last
+    assert "); best: trial 0 (optim.lr=0.001) = " in last and "(within max_failure_rate=0.25: at most 1 of 4" in last
+    by_job = {c.data.tags["ncn.sweep.job"]: c.info.status for c in children}
+    assert by_job == {
+        "0: optim.lr=0.001": "FINISHED",
+        "1: optim.lr=1e+30": "FAILED",
+        "2: optim.lr=0.001": "FINISHED",
+        "3: optim.lr=0.001": "FINISHED",
+    }
+    tags = parent.data.tags
+    assert (parent.info.status, tags["ncn.sweep.jobs_finished"], tags["ncn.sweep.jobs_failed"]) == ("FAILED", "3", "1")
+    # the plugin logs "Failed experiment" exactly where it tells Optuna the trial's state is FAIL
+    assert (done.stdout + done.stderr).count("Failed experiment: non-finite loss or gradient at step 2") == 1
+    [results] = (tmp_path / "multirun" / "lr_search").glob("*/*/optimization_results.yaml")
+    best = yaml.safe_load(results.read_text())
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert best["best_params"] == {"optim.lr": 0.001}
+    assert best["best_value"] == pytest.approx(min(c.data.metrics["val/loss"] for c in finished))
+
+
+@pytest.mark.slow
+def test_lr_search_stops_once_more_than_its_share_failed(tmp_path: Path, corpus: Path, mlflow_store) -> None:
+    """TPE seed 6 draws lr 1e30 for trials 0 and 1: 2 failures > 25 % of 4, the study stops before trial 2."""
+    mlflow_store(tmp_path / "mlflow.db")
+    done, _, parent, children = _sweep(tmp_path, corpus, "lr_search", *LR_SEARCH, "hydra.sweeper.sampler.seed=6")
+    assert done.returncode == 3, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 2 of 2 trials failed (first: trial 0, optim.lr=1e+30: run failed (exit 3)"), last
+    assert last.endswith(
+        "no trial finished: more than hydra.sweeper.max_failure_rate=0.25 of 4 trials (at most 1) may fail, so the "
+        "study stopped; narrow the search space (e.g. a lower optim.lr bound) or raise hydra.sweeper.max_failure_rate"
+    ), last
+    assert [c.info.status for c in children] == ["FAILED", "FAILED"]
+    assert (parent.info.status, parent.data.tags["ncn.sweep.jobs_failed"]) == ("FAILED", "2")
+    assert not list((tmp_path / "multirun" / "lr_search").glob("*/*/2"))  # trial 2 never launched
+
+
+def test_failure_budget_counts_over_all_trials() -> None:
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.ncn_optuna_sweeper.ncn_optuna_sweeper import FailureBudget, trial_of
+
+    def job(value: object, overrides: list[str], failed: bool = False) -> JobReturn:
+        ret = JobReturn(overrides=overrides, status=JobStatus.FAILED if failed else JobStatus.COMPLETED)
+        ret._return_value = value  # what a launcher stores: the value, or the exception the job raised
+        return ret
+
+    budget = FailureBudget(0.25, 8)  # at most 2 of 8 may fail
+    budget.searched = ["optim.lr"]
+    budget.trials = [
+        trial_of(0, job(6.5, ["optim.lr=0.001", "model=tiny"])),
+        trial_of(1, job(RuntimeError("boom"), ["optim.lr=0.1", "model=tiny"], failed=True)),
+        trial_of(2, job(float("nan"), ["optim.lr=0.05", "model=tiny"])),
+        trial_of(3, job(6.25, ["optim.lr=0.002", "model=tiny"])),
+    ]
+    assert budget.allowed == 2 and [t.number for t in budget.failed] == [1, 2]
+    budget.check()  # 2 of at most 2
+    assert budget.summary(Path("o.yaml")).startswith(
+        "2 of 4 trials failed (first: trial 1, optim.lr=0.1: crash (exit 1), RuntimeError: boom); "
+        "best: trial 3 (optim.lr=0.002) = 6.25 (within max_failure_rate=0.25: at most 2 of 8"
+    )
+    budget.trials.append(trial_of(4, job(None, ["optim.lr=0.2"])))
+    with pytest.raises(RunFailedError, match=r"^3 of 5 trials failed .* so the study stopped"):
+        budget.check()
+
+
+# --- user text in paths and names: quotes, spaces, non-ASCII (runs are found by id, matched in Python) ---
+
+ODD_FOLDER = 'it\'s a "quoted" földer, ünïcode'
+ODD_NAME = "o'brien's \"best\" rün"
+
+
+@pytest.mark.slow
+def test_failing_jobs_in_an_odd_folder_with_an_odd_run_name(tmp_path: Path, corpus: Path, mlflow_store) -> None:
+    """A sweep launched from a folder whose name has quotes, spaces and non-ASCII, with such a run_name: job 0
+    diverges, job 1 finishes, job 2 fails before its run exists. Each failure has its FAILED child and the
+    counts are right; then the sweep resumed by its (odd) folder reruns job 0 (now without the fault) into a
+    new run that supersedes the failed one, skips job 1 and fails job 2 again on the same placeholder."""
+    launch = tmp_path / ODD_FOLDER
+    launch.mkdir()
+    mlflow_store(launch / "mlflow.db")
+    grid = ["ncn=full", "seed=0", "trainer.skip_nonfinite=0,5,-1", f"run_name={hydra_quoted(ODD_NAME)}"]
+    done, client, parent, children = _sweep(launch, corpus, "ablation", *grid, faults=["--nan-steps", "2"])
+    assert done.returncode == 3, done.stderr[-3000:]
+    by_job = {c.data.tags["ncn.sweep.job"]: c for c in children}
+    assert {k: (c.info.run_name, c.info.status) for k, c in by_job.items()} == {
+        "0: trainer.skip_nonfinite=0": (ODD_NAME, "FAILED"),
+        "1: trainer.skip_nonfinite=5": (ODD_NAME, "FINISHED"),
+        "2: trainer.skip_nonfinite=-1": ("job2", "FAILED"),  # the placeholder of a job that died before its run
+    }
+    folder = Path(parent.data.tags["ncn.sweep.dir"])
+    assert folder.parent.parent.parent.parent == launch and ODD_FOLDER in str(folder)
+    assert {c.data.tags["ncn.run_dir"] for c in children} == {str(folder / n) for n in "012"}
+    tags = parent.data.tags
+    assert (parent.info.status, tags["ncn.sweep.jobs"], tags["ncn.sweep.jobs_failed"]) == ("FAILED", "3", "2")
+    assert sorted(k for k in tags if k.startswith("ncn.sweep.failed.")) == ["ncn.sweep.failed.0", "ncn.sweep.failed.2"]
+    diverged = by_job["0: trainer.skip_nonfinite=0"].info.run_id
+
+    resume = f"sweep_resume={folder.relative_to(launch)}"  # relative to the launch dir: no quoting needed
+    again, _, parent, children = _sweep(launch, corpus, "ablation", *grid, resume)
+    assert again.returncode == 2, again.stderr[-3000:]  # job 2's config error, again
+    assert again.stderr.strip().splitlines()[-1].startswith("error: trainer.skip_nonfinite=-1 must be >= 0")
+    tracker = MLflowTracker(client.tracking_uri)
+    current = tracker.sweep_jobs(parent.info.run_id)  # one run per job: its newest attempt
+    assert [(j.tags["ncn.sweep.job"], j.status) for j in current] == [
+        ("0: trainer.skip_nonfinite=0", "FINISHED"),
+        ("1: trainer.skip_nonfinite=5", "FINISHED"),
+        ("2: trainer.skip_nonfinite=-1", "FAILED"),
+    ]
+    assert len(children) == 4 and current[1].run_id == by_job["1: trainer.skip_nonfinite=5"].info.run_id
+    old = client.get_run(diverged)
+    assert (old.info.status, old.data.tags["ncn.superseded_by"]) == ("FAILED", current[0].run_id)
+    tags = parent.data.tags
+    assert (
+        parent.info.status,
+        tags["ncn.sweep.jobs"],
+        tags["ncn.sweep.jobs_finished"],
+        tags["ncn.sweep.jobs_failed"],
+    ) == (
+        "FAILED",
+        "3",
+        "2",
+        "1",
+    )
+    assert sorted(k for k in tags if k.startswith("ncn.sweep.failed.")) == ["ncn.sweep.failed.2"]
+    results, _, failed = report_collect(tracker, tracker.get_run(parent.info.run_id))
+    assert (len(results), failed) == (2, ["job2 (FAILED)"])
+
+
+def test_screenshot_script_finds_a_sweep_by_a_name_with_quotes(tmp_path: Path, mlflow_store) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlflow_screenshot", REPO / "scripts" / "mlflow_screenshot.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tracker = MLflowTracker(mlflow_store(tmp_path / "mlflow.db"))
+    parent = tracker.start("o'brien", tags={"ncn.sweep": 'o\'brien "ü"'})
+    child = tracker.create_run("run", tags={"mlflow.parentRunId": parent})
+    found, children = script.sweep_runs(tracker.uri, 'o\'brien "ü"')
+    assert (found.info.run_id, [c.info.run_id for c in children]) == (parent, [child])

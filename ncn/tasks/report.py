@@ -97,11 +97,17 @@ def _variant(run: RunRecord, keys: list[str]) -> str:
 
 
 def collect(tracker: Tracker, parent: RunRecord) -> tuple[list[RunResult], list[str], list[str]]:
-    """(finished child results, variant labels in grid order, names of children that did not finish)."""
+    """(finished job results, variant labels in grid order, names of jobs that did not finish).
+
+    Each job of the sweep counts once, by its current run (`Tracker.sweep_jobs`): a job run again
+    in its folder (resumed sweep, requeued SLURM job) continues its run or supersedes an earlier
+    attempt (a FAILED placeholder, a run killed before its first checkpoint), which is neither
+    averaged in nor listed as failed.
+    """
     grid: dict[str, Any] = json.loads(parent.tags.get("ncn.sweep.grid", "{}"))
     keys = [k for k in grid if k != "seed"] or ["ncn"]
     results, failed = [], []
-    for run in tracker.child_runs(parent.run_id):
+    for run in tracker.sweep_jobs(parent.run_id):
         if run.status != "FINISHED" or "val/loss" not in run.metrics:
             failed.append(f"{run.name} ({run.status})")
             continue

@@ -1,9 +1,10 @@
-"""Sweeps: one MLflow parent run per Hydra multirun, a nested child run per job, honest failure.
+"""Sweeps: one MLflow parent run per Hydra multirun, a nested child run per job, honest failure, resume.
 
 `SweepCallback` (enabled in conf/config.yaml `hydra.callbacks`) creates the sqlite store, the
 experiment and a parent run once in the launching process, before any (parallel) job starts;
 each job's training run nests under it through the `mlflow.parentRunId` tag (NCN_PARENT_RUN_ID).
-Every store access goes through `ncn.tracking`. See docs/sweeps.md.
+`sweep_resume=<parent run id | sweep dir>` continues an earlier sweep in its own folder and
+parent run. Every store access goes through `ncn.tracking`. See docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -13,20 +14,23 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
+import shutil
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ncn.config import TrackingConfig
-from ncn.errors import exit_code
-from ncn.tracking import MLflowTracker, git_commit, open_tracker
+from ncn.errors import NCNConfigError, exit_code
+from ncn.runtime import distributed_env
+from ncn.tracking import MLflowTracker, RunRecord, Tracker, git_commit, open_tracker
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "NCN_PARENT_RUN_ID"  # read by conf/tracking/mlflow.yaml: tracking.parent_run_id
@@ -69,22 +73,88 @@ def _job_error(job_return: JobReturn) -> BaseException | None:
     return None
 
 
+def hydra_quoted(value: str) -> str:
+    """`value` as a quoted value of Hydra's override grammar, read back unchanged: single quotes,
+    with a backslash before each quote and doubled backslashes where they precede a quote or the end."""
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+    return f"'{escaped}'"
+
+
+def _abort(exc: NCNConfigError) -> NoReturn:
+    """End the launch with run.py's `error:` line and exit status: an exception raised in a callback
+    would only be warned about by Hydra, and the sweep would run on."""
+    print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(exc.exit_code)
+
+
+def resume_target(tracker: Tracker | None, spec: str, launch_dir: Path) -> tuple[RunRecord | None, Path]:
+    """(parent run, sweep dir) of the sweep `sweep_resume=<spec>` continues.
+
+    spec: the parent run id (printed at the sweep's start and end), or the sweep's folder
+    (absolute or relative to the launch dir; its parent run is the sweep of this tracker's
+    experiment that ran there, the newest if several). tracker None (tracking=none): a folder
+    only, no parent run.
+
+    Raises:
+        NCNConfigError: no such run or folder, a run that is not a sweep's parent.
+    """
+    if tracker is not None and (run := tracker.get_run(spec)) is not None:
+        if "ncn.sweep" not in run.tags or "ncn.sweep.dir" not in run.tags:
+            raise NCNConfigError(
+                f"sweep_resume={spec} is MLflow run {run.name!r}, not a sweep's parent run: pass the parent run id "
+                "printed at the sweep's start and end, or the sweep's folder (multirun/...)"
+            )
+        return run, Path(run.tags["ncn.sweep.dir"])
+    folder = Path(spec).expanduser()
+    folder = folder if folder.is_absolute() else launch_dir / folder
+    if not folder.is_dir():
+        example = "sweep_resume=multirun/ablation/<date>/<time>"
+        if tracker is None:
+            raise NCNConfigError(
+                f"sweep_resume={spec} is not a folder (with tracking=none a sweep is resumed by its folder): pass "
+                f"the sweep's folder, e.g. {example}"
+            )
+        raise NCNConfigError(
+            f"sweep_resume={spec} is neither an MLflow run of this store nor a folder: pass the parent run id printed "
+            f"at the sweep's start and end (with tracking.uri=<its store>), or the sweep's folder, e.g. {example}"
+        )
+    if tracker is None:
+        return None, folder.resolve()
+    ran_there = [r for r in tracker.sweeps() if Path(r.tags.get("ncn.sweep.dir", "")).resolve() == folder.resolve()]
+    if not ran_there:
+        raise NCNConfigError(
+            f"sweep_resume={spec}: no sweep of experiment {tracker.experiment} in {tracker.uri} ran in {folder}: "
+            "pass the parent run id printed at the sweep's start (and tracking.uri / tracking.experiment of its "
+            "store)"
+        )
+    parent = max(ran_there, key=lambda r: r.start_time)
+    return parent, Path(parent.tags["ncn.sweep.dir"])
+
+
 class SweepCallback(Callback):
-    """Hydra callback that groups a multirun's MLflow runs and makes job failures visible.
+    """Hydra callback that groups a multirun's MLflow runs, makes job failures visible, resumes sweeps.
 
     on_multirun_start (launching process): create store + experiment (under a file lock, see
         `MLflowTracker.check`) and the parent run, tagged `ncn.sweep` (sweep name),
-        `ncn.sweep.grid` (JSON grid), `ncn.sweep.overrides`, `ncn.sweep.dir`.
+        `ncn.sweep.grid` (JSON grid), `ncn.sweep.overrides`, `ncn.sweep.dir`. With
+        `sweep_resume=<parent run id | sweep dir>`: reuse that sweep's parent run (RUNNING
+        again, tagged `ncn.sweep.resumes` and `ncn.sweep.resume.<n>` = the command) and its
+        folder (`hydra.sweep.dir`), after checking that the sweep name and grid are the same;
+        each job then continues its earlier attempt (`ncn.job_resume`).
     on_job_start (job process, any launcher): export NCN_PARENT_RUN_ID so the job's tracker
-        nests its run (`mlflow.parentRunId`) under the parent.
-    on_job_end (job process): tag the child `ncn.sweep.job` (its overrides); a failed job tags
-        the parent `ncn.sweep.failed.<job>` and, if it died before creating its run, gets a
-        FAILED placeholder child so no job goes missing.
+        nests its run (`mlflow.parentRunId`) under the parent. A non-zero rank of a multi-task
+        SLURM job (DDP) stops writing the job's log file: rank 0 logs.
+    on_job_end (job process, rank 0): tag the job's run `ncn.sweep.job` (its overrides). A job
+        run again in its folder may own several runs; the newest is its current one (see
+        `Tracker.sweep_jobs`), earlier ones get `ncn.superseded_by`. A failed job
+        tags the parent `ncn.sweep.failed.<job>` and, if this attempt created no run (it died
+        before), gets a FAILED placeholder run so no job goes missing; a job that succeeds
+        clears the tag an earlier attempt left.
     on_multirun_end, or at process exit when the sweeper re-raised a job's exception (Hydra
         1.3.8's BasicSweeper runs the whole batch, then raises the first failure and skips
-        on_multirun_end): the parent ends FINISHED only if every job's run FINISHED; else
-        FAILED (KILLED after Ctrl-C). Runs left RUNNING by a dead worker are marked FAILED.
-        A failure that the sweeper tolerated (Optuna's max_failure_rate) exits with status 1.
+        on_multirun_end): the parent ends FINISHED only if every job's current run FINISHED;
+        else FAILED (KILLED after Ctrl-C). Runs left RUNNING by a dead worker are marked
+        FAILED. A failure that the sweeper tolerated exits with status 1.
 
     The instance is pickled to joblib/submitit workers: it holds only strings.
     """
@@ -105,8 +175,15 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracking = TrackingConfig(**OmegaConf.to_container(config.tracking, resolve=True))
-        if tracking.backend != "mlflow":
-            return  # tracking=none: nothing to group
+        resume = OmegaConf.select(config, "sweep_resume")
+        if tracking.backend != "mlflow":  # tracking=none: nothing to group; a resume only reuses the folder
+            if resume:
+                try:
+                    _, folder = resume_target(None, str(resume), Path.cwd())
+                except NCNConfigError as exc:
+                    _abort(exc)
+                _reuse_sweep_dir(config, folder)
+            return
         tracker = open_tracker(tracking, Path.cwd())  # tracking.parent_run_id resolves to null here: a top-level run
         tracker.check()  # creates the sqlite store and the experiment once, before any job
         self.uri, self.experiment = tracker.uri, tracking.experiment
@@ -121,38 +198,83 @@ class SweepCallback(Callback):
             self.expected_jobs = int(sweeper.n_trials)
         elif all(isinstance(v, list) for v in grid.values()):
             self.expected_jobs = math.prod(len(v) for v in grid.values())
-        tags = {
-            "ncn.sweep": self.sweep_name,
-            "ncn.sweep.grid": json.dumps({k: grid[k] for k in self.swept}),
-            "ncn.sweep.overrides": " ".join(config.hydra.overrides.task),
-            "ncn.sweep.dir": os.path.abspath(config.hydra.sweep.dir),
-            "ncn.sweep.launcher": str(config.hydra.launcher._target_).rsplit(".", 1)[-1],
-            "ncn.command": " ".join(shlex.quote(a) for a in sys.argv),
-            "mlflow.source.name": "run.py",
-        }
-        if self.expected_jobs is not None:
-            tags["ncn.sweep.jobs_expected"] = str(self.expected_jobs)
-        if commit := git_commit(Path.cwd()):
-            tags["mlflow.source.git.commit"] = commit
-        self.parent_run_id = tracker.start(self.sweep_name, tags=tags)
-        tracker.log_dict({"grid": dict(grid), "overrides": list(config.hydra.overrides.task)}, "sweep.json")
+        swept_grid = json.dumps({k: grid[k] for k in self.swept})
+        if resume:
+            try:
+                self.parent_run_id = self._resume(tracker, config, str(resume), swept_grid)
+            except NCNConfigError as exc:
+                _abort(exc)
+        else:
+            tags = {
+                "ncn.sweep": self.sweep_name,
+                "ncn.sweep.grid": swept_grid,
+                "ncn.sweep.overrides": " ".join(config.hydra.overrides.task),
+                "ncn.sweep.dir": os.path.abspath(config.hydra.sweep.dir),
+                "ncn.sweep.launcher": str(config.hydra.launcher._target_).rsplit(".", 1)[-1],
+                "ncn.command": " ".join(shlex.quote(a) for a in sys.argv),
+                "mlflow.source.name": "run.py",
+            }
+            if self.expected_jobs is not None:
+                tags["ncn.sweep.jobs_expected"] = str(self.expected_jobs)
+            if commit := git_commit(Path.cwd()):
+                tags["mlflow.source.git.commit"] = commit
+            self.parent_run_id = tracker.start(self.sweep_name, tags=tags)
+            tracker.log_dict({"grid": dict(grid), "overrides": list(config.hydra.overrides.task)}, "sweep.json")
         os.environ[PARENT_ENV] = self.parent_run_id
         self._finished = False
         atexit.register(self._finish, False)
         log.info(
-            "sweep %s: parent MLflow run %s in %s (sweep_run=%s for task=report)",
+            "sweep %s: parent MLflow run %s in %s, folder %s (sweep_run=%s for task=report, sweep_resume=%s to "
+            "continue it)",
             self.sweep_name,
             self.parent_run_id,
             self.uri,
+            config.hydra.sweep.dir,
+            self.parent_run_id,
             self.parent_run_id,
         )
+
+    def _resume(self, tracker: MLflowTracker, config: DictConfig, spec: str, swept_grid: str) -> str:
+        """Reopen the parent run of the sweep `spec` names and move this launch into its folder; returns its id.
+
+        Raises:
+            NCNConfigError: see `resume_target`; a parent of another experiment, sweep or grid.
+        """
+        parent, folder = resume_target(tracker, spec, Path.cwd())
+        assert parent is not None
+        if parent.experiment_id != tracker.experiment_id:
+            raise NCNConfigError(
+                f"sweep_resume={spec} is a sweep of another experiment (id {parent.experiment_id}) than "
+                f"tracking.experiment={self.experiment}: set tracking.experiment to the sweep's experiment"
+            )
+        theirs = (parent.tags["ncn.sweep"], parent.tags.get("ncn.sweep.grid", "{}"))
+        if theirs != (self.sweep_name, swept_grid):
+            raise NCNConfigError(
+                f"sweep_resume={spec} is sweep {theirs[0]} with grid {theirs[1]}, this launch is {self.sweep_name} "
+                f"with grid {swept_grid}: resume with the sweep's own -cn and grid overrides"
+            )
+        count = int(parent.tags.get("ncn.sweep.resumes", "0")) + 1
+        tags = {
+            "ncn.sweep.resumes": str(count),
+            f"ncn.sweep.resume.{count}": " ".join(shlex.quote(a) for a in sys.argv),
+        }
+        run_id = tracker.start(parent.name, run_id=parent.run_id, tags=tags)  # RUNNING again
+        tracker.log_dict({"overrides": list(config.hydra.overrides.task)}, f"resume/{count}/sweep.json")
+        _reuse_sweep_dir(config, folder)
+        log.info("sweep %s: resuming parent run %s (resume %d) in %s", self.sweep_name, run_id, count, folder)
+        return run_id
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is not None:
             os.environ[PARENT_ENV] = self.parent_run_id  # workers may predate on_multirun_start
+        if distributed_env().rank > 0:  # one task of a multi-task SLURM job: rank 0 writes the job's log
+            root = logging.getLogger()
+            for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+                root.removeHandler(handler)
+                handler.close()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if self.parent_run_id is None:
+        if self.parent_run_id is None or distributed_env().rank > 0:
             return
         tracker = self._tracker()
         job = config.hydra.job
@@ -161,23 +283,27 @@ class SweepCallback(Callback):
             f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed if o.get_key_element() in self.swept
         )
         run_dir = config.hydra.runtime.output_dir
-        children = [c.run_id for c in tracker.child_runs(self.parent_run_id) if c.tags.get("ncn.run_dir") == run_dir]
+        # runs are found by the parent's id and matched to the job's folder in Python: never a filter of user text
+        attempts = [c for c in tracker.child_runs(self.parent_run_id) if c.tags.get("ncn.run_dir") == run_dir]
         error = _job_error(job_return)
         if error is not None:
             text = describe_failure(error)
             tracker.set_tags({f"ncn.sweep.failed.{job.num}": f"{overrides}: {text}"}, run_id=self.parent_run_id)
-            if not children:  # died before its training run existed (e.g. a config error)
-                children = [
-                    tracker.create_run(
-                        f"job{job.num}",
-                        status="FAILED",
-                        tags={"mlflow.parentRunId": self.parent_run_id, "ncn.run_dir": run_dir, "ncn.error": text},
-                    )
-                ]
-            for child in children:
-                tracker.set_tags({"ncn.error": text}, run_id=child)
-        for child in children:
-            tracker.set_tags({"ncn.sweep.job": f"{job.num}: {overrides}"}, run_id=child)
+            if not attempts or attempts[-1].status == "FINISHED":  # this attempt died before its run existed
+                placeholder = tracker.create_run(
+                    f"job{job.num}",
+                    status="FAILED",
+                    tags={"mlflow.parentRunId": self.parent_run_id, "ncn.run_dir": run_dir},
+                )
+                attempts.append(tracker.get_run(placeholder))
+            tracker.set_tags({"ncn.error": text}, run_id=attempts[-1].run_id)
+        else:
+            tracker.delete_tags([f"ncn.sweep.failed.{job.num}"], run_id=self.parent_run_id)
+        if attempts:
+            current = attempts[-1].run_id
+            tracker.set_tags({"ncn.sweep.job": f"{job.num}: {overrides}"}, run_id=current)
+            for earlier in attempts[:-1]:
+                tracker.set_tags({"ncn.superseded_by": current}, run_id=earlier.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is not None and self._finish(True):
@@ -191,26 +317,28 @@ class SweepCallback(Callback):
         atexit.unregister(self._finish)
         os.environ.pop(PARENT_ENV, None)
         tracker = self._tracker()
-        children = tracker.child_runs(self.parent_run_id)
-        for child in children:
+        for child in tracker.child_runs(self.parent_run_id):
             if child.status in ("RUNNING", "SCHEDULED"):
                 tracker.set_tags({"ncn.error": "the job ended without closing its run"}, run_id=child.run_id)
                 tracker.terminate(child.run_id, "FAILED")
-        statuses = [c.status if c.status not in ("RUNNING", "SCHEDULED") else "FAILED" for c in children]
-        failed = [c.name for c, s in zip(children, statuses, strict=True) if s != "FINISHED"]
+        jobs = tracker.sweep_jobs(self.parent_run_id)  # one (the current) run per job
+        statuses = [j.status if j.status not in ("RUNNING", "SCHEDULED") else "FAILED" for j in jobs]
+        failed = [j.name for j, s in zip(jobs, statuses, strict=True) if s != "FINISHED"]
         parent = tracker.get_run(self.parent_run_id)
         failed_jobs = [k for k in parent.tags if k.startswith("ncn.sweep.failed.")] if parent else []
-        missing = max(0, (self.expected_jobs or 0) - len(children)) if normal else 0
+        missing = max(0, (self.expected_jobs or 0) - len(jobs)) if normal else 0
         bad = bool(failed or failed_jobs or missing)
         interrupted = not normal and "KILLED" in statuses and "FAILED" not in statuses and not failed_jobs
         status = "KILLED" if interrupted else "FAILED" if bad or not normal else "FINISHED"
         tags = {
-            "ncn.sweep.jobs": len(children),
+            "ncn.sweep.jobs": len(jobs),
             "ncn.sweep.jobs_finished": statuses.count("FINISHED"),
             "ncn.sweep.jobs_failed": len(statuses) - statuses.count("FINISHED"),
         }
         if missing:
             tags["ncn.sweep.jobs_missing"] = missing
+        else:
+            tracker.delete_tags(["ncn.sweep.jobs_missing"], run_id=self.parent_run_id)  # left by an earlier launch
         tracker.set_tags({k: str(v) for k, v in tags.items()}, run_id=self.parent_run_id)
         tracker.terminate(self.parent_run_id, status)
         if normal:  # at exit, run.py's `error: ...` line must stay the last line on stderr
@@ -219,7 +347,7 @@ class SweepCallback(Callback):
                 "sweep_run=%s)",
                 self.sweep_name,
                 statuses.count("FINISHED"),
-                len(children),
+                len(jobs),
                 f", {missing} missing" if missing else "",
                 self.parent_run_id,
                 status,
@@ -227,3 +355,17 @@ class SweepCallback(Callback):
                 self.parent_run_id,
             )
         return bad
+
+
+def _reuse_sweep_dir(config: DictConfig, folder: Path) -> None:
+    """Point this launch at `folder`: the sweeper and launcher read `hydra.sweep.dir` of `config`; each
+    job's config is composed again from `hydra.overrides.hydra` (Hydra's `load_sweep_config`), so the
+    folder goes there too, as an override, and job N runs in `<folder>/N` again. The sweeper writes
+    this launch's multirun.yaml there: the earlier one is kept as multirun.before_resume_<n>.yaml."""
+    previous = folder / "multirun.yaml"
+    if previous.is_file():
+        n = 1 + len(list(folder.glob("multirun.before_resume_*.yaml")))
+        shutil.copy2(previous, folder / f"multirun.before_resume_{n}.yaml")
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.sweep.dir = str(folder)
+        config.hydra.overrides.hydra.append(f"hydra.sweep.dir={hydra_quoted(str(folder))}")

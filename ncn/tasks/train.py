@@ -2,8 +2,10 @@
 
 `main` reads as the run's sequence: resume source -> device -> tracker pre-flight -> data ->
 model and optimizer -> restore -> MLflow run -> `ncn.trainer.train` -> final metrics. The run
-ends FAILED on an exception and KILLED on Ctrl-C or SIGTERM. DDP: `torchrun --nproc_per_node=N
-run.py ...`; rank 0 alone logs, checkpoints and talks to MLflow.
+ends FAILED on an exception and KILLED on Ctrl-C, SIGTERM or a requested exit (submitit's
+requeue). A sweep job run again in its folder (resumed sweep, requeued SLURM job) continues its
+earlier attempt (`ncn.job_resume`). DDP: `torchrun --nproc_per_node=N run.py ...` or the tasks of
+a SLURM step; rank 0 alone logs, checkpoints and talks to MLflow.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ncn import checkpoint
+from ncn import checkpoint, job_resume
 from ncn.checkpoint import Checkpoint, TrainState
 from ncn.config import RunConfig, RunContext, check_baseline_choice
 from ncn.data import DataModule
 from ncn.errors import NCNConfigError
 from ncn.gpt import ModulatedGPT
 from ncn.optim import build_optimizer, build_scheduler
-from ncn.runtime import setup_device, sigterm_as_interrupt
+from ncn.runtime import distributed_env, setup_device, sigterm_as_interrupt
 from ncn.tokenizer import token_labels
 from ncn.tracking import NullTracker, Tracker, default_run_name, flatten, git_commit, open_tracker
 from ncn.trainer import Job, total_steps, train
@@ -32,12 +34,52 @@ from ncn.trainer import Job, total_steps, train
 log = logging.getLogger(__name__)
 
 
-def _resume_source(cfg: RunConfig, ctx: RunContext) -> tuple[RunConfig, Checkpoint | None]:
-    """(the config to run, the checkpoint to resume from or None); see `checkpoint.resume_config`."""
+def _resume_source(cfg: RunConfig, ctx: RunContext, attempt: job_resume.JobPlan) -> tuple[RunConfig, Checkpoint | None]:
+    """(the config to run, the checkpoint to resume from or None): a sweep job's earlier attempt (whose
+    config equals `cfg` up to runtime keys), else `trainer.resume` (see `checkpoint.resume_config`)."""
+    if attempt.action == job_resume.RESUME:
+        return cfg, checkpoint.load(attempt.checkpoint)
     if not cfg.trainer.resume:
         return cfg, None
     ckpt = checkpoint.load(checkpoint.resolve(cfg.trainer.resume, ctx.launch_dir, key="trainer.resume"))
     return checkpoint.resume_config(cfg, ckpt, ctx.overridden), ckpt
+
+
+def _earlier_attempt(cfg: RunConfig, ctx: RunContext) -> job_resume.JobPlan:
+    """What a sweep job's folder holds from an earlier attempt (nothing to continue outside a sweep).
+
+    Raises:
+        NCNConfigError: sweep_resume outside a multirun; see `job_resume.plan_job`.
+    """
+    if ctx.job is None:
+        if cfg.sweep_resume:
+            raise NCNConfigError(
+                f"sweep_resume={cfg.sweep_resume} continues a sweep: launch it as one, e.g. "
+                "python run.py -cd sweeps -cn <sweep> sweep_resume=<parent run id | sweep dir> (or add -m)"
+            )
+        return job_resume.JobPlan()
+    if cfg.trainer.resume:  # an explicit resume source wins
+        return job_resume.JobPlan()
+    return job_resume.plan_job(ctx.run_dir, cfg, ctx.job)
+
+
+def _skip_finished(cfg: RunConfig, ctx: RunContext, attempt: job_resume.JobPlan) -> float:
+    """A sweep job whose earlier attempt finished: close its MLflow run FINISHED if the attempt died
+    before closing it, and return the recorded final val loss (the sweeper's objective)."""
+    if distributed_env().rank == 0 and cfg.tracking.backend != "none" and attempt.run_id:
+        tracker = open_tracker(cfg.tracking, ctx.launch_dir)
+        tracker.check()
+        run = tracker.get_run(attempt.run_id)
+        if run is not None and run.status != "FINISHED":
+            tracker.terminate(run.run_id, "FINISHED")
+    log.info(
+        "sweep job %s already finished in %s (MLflow run %s, val loss %.4f): not trained again",
+        ctx.job,
+        ctx.run_dir,
+        attempt.run_id,
+        attempt.val_loss,
+    )
+    return float(attempt.val_loss)
 
 
 def _build_job(
@@ -131,8 +173,15 @@ def _record_start(job: Job, state: TrainState, ctx: RunContext, data: DataModule
     )
 
 
-def _interrupted(step: int, job: Job) -> str:
-    """run.py's last line after Ctrl-C/SIGTERM: where training stopped and, if it can, how to go on."""
+def _interrupted(step: int, job: Job, cfg: RunConfig, ctx: RunContext) -> str:
+    """run.py's last line after Ctrl-C/SIGTERM: where training stopped and, if it can, how to go on
+    (a sweep job goes on with its sweep: `sweep_resume=<parent run id | sweep dir>`)."""
+    if ctx.job is not None:
+        sweep = cfg.tracking.parent_run_id or ctx.run_dir.parent
+        where = f"last checkpoint: {job.last_good}" if job.last_good is not None else "no checkpoint yet"
+        return (
+            f"interrupted at step {step} of sweep job {ctx.job} ({where}): resume the sweep with sweep_resume={sweep}"
+        )
     if job.last_good is not None:
         return f"interrupted at step {step} (last checkpoint: {job.last_good}): resume with trainer.resume=latest"
     return f"interrupted at step {step}, before this run's first checkpoint: rerun to start over"
@@ -145,7 +194,11 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
         NCNConfigError: a bad config (before any run is created); CheckpointError: an unusable
             resume checkpoint or an override that contradicts it; DivergenceError: divergence.
     """
-    cfg, resumed = _resume_source(cfg, ctx)
+    attempt = _earlier_attempt(cfg, ctx)
+    cfg = dataclasses.replace(cfg, sweep_resume=None)  # the parent run records it; the runs' params stay alike
+    if attempt.action == job_resume.SKIP:
+        return _skip_finished(cfg, ctx, attempt)
+    cfg, resumed = _resume_source(cfg, ctx, attempt)
     if resumed is None:
         check_baseline_choice(ctx.choices, cfg.ncn.targets)
     run_name = cfg.run_name or default_run_name(ctx.choices, cfg.seed)
@@ -169,6 +222,8 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     if resumed is not None:
         state = checkpoint.restore(resumed, job.model, job.optimizer, cfg.optim, job.scaler, job.loader)
         job.last_good = resumed.path
+        if attempt.action == job_resume.RESUME and rank == 0:  # same run dir: log each later step once
+            job_resume.trim_metrics_log(ctx.run_dir / "metrics.jsonl", state.step)
         log.info(
             "resuming run %s (MLflow run %s) at step %d from %s",
             state.run_name,
@@ -188,7 +243,10 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
                 tracker.log_artifact(ctx.run_dir / "metrics.json")
         except KeyboardInterrupt as exc:
             tracker.end("KILLED")
-            raise KeyboardInterrupt(_interrupted(state.step, job)) from exc
+            raise KeyboardInterrupt(_interrupted(state.step, job, cfg, ctx)) from exc
+        except SystemExit:  # asked to exit, e.g. by submitit before it requeues a preempted job
+            tracker.end("KILLED")
+            raise
         except BaseException:
             tracker.end("FAILED")
             raise
