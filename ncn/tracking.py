@@ -8,7 +8,7 @@ fluent global run, so a crashed job can never leave an "active run" for the next
 the experiment with an absolute artifact location, continues the same run on resume without
 re-logging changed params, and never builds a search filter from user text: runs are found by
 the ids recorded for them and matched in Python. Metric keys are namespaced (`train/loss`,
-`val/ppl`, `signals/precision/L3/mean`).
+`val/ppl`, `val/signals/precision/L3/mean`).
 """
 
 from __future__ import annotations
