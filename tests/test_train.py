@@ -245,8 +245,8 @@ def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
     last = stderr.strip().splitlines()[-1]  # where it stopped and how to resume
     checkpoints = re.escape(str(tmp_path / "run" / "checkpoints"))
     assert re.fullmatch(
-        rf"error: interrupted at step \d+ \(last checkpoint: {checkpoints}/step_\d{{6}}\): "
-        r"resume with trainer.resume=latest",
+        rf"error: interrupted at step \d+ \(last checkpoint: ({checkpoints}/step_\d{{6}})\): "
+        rf"resume with python {re.escape(str(REPO / 'run.py'))} trainer.resume=\1",
         last,
     ), last
     assert _only_run(uri)[1].info.status == "KILLED"

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ncn import checkpoint
 from ncn.checkpoint import Checkpoint, TrainState
-from ncn.config import RunConfig, RunContext, check_baseline_choice
+from ncn.config import RunConfig, RunContext, check_baseline_choice, python_command, shell_override
 from ncn.data import DataModule
 from ncn.errors import NCNConfigError
 from ncn.gpt import ModulatedGPT
@@ -133,10 +133,13 @@ def _record_start(
     )
 
 
-def _interrupted(step: int, job: Job) -> str:
-    """run.py's last line after Ctrl-C/SIGTERM: where training stopped and, if it can, how to go on."""
+def _interrupted(step: int, job: Job, ctx: RunContext) -> str:
+    """run.py's last line after Ctrl-C/SIGTERM: where training stopped and, if it can, how to go on
+    (a command to paste: `latest` could name another run's checkpoint, the folder cannot)."""
     if job.last_good is not None:
-        return f"interrupted at step {step} (last checkpoint: {job.last_good}): resume with trainer.resume=latest"
+        script = ctx.launch_dir / (shlex.split(ctx.command)[0] if ctx.command else "run.py")
+        again = python_command(str(script), shell_override("trainer.resume", job.last_good))
+        return f"interrupted at step {step} (last checkpoint: {job.last_good}): resume with {again}"
     return f"interrupted at step {step}, before this run's first checkpoint: rerun to start over"
 
 
@@ -156,7 +159,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
         cfg.trainer.device, cfg.trainer.precision, cfg.trainer.threads, cfg.trainer.deterministic
     )
     tracker = open_tracker(cfg.tracking, ctx.launch_dir, ctx.run_dir) if rank == 0 else NullTracker()
-    tracker.check()
+    tracker.check(resumed.state.mlflow_run_id if resumed is not None else None)
     if tracker.enabled:  # checkpoints record the store itself, so tasks find the run from any folder
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracker.uri))
     data = DataModule(cfg.data)
@@ -190,7 +193,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
                 tracker.log_artifact(ctx.run_dir / "metrics.json")
         except KeyboardInterrupt as exc:
             tracker.end("KILLED")
-            raise KeyboardInterrupt(_interrupted(state.step, job)) from exc
+            raise KeyboardInterrupt(_interrupted(state.step, job, ctx)) from exc
         except BaseException:
             tracker.end("FAILED")
             raise
@@ -208,5 +211,5 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             where,
         )
         if tracker.enabled:
-            log.info("browse: mlflow ui --backend-store-uri %s", shlex.quote(tracker.uri))
+            log.info("browse: %s", tracker.browse_hint())
     return float(final.get("val/loss", float("nan")))
