@@ -8,7 +8,10 @@ fluent global run, so a crashed job can never leave an "active run" for the next
 the experiment with an absolute artifact location, continues the same run on resume without
 re-logging changed params, and never builds a search filter from user text: runs are found by
 the ids recorded for them and matched in Python. Metric keys are namespaced (`train/loss`,
-`val/ppl`, `val/signals/precision/L3/mean`).
+`val/ppl`, `val/signals/precision/L3/mean`): MLflow 3.17's UI puts each key's chart in the section
+named by the key without its last `/` part and orders sections alphabetically (keys without `/`
+last), so the loss sections `train` and `val` come before the per-layer `val/signals/...` ones
+(docs/mlflow_ui.md).
 """
 
 from __future__ import annotations
