@@ -26,7 +26,7 @@ import tempfile
 import time
 import urllib.request
 import zlib
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 
 CHROMIUM_FLAGS = [
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-ms", type=int, default=30000, help="chromium virtual time for the page to render")
     parser.add_argument("--view", choices=["table", "chart"], default="table", help="runs table or chart view")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below: stop the server
     binary = shutil.which(args.chromium)
     if binary is None:
         print(f"skipped: {args.chromium} not found (apt install chromium)")
@@ -176,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             chromium(binary, url, f"--screenshot={out.absolute()}", size, budget_ms=args.budget_ms, timeout=300)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)  # its job workers can outlive the server
     if not out.is_file() or out.stat().st_size < 10_000:
         print(f"error: chromium wrote no screenshot to {out}", file=sys.stderr)
         return 1
