@@ -10,6 +10,8 @@ imports neither torch nor Hydra, so composing and validating a config is fast.
 
 from __future__ import annotations
 
+import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -480,6 +482,27 @@ class RunContext:
     def here(cls, config: dict[str, Any] | None = None) -> RunContext:
         """Context of a run outside Hydra (tests, notebooks): run and launch dir = the current directory."""
         return cls(Path.cwd(), Path.cwd(), config=config or {})
+
+
+def shell_override(key: str, value: object) -> str:
+    """`key=value` as one bash word that Hydra reads back as exactly `value` (for printed commands).
+
+    Plain when the value needs no quoting (`sweep_run=3f2a...`); else the value is a Hydra quoted
+    string (backslashes before a quote or at the end doubled, quotes escaped) and the whole word
+    is quoted for bash: in double quotes when nothing in it is special there, else with
+    `shlex.quote`, so paths with spaces or quotes survive both.
+    """
+    text = str(value)
+    if re.fullmatch(r"[\w./-]+", text):
+        return f"{key}={text}"
+    word = f"{key}='" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text) + "'"
+    return f'"{word}"' if not set(word) & set('"$`\\!') else shlex.quote(word)
+
+
+def python_command(script: str, *overrides: str) -> str:
+    """`python <script> <overrides>` to paste into bash: the script path quoted, overrides as given
+    (build each with `shell_override`)."""
+    return " ".join(["python", shlex.quote(script), *overrides])
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

@@ -24,7 +24,7 @@ def evaluate(model: ModulatedGPT, batches: Batches, device: torch.device, precis
 
     Returns `val/loss` (token-weighted mean CE, nats/token), `val/ppl` = exp(val/loss) (the
     homeostatic term excluded, NCN paper §4), and per signal and layer the mean and std over all
-    val tokens (and heads): `signals/<name>/L<i>/mean|std`. Runs in eval mode and restores the
+    val tokens (and heads): `val/signals/<name>/L<i>/mean|std`. Runs in eval mode and restores the
     module's train/eval mode afterwards.
     """
     was_training = model.training
@@ -50,8 +50,8 @@ def evaluate(model: ModulatedGPT, batches: Batches, device: torch.device, precis
     for name, stats in moments.items():
         for layer, (count, total, squares) in enumerate(stats.tolist()):
             mean = total / count
-            metrics[f"signals/{name}/L{layer}/mean"] = mean
-            metrics[f"signals/{name}/L{layer}/std"] = math.sqrt(max(squares / count - mean * mean, 0.0))
+            metrics[f"val/signals/{name}/L{layer}/mean"] = mean
+            metrics[f"val/signals/{name}/L{layer}/std"] = math.sqrt(max(squares / count - mean * mean, 0.0))
     return metrics
 
 

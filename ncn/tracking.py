@@ -8,7 +8,10 @@ fluent global run, so a crashed job can never leave an "active run" for the next
 the experiment with an absolute artifact location, continues the same run on resume without
 re-logging changed params, and never builds a search filter from user text: runs are found by
 the ids recorded for them and matched in Python. Metric keys are namespaced (`train/loss`,
-`val/ppl`, `signals/precision/L3/mean`).
+`val/ppl`, `val/signals/precision/L3/mean`): MLflow 3.17's UI puts each key's chart in the section
+named by the key without its last `/` part and orders sections alphabetically (keys without `/`
+last), so the loss sections `train` and `val` come before the per-layer `val/signals/...` ones
+(docs/mlflow_ui.md).
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ import contextlib
 import json
 import logging
 import math
+import os
+import shlex
+import sqlite3
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -105,8 +112,9 @@ class Tracker:
     def __init__(self, run_dir: Path | None = None) -> None:
         self.metrics_file = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
 
-    def check(self) -> None:
-        """Fail fast (NCNConfigError) when the store is unusable; before any training work."""
+    def check(self, resume_run_id: str | None = None) -> None:
+        """Fail fast (NCNConfigError) when the store, the experiment or the run `resume_run_id` (which
+        a resume continues) is unusable; before any data work."""
 
     def start(
         self,
@@ -146,6 +154,10 @@ class Tracker:
         return NCNConfigError(
             f"{what} reads runs from MLflow but tracking=none: use tracking=mlflow (and tracking.uri=<the store>)"
         )
+
+    def browse_hint(self) -> str:
+        """The `mlflow ui` command that browses this store, and the address of the runs table."""
+        raise self._needs_store("browsing runs")
 
     def get_run(self, run_id: str) -> RunRecord | None:
         """The run with id `run_id`, or None when the store has no such run."""
@@ -211,6 +223,100 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]).absolute() if uri.startswith("sqlite:///") else None
 
 
+def _count_runs(db: Path) -> int | None:
+    """Runs recorded in the sqlite store `db` (0 without a runs table yet; None: unreadable)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return int(con.execute("SELECT count(*) FROM runs").fetchone()[0]) if "runs" in tables else 0
+    except sqlite3.DatabaseError:
+        return None
+
+
+def _usable_sqlite_tables(uri: str, db: Path) -> set[str]:
+    """Table names of the sqlite store file `db` (empty: no file yet, or an empty one), read-only,
+    before MLflow opens it: MLflow would try to finish a half-done migration and fail half-way.
+
+    Raises:
+        NCNConfigError: `db` is a folder, not a sqlite database, unreadable, or left half-migrated
+            (a `_alembic_tmp_*` table: an interrupted schema migration).
+    """
+    if db.is_dir():
+        raise NCNConfigError(
+            f"tracking.uri={uri} names a folder, not a store file: point tracking.uri at a file in it "
+            f"(sqlite:///{db / 'mlflow.db'})"
+        )
+    if not db.exists():
+        return set()
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise NCNConfigError(
+                f"tracking.uri={uri} is not an MLflow store ({exc}): point tracking.uri at a new file "
+                f"(e.g. sqlite:///{db.parent / 'mlflow.db'}) or move {db} away"
+            ) from None
+        raise NCNConfigError(f"tracking.uri={uri} cannot be read ({exc}): check the file's permissions") from None
+    leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if leftovers:
+        raise _broken_store(uri, db, f"an interrupted migration left table {leftovers[0]}")
+    return tables
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _broken_store(uri: str, db: Path, why: str) -> NCNConfigError:
+    """The error for an existing sqlite store MLflow cannot open; its fix depends on whether it holds runs."""
+    runs = _count_runs(db)
+    path = shlex.quote(str(db))
+    if runs == 0:
+        return NCNConfigError(
+            f"tracking.uri={uri} is a half-created MLflow store with no runs ({why}): delete it (rm {path}) and rerun"
+        )
+    held = f" and holds {runs} runs" if runs is not None else ""
+    return NCNConfigError(
+        f"tracking.uri={uri} cannot be opened ({why}){held}: restore it from a backup, "
+        f"or move it away (mv {path} {shlex.quote(str(db) + '.broken')}) to start a new store"
+    )
+
+
+def _deleted_experiment(uri: str, name: str, experiment_id: str) -> NCNConfigError:
+    return NCNConfigError(
+        f"experiment {name} (id {experiment_id}) is deleted in {uri}: restore it "
+        f"(MLFLOW_TRACKING_URI={shlex.quote(uri)} mlflow experiments restore --experiment-id {experiment_id}) "
+        "or use tracking.experiment=<new name>"
+    )
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Create the MLflow schema in a new sqlite file `db`, whole or not at all.
+
+    MLflow migrates a new store in ~50 steps; an interrupt in between leaves a file every later
+    run rejects. So the schema is built in `<db>.creating` next to it (the caller holds the
+    store's file lock) and moved into place with `os.replace`, which is atomic.
+    """
+    from mlflow import MlflowClient
+
+    tmp = db.with_name(db.name + ".creating")
+    # MLflow puts the Default experiment's artifacts under <cwd>/mlruns and writes that path into
+    # raw SQL with repr(): a path holding both ' and " breaks it. Next to the store, if it can.
+    where = db.parent if not {"'", '"'} <= set(str(db.parent)) else Path(tempfile.gettempdir())
+    cwd = os.getcwd()
+    try:
+        tmp.unlink(missing_ok=True)  # left by a process killed while creating (we hold the lock)
+        os.chdir(where)
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+        os.replace(tmp, db)
+    finally:
+        os.chdir(cwd)
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + "-journal").unlink(missing_ok=True)
+
+
 def _record(run: Any) -> RunRecord:
     info, data = run.info, run.data
     return RunRecord(
@@ -262,7 +368,18 @@ class MLflowTracker(Tracker):
         self._metric_until: dict[str, int] = {}
         self._resume_step: int | None = None
 
-    def check(self) -> None:
+    def check(self, resume_run_id: str | None = None) -> None:
+        """Make sure the store, the experiment and (on resume) the run can be used; before any data work.
+
+        A missing sqlite store is created whole or not at all (`_create_sqlite_store`); the
+        experiment is created, or tagged `EXPERIMENT_KIND` if it lacks the tag. `resume_run_id`:
+        the MLflow run a resume continues (None: a new run).
+
+        Raises:
+            NCNConfigError: an unreachable server, a missing folder, a path that is a folder or
+                not an MLflow store, a half-migrated store, a deleted experiment or a deleted
+                `resume_run_id`; the message names the fix.
+        """
         # mlflow takes ~2 s to import; only runs that track pay for it
         from mlflow import MlflowClient
 
@@ -282,12 +399,32 @@ class MLflowTracker(Tracker):
                 f"tracking.uri={self.uri}: folder {db.parent} does not exist: create it or point tracking.uri at an "
                 "existing folder (sqlite:////abs/path/mlflow.db)"
             )
-        # Parallel jobs on a fresh sqlite file race on schema creation; a file lock serializes it.
+        # Parallel jobs on a fresh sqlite file race on schema creation; a file lock serializes
+        # checking, creating and migrating the store.
         lock = FileLock(str(db) + ".lock", timeout=120) if db is not None else contextlib.nullcontext()
-        try:
-            with lock:
+        with lock:
+            if db is not None and not _usable_sqlite_tables(self.uri, db):
+                _create_sqlite_store(db)  # no file yet, or an empty one
+            try:  # opening a sqlite store runs MLflow's pending schema migrations
                 self.client = MlflowClient(tracking_uri=self.uri)
                 experiment = self.client.get_experiment_by_name(self.experiment)
+            except Exception as exc:  # MLflow/SQLAlchemy/OS errors all mean "cannot use this store"
+                first = _first_line(exc)
+                if "mlflow db upgrade" in first:  # a store of an older MLflow: its schema can be upgraded
+                    found = first.split("(", 1)[-1].split(")", 1)[0]
+                    raise NCNConfigError(
+                        f"tracking.uri={self.uri} has an older MLflow schema ({found}): back it up, then "
+                        f"run mlflow db upgrade {shlex.quote(self.uri)}"
+                    ) from None
+                if db is not None and "locked" not in first:
+                    raise _broken_store(self.uri, db, first) from None
+                raise NCNConfigError(
+                    f"tracking.uri={self.uri} is unusable ({first}): fix the URI (e.g. "
+                    "sqlite:////abs/path/mlflow.db) or use tracking=none"
+                ) from None
+            if experiment is not None and experiment.lifecycle_stage == "deleted":
+                raise _deleted_experiment(self.uri, self.experiment, experiment.experiment_id)
+            try:
                 if experiment is None:
                     self.experiment_id = self.client.create_experiment(
                         self.experiment, artifact_location=self.artifact_location, tags=EXPERIMENT_KIND
@@ -297,12 +434,47 @@ class MLflowTracker(Tracker):
                     if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
                         for key, value in EXPERIMENT_KIND.items():
                             self.client.set_experiment_tag(self.experiment_id, key, value)
-        except Exception as exc:  # MLflow/SQLAlchemy/OS errors all mean "cannot use this store"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            except Exception as exc:
+                raise NCNConfigError(
+                    f"tracking.uri={self.uri}: cannot create or tag experiment {self.experiment} "
+                    f"({_first_line(exc)}): check that the store is writable, or use tracking=none"
+                ) from None
+        if resume_run_id is not None:
+            self._check_resume_run(resume_run_id)
+
+    def _check_resume_run(self, run_id: str) -> None:
+        """Refuse to continue a deleted run, or a run of a deleted experiment (MLflow rejects every write to it)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return  # not in this store: `start` opens a new run tagged ncn.resumed_from_run
+        env = f"MLFLOW_TRACKING_URI={shlex.quote(self.uri)}"
+        if run.info.lifecycle_stage == "deleted":
             raise NCNConfigError(
-                f"tracking.uri={self.uri} is unusable ({first}): fix the URI (e.g. sqlite:////abs/path/mlflow.db) "
-                "or use tracking=none"
-            ) from None
+                f"MLflow run {run_id}, which this resume continues, is deleted in {self.uri}: restore it "
+                f"({env} mlflow runs restore --run-id {run_id}), or purge it to resume into a new run "
+                f"(mlflow gc --backend-store-uri {shlex.quote(self.uri)} --run-ids {run_id})"
+            )
+        experiment = self.client.get_experiment(run.info.experiment_id)
+        if experiment.lifecycle_stage == "deleted":
+            raise _deleted_experiment(self.uri, experiment.name, experiment.experiment_id)
+
+    def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
+        """Address of this experiment's runs table in `mlflow ui` served at `base`.
+
+        `workflowType=machine_learning` selects the UI's "Model training" layout: MLflow 3.17.2's
+        UI picks it from this parameter (else from the browser's last choice, by default GenAI,
+        whose experiment page is a traces overview) and no longer from the experiment tag.
+        """
+        self._ready()
+        return f"{base}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+
+    def browse_hint(self) -> str:
+        """`mlflow ui ...` for this store (shell-quoted, to paste into bash), then the address of the runs table."""
+        command = f"mlflow ui --backend-store-uri {shlex.quote(self.uri)} --host 127.0.0.1 --port 5000"
+        return f"{command}, then open {self.ui_url()}"
 
     def _ready(self) -> Any:
         if self.experiment_id is None:

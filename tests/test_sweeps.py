@@ -317,7 +317,7 @@ def test_failing_job_fails_parent_and_exit_code(tmp_path: Path, corpus: Path, ml
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt install chromium)")
 def test_mlflow_ui_compare_view_renders_the_sweep(two_variant) -> None:
-    """scripts/mlflow_screenshot.py against the two-variant store: run names and params in the DOM."""
+    """scripts/mlflow_screenshot.py against the two-variant store: run names and columns in the runs table."""
     tmp_path = two_variant[0]
     shot = tmp_path / "compare.png"
     done = subprocess.run(
@@ -336,7 +336,7 @@ def test_mlflow_ui_compare_view_renders_the_sweep(two_variant) -> None:
         timeout=400,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "compare view of 2 runs of sweep ablation" in done.stdout
+    assert "table view of 2 runs of sweep ablation" in done.stdout and "ncn.targets" in done.stdout
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
 
 

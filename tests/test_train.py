@@ -74,7 +74,7 @@ def test_smoke_run_records_params_metrics_and_artifacts(reference: tuple[Path, s
     assert int(params["dataset.train_tokens"]) > 1_000_000 and int(params["dataset.val_tokens"]) > 10_000
     assert [s for s, _ in _history(client, run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
     assert [s for s, _ in _history(client, run.info.run_id, "val/loss")] == [0, 3, 6]
-    assert [s for s, _ in _history(client, run.info.run_id, "signals/precision/L1/std")] == [0, 3, 6]
+    assert [s for s, _ in _history(client, run.info.run_id, "val/signals/precision/L1/std")] == [0, 3, 6]
     assert _history(client, run.info.run_id, "train/lr")[0] == (
         1,
         pytest.approx(lr_at(0, lr=6e-4, min_lr=6e-5, warmup_steps=100, total_steps=6)),
@@ -88,8 +88,8 @@ def test_smoke_run_records_params_metrics_and_artifacts(reference: tuple[Path, s
         "train/grad_norm",
         "train/tokens_per_s",
         "train/tokens_seen",
-        "signals/gain/L0/mean",
-        "signals/ffn_gate/L1/mean",
+        "val/signals/gain/L0/mean",
+        "val/signals/ffn_gate/L1/mean",
     }
     assert run.data.metrics["train/tokens_seen"] == 6 * 4 * 32
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -245,8 +245,8 @@ def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
     last = stderr.strip().splitlines()[-1]  # where it stopped and how to resume
     checkpoints = re.escape(str(tmp_path / "run" / "checkpoints"))
     assert re.fullmatch(
-        rf"error: interrupted at step \d+ \(last checkpoint: {checkpoints}/step_\d{{6}}\): "
-        r"resume with trainer.resume=latest",
+        rf"error: interrupted at step \d+ \(last checkpoint: ({checkpoints}/step_\d{{6}})\): "
+        rf"resume with python {re.escape(str(REPO / 'run.py'))} trainer.resume=\1",
         last,
     ), last
     assert _only_run(uri)[1].info.status == "KILLED"

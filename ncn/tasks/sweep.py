@@ -27,7 +27,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ncn.config import TrackingConfig
+from ncn.config import TrackingConfig, python_command, shell_override
 from ncn.errors import NCNConfigError, exit_code
 from ncn.runtime import distributed_env
 from ncn.tracking import MLflowTracker, RunRecord, Tracker, git_commit, open_tracker
@@ -224,14 +224,24 @@ class SweepCallback(Callback):
         self._finished = False
         atexit.register(self._finish, False)
         log.info(
-            "sweep %s: parent MLflow run %s in %s, folder %s (sweep_run=%s for task=report, sweep_resume=%s to "
-            "continue it)",
+            "sweep %s: parent MLflow run %s in %s, folder %s (report: %s; continue an interrupted sweep with "
+            "its command and sweep_resume=%s)",
             self.sweep_name,
             self.parent_run_id,
             self.uri,
             config.hydra.sweep.dir,
+            self.report_command(),
             self.parent_run_id,
-            self.parent_run_id,
+        )
+
+    def report_command(self) -> str:
+        """The command (to paste into bash in any folder) that reports this sweep: this run.py,
+        `task=report`, the parent run and the store, quoted for bash and Hydra."""
+        return python_command(
+            os.path.abspath(sys.argv[0]),
+            "task=report",
+            shell_override("sweep_run", self.parent_run_id),
+            shell_override("tracking.uri", self.uri),
         )
 
     def _resume(self, tracker: MLflowTracker, config: DictConfig, spec: str, swept_grid: str) -> str:
@@ -343,8 +353,7 @@ class SweepCallback(Callback):
         tracker.terminate(self.parent_run_id, status)
         if normal:  # at exit, run.py's `error: ...` line must stay the last line on stderr
             log.info(
-                "sweep %s: %d of %d job runs FINISHED%s; parent run %s %s%s (report: python run.py task=report "
-                "sweep_run=%s)",
+                "sweep %s: %d of %d job runs FINISHED%s; parent run %s %s%s (report: %s)",
                 self.sweep_name,
                 statuses.count("FINISHED"),
                 len(jobs),
@@ -352,7 +361,7 @@ class SweepCallback(Callback):
                 self.parent_run_id,
                 status,
                 f" (failed: {', '.join(failed)})" if failed else "",
-                self.parent_run_id,
+                self.report_command(),
             )
         return bad
 

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ncn import checkpoint, job_resume
 from ncn.checkpoint import Checkpoint, TrainState
-from ncn.config import RunConfig, RunContext, check_baseline_choice
+from ncn.config import RunConfig, RunContext, check_baseline_choice, python_command, shell_override
 from ncn.data import DataModule
 from ncn.errors import NCNConfigError
 from ncn.gpt import ModulatedGPT
@@ -175,15 +175,19 @@ def _record_start(job: Job, state: TrainState, ctx: RunContext, data: DataModule
 
 def _interrupted(step: int, job: Job, cfg: RunConfig, ctx: RunContext) -> str:
     """run.py's last line after Ctrl-C/SIGTERM: where training stopped and, if it can, how to go on
-    (a sweep job goes on with its sweep: `sweep_resume=<parent run id | sweep dir>`)."""
+    (a command to paste: `latest` could name another run's checkpoint, the folder cannot; a sweep
+    job goes on with its sweep: `sweep_resume=<parent run id | sweep dir>`)."""
     if ctx.job is not None:
         sweep = cfg.tracking.parent_run_id or ctx.run_dir.parent
         where = f"last checkpoint: {job.last_good}" if job.last_good is not None else "no checkpoint yet"
         return (
-            f"interrupted at step {step} of sweep job {ctx.job} ({where}): resume the sweep with sweep_resume={sweep}"
+            f"interrupted at step {step} of sweep job {ctx.job} ({where}): resume the sweep with "
+            f"{shell_override('sweep_resume', sweep)}"
         )
     if job.last_good is not None:
-        return f"interrupted at step {step} (last checkpoint: {job.last_good}): resume with trainer.resume=latest"
+        script = ctx.launch_dir / (shlex.split(ctx.command)[0] if ctx.command else "run.py")
+        again = python_command(str(script), shell_override("trainer.resume", job.last_good))
+        return f"interrupted at step {step} (last checkpoint: {job.last_good}): resume with {again}"
     return f"interrupted at step {step}, before this run's first checkpoint: rerun to start over"
 
 
@@ -207,7 +211,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
         cfg.trainer.device, cfg.trainer.precision, cfg.trainer.threads, cfg.trainer.deterministic
     )
     tracker = open_tracker(cfg.tracking, ctx.launch_dir, ctx.run_dir) if rank == 0 else NullTracker()
-    tracker.check()
+    tracker.check(resumed.state.mlflow_run_id if resumed is not None else None)
     if tracker.enabled:  # checkpoints record the store itself, so tasks find the run from any folder
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracker.uri))
     data = DataModule(cfg.data)
@@ -264,5 +268,5 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             where,
         )
         if tracker.enabled:
-            log.info("browse: mlflow ui --backend-store-uri %s", shlex.quote(tracker.uri))
+            log.info("browse: %s", tracker.browse_hint())
     return float(final.get("val/loss", float("nan")))
