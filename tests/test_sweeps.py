@@ -485,14 +485,10 @@ def test_failing_jobs_in_an_odd_folder_with_an_odd_run_name(tmp_path: Path, corp
     assert (len(results), failed) == (2, ["job2 (FAILED)"])
 
 
-def test_screenshot_script_finds_a_sweep_by_a_name_with_quotes(tmp_path: Path, mlflow_store) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mlflow_screenshot", REPO / "scripts" / "mlflow_screenshot.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_a_sweep_is_found_by_a_name_with_quotes(tmp_path: Path, mlflow_store) -> None:
+    """The screenshot script and task=report look a sweep up by user text through the tracker."""
     tracker = MLflowTracker(mlflow_store(tmp_path / "mlflow.db"))
     parent = tracker.start("o'brien", tags={"ncn.sweep": 'o\'brien "ü"'})
     child = tracker.create_run("run", tags={"mlflow.parentRunId": parent})
-    found, children = script.sweep_runs(tracker.uri, 'o\'brien "ü"')
-    assert (found.info.run_id, [c.info.run_id for c in children]) == (parent, [child])
+    found = tracker.find_sweep('o\'brien "ü"')
+    assert (found.run_id, [c.run_id for c in tracker.child_runs(found.run_id)]) == (parent, [child])

@@ -14,11 +14,9 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +24,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from ncn.config import RunContext
+from ncn.config import RunConfig, RunContext
 from ncn.errors import NCNConfigError
 from ncn.tasks.sweep import SweepCallback
 from ncn.tasks.train import _interrupted
@@ -242,15 +240,17 @@ def test_ctrl_c_while_creating_a_store_leaves_no_store(tmp_path: Path) -> None:
     folder = tmp_path / ODD
     folder.mkdir()
     db, creating = folder / "mlflow.db", folder / "mlflow.db.creating"
-    code = f"from ncn.tracking import MLflowTracker; MLflowTracker({f'sqlite:///{db}'!r}).check()"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not creating.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # inside MLflow's ~50 schema migrations (several seconds)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode != 0 and "KeyboardInterrupt" in stderr
+    # Ctrl-C at the worst moment: the schema is whole in `.creating`, not yet moved into place
+    code = (
+        "import os\n"
+        "def ctrl_c(*args): raise KeyboardInterrupt\n"
+        "os.replace = ctrl_c\n"
+        "from ncn.tracking import MLflowTracker\n"
+        f"MLflowTracker({f'sqlite:///{db}'!r}).check()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert not creating.exists()
     assert sorted(p.name for p in folder.iterdir()) == ["mlflow.db.lock"]  # no store, no half-made file
     tracker = MLflowTracker(f"sqlite:///{db}")
     tracker.check()  # the next run creates it whole
@@ -301,7 +301,7 @@ def test_printed_commands_work_from_a_folder_with_spaces_and_quotes(
     checkpoint = folder / "run 1" / "step_000006"
     shutil.copytree(tiny.checkpoint, checkpoint)
     ctx = RunContext(run_dir=folder, launch_dir=folder, command=shlex.join([str(REPO / "run.py"), "model=tiny"]))
-    hint = _interrupted(6, SimpleNamespace(last_good=checkpoint), ctx)
+    hint = _interrupted(6, SimpleNamespace(last_good=checkpoint), RunConfig(), ctx)
     assert hint.startswith(f"interrupted at step 6 (last checkpoint: {checkpoint}): resume with python ")
     again = hint.split(": resume with ")[1]
     assert shlex.split(again)[:2] == ["python", str(REPO / "run.py")]
