@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from ncn import checkpoint
 from ncn.checkpoint import Snapshot, TrainState
 from ncn.config import TrainerConfig
 from ncn.errors import DivergenceError
-from ncn.evaluation import evaluate
+from ncn.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, evaluate, uses_future
 from ncn.gpt import ModulatedGPT
 from ncn.runtime import autocast
 from ncn.tracking import Tracker
@@ -47,7 +47,8 @@ class Job:
     the folder checkpoints go to; config: the resolved run config saved with each. probe: token
     ids of the fixed probe prompt and their labels ([] = no probe heatmaps). extra: descriptive
     values written into every train_state.json. last_good: the newest checkpoint with finite
-    weights and val loss (a resume's source until this run saves one).
+    weights and val loss (a resume's source until this run saves one). bits_per_byte: val CE
+    (nats/token) -> bits per byte of val text (`DataModule.bits_per_byte`; None = not logged).
     """
 
     model: ModulatedGPT
@@ -66,6 +67,7 @@ class Job:
     probe_labels: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     last_good: Path | None = None
+    bits_per_byte: Callable[[float], float] | None = None
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -202,6 +204,18 @@ def _log_probe(job: Job, state: TrainState) -> None:
         job.tracker.log_figure(figure, f"probe/signals_step_{state.step:06d}.png")
 
 
+def _val_summary(val: dict[str, float], leaks: bool) -> str:
+    """ "val loss 2.1234 | val ppl 8.37 | val bpb 3.063 | leak 0.0137 (early 0.0510)": the eval's log line;
+    bits per byte when logged, the leak audit when the model pools globally (`leaks`)."""
+    parts = [f"val loss {val['val/loss']:.4f}", f"val ppl {val['val/ppl']:.2f}"]
+    if VAL_BPB in val:
+        parts.append(f"val bpb {val[VAL_BPB]:.4f}")
+    if leaks:
+        early = f" (early {val[VAL_LEAK_EARLY]:.4f})" if VAL_LEAK_EARLY in val else ""
+        parts.append(f"leak {val[VAL_LEAK]:.4f}{early}")
+    return " | ".join(parts)
+
+
 def _clock(seconds: float) -> str:
     return "?" if math.isnan(seconds) else time.strftime("%H:%M:%S", time.gmtime(seconds))
 
@@ -238,15 +252,14 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
         while True:
             done = state.step >= total
             if job.rank == 0 and (state.step % cfg.eval_every == 0 or done) and not (state.step == start_step > 0):
-                val = evaluate(job.model, job.val_batches, job.device, cfg.precision)
+                val = evaluate(job.model, job.val_batches, job.device, cfg.precision, job.bits_per_byte)
                 state.val_loss = val["val/loss"]
                 metrics.update(val)
                 job.tracker.log_metrics(val, step=state.step)
                 log.info(
-                    "step %d | val loss %.4f | val ppl %.2f | %s",
+                    "step %d | %s | %s",
                     state.step,
-                    val["val/loss"],
-                    val["val/ppl"],
+                    _val_summary(val, uses_future(job.model)),
                     _eta(started, state.step - start_step, total - state.step),
                 )
                 if job.probe and math.isfinite(state.val_loss):

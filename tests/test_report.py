@@ -1,7 +1,8 @@
 """Tests of the report task on synthetic sweeps logged to a real temporary MLflow store: the table's
 statistics checked by hand (mean ± sample std, paired and Welch 95 % t-intervals, perplexity,
-tokens/s), grid order, baselines, excluded failed runs, the CSV/PNG/Markdown files and artifacts,
-finding a sweep by id, experiment or a name with quotes and non-ASCII, and the plot's axis.
+tokens/s, bits per byte, the leak audit's 95 % intervals), grid order, baselines, excluded failed
+runs, the CSV/PNG/Markdown files and artifacts, finding a sweep by id, experiment or a name with
+quotes and non-ASCII, and the plot's axis.
 
 Run: python -m pytest -q tests/test_report.py   (a few seconds)
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from ncn.errors import NCNConfigError
+from ncn.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
 from ncn.plots import loss_curves
 from ncn.tasks.report import RunResult, cli, delta_interval, markdown, report, table
 from ncn.tracking import MLflowTracker
@@ -183,3 +186,94 @@ def test_cli_writes_into_the_sweep_dir(sweep, tmp_path: Path, capsys) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.md", "val_loss.png"]
     printed = capsys.readouterr().out
     assert "| full | 0,1,2 |" in printed and str(out / "report.md") in printed
+
+
+# pooling sweep: variant -> {seed: (val loss, val bpb, leak, leak early, leak late)}; leaks 0 unless global
+POOLING = {
+    "causal": {0: (2.00, 2.90, 0.0, 0.0, 0.0), 1: (2.02, 2.93, 0.0, 0.0, 0.0), 2: (2.01, 2.91, 0.0, 0.0, 0.0)},
+    "none": {0: (2.05, 2.96, 0.0, 0.0, 0.0), 1: (2.06, 2.98, 0.0, 0.0, 0.0), 2: (2.04, 2.95, 0.0, 0.0, 0.0)},
+    "global": {
+        0: (1.98, 2.86, 0.010, 0.050, 0.006),
+        1: (1.99, 2.88, 0.014, 0.060, 0.008),
+        2: (1.97, 2.85, 0.012, 0.040, 0.010),
+    },
+}
+
+
+def test_pooling_report_shows_bits_per_byte_and_the_leak_with_95_percent_intervals(
+    tmp_path: Path, mlflow_store
+) -> None:
+    client = MlflowClient(mlflow_store(tmp_path / "mlflow.db"))
+    tracker = MLflowTracker(client.tracking_uri)
+    exp = client.create_experiment("ncn", artifact_location=(tmp_path / "artifacts").as_uri())
+    grid = {"ncn.pooling": list(POOLING), "seed": ["0", "1", "2"]}
+    tags = {"ncn.sweep": "pooling", "ncn.sweep.grid": json.dumps(grid)}
+    parent = client.create_run(exp, run_name="pooling", tags=tags).info.run_id
+    for variant, by_seed in POOLING.items():
+        for seed, (loss, bpb, leak, early, late) in by_seed.items():
+            rid = client.create_run(
+                exp, run_name=f"p-{variant}-s{seed}", tags={"mlflow.parentRunId": parent}
+            ).info.run_id
+            values = {
+                "val/loss": loss,
+                VAL_BPB: bpb,
+                VAL_LOSS_CAUSAL: loss + leak,
+                VAL_LEAK: leak,
+                VAL_LEAK_EARLY: early,
+                VAL_LEAK_LATE: late,
+            }
+            params = {"seed": str(seed), "n_params": "1000", "controller_share_pct": "8.0", "ncn.pooling": variant}
+            client.log_batch(
+                rid,
+                metrics=[Metric(k, v, 0, 20) for k, v in values.items()],
+                params=[Param(k, v) for k, v in params.items()],
+            )
+            client.set_terminated(rid, "FINISHED")
+    rows, (md, csv_path, _) = report(tracker, tracker.get_run(parent), tmp_path / "out")
+    causal, none, glob = rows
+    assert [r["variant"] for r in rows] == ["causal", "none", "global"]
+    # exact zeros stay exact: mean 0 with a zero-width interval
+    assert (causal["leak_mean"], causal["leak_ci_low"], causal["leak_ci_high"]) == (0.0, 0.0, 0.0)
+    assert (none["leak_early_mean"], none["leak_late_ci_high"]) == (0.0, 0.0)
+    # leak 0.010, 0.014, 0.012: mean 0.012, sd 0.002, half = t(0.975, 2) * 0.002 / sqrt(3)
+    half = T_975_DF2 * 0.002 / math.sqrt(3)
+    assert glob["leak_mean"] == pytest.approx(0.012)
+    assert (glob["leak_ci_low"], glob["leak_ci_high"]) == (pytest.approx(0.012 - half), pytest.approx(0.012 + half))
+    early_half = T_975_DF2 * 0.01 / math.sqrt(3)  # 0.05, 0.06, 0.04: sd 0.01
+    assert (glob["leak_early_mean"], glob["leak_early_ci_high"]) == (
+        pytest.approx(0.05),
+        pytest.approx(0.05 + early_half),
+    )
+    assert glob["leak_late_mean"] == pytest.approx(0.008)
+    assert glob["val_loss_causal_mean"] == pytest.approx(1.98 + 0.012)
+    # bits per byte like val loss: mean ± sample std
+    assert glob["val_bpb_mean"] == pytest.approx((2.86 + 2.88 + 2.85) / 3)
+    assert glob["val_bpb_std"] == pytest.approx(statistics.stdev([2.86, 2.88, 2.85]))
+    assert glob["delta_method"] == "paired" and glob["baseline"] == "causal"
+
+    text = md.read_text()
+    assert "| val bpb | Δ val loss vs baseline [95 % CI] | val loss, causal eval | leak [95 % CI] | " in text
+    assert "leak, positions < 16 [95 % CI] | leak, positions ≥ 16 [95 % CI] | tokens/s |" in text
+    assert "| +0.0000 [+0.0000, +0.0000] |" in text  # causal and none: no future, no leak
+    assert f"| +0.0120 [{0.012 - half:+.4f}, {0.012 + half:+.4f}] |" in text
+    assert f"| {(2.86 + 2.88 + 2.85) / 3:.4f} ± {statistics.stdev([2.86, 2.88, 2.85]):.4f} |" in text
+    with csv_path.open() as f:
+        by_variant = {r["variant"]: r for r in csv.DictReader(f)}
+    assert float(by_variant["global"]["leak_ci_high"]) == pytest.approx(0.012 + half)
+    assert float(by_variant["causal"]["leak_mean"]) == 0.0
+
+
+def test_leak_columns_only_where_a_variant_leaks(sweep, tmp_path: Path) -> None:
+    """The ablation sweep of the fixture logged no bpb and no leak: neither column appears, the CSV cells are empty."""
+    client, parent_id = sweep
+    rows, (md, csv_path, _) = report(client.tracker, client.tracker.get_run(parent_id), tmp_path / "out")
+    assert all(math.isnan(r["leak_mean"]) and math.isnan(r["val_bpb_mean"]) for r in rows)
+    assert "leak" not in md.read_text() and "bpb" not in md.read_text()
+    with csv_path.open() as f:
+        assert {r["leak_mean"] for r in csv.DictReader(f)} == {""}
+    zeros = [
+        RunResult("full", s, 1, 0.0, 5.0, 1.0, [], {VAL_LEAK: 0.0, VAL_LEAK_EARLY: 0.0, VAL_BPB: 7.0}) for s in (0, 1)
+    ]
+    text = markdown(table(zeros, ["full"], {"ncn": ["full"]}), "ablation", [])
+    assert "| val bpb |" in text and "leak" not in text  # every leak exactly 0: no audit columns
+    assert "| 7.0000 ± 0.0000 |" in text

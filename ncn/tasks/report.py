@@ -21,8 +21,20 @@ from typing import Any
 
 from ncn.config import RunConfig, RunContext, TrackingConfig
 from ncn.errors import NCNConfigError
+from ncn.evaluation import EARLY_POSITIONS, VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
 from ncn.tracking import RunRecord, Tracker, open_tracker
 
+# Final metrics averaged per variant besides val/loss: column prefix, metric key, statistic
+# ("std": mean ± sample std like val loss; "ci": mean with a 95 % t-interval like Δ).
+EXTRA_COLUMNS = (
+    ("val_bpb", VAL_BPB, "std"),
+    ("val_loss_causal", VAL_LOSS_CAUSAL, "std"),
+    ("leak", VAL_LEAK, "ci"),
+    ("leak_early", VAL_LEAK_EARLY, "ci"),
+    ("leak_late", VAL_LEAK_LATE, "ci"),
+)
+
+SPREAD = {"std": ("std",), "ci": ("ci_low", "ci_high")}
 FIELDS = [
     "variant",
     "seeds",
@@ -39,12 +51,16 @@ FIELDS = [
     "delta_method",
     "baseline",
     "tokens_per_s",
+    *(f"{name}_{part}" for name, _, stat in EXTRA_COLUMNS for part in ("mean", *SPREAD[stat])),
 ]
 
 
 @dataclass
 class RunResult:
-    """One finished child run: its variant label, seed and final numbers (losses in nats/token)."""
+    """One finished child run: its variant label, seed and final numbers (losses in nats/token).
+
+    finals: the final value of each `EXTRA_COLUMNS` metric the run logged (bits per byte, leak audit).
+    """
 
     variant: str
     seed: int
@@ -53,11 +69,41 @@ class RunResult:
     val_loss: float
     tokens_per_s: float
     curve: list[tuple[float, float]] = field(default_factory=list)  # (tokens seen, val loss)
+    finals: dict[str, float] = field(default_factory=dict)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; NaN for fewer than 2 values)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of per-seed `values` with its two-sided 95 % Student-t interval (df = n−1).
+
+    Returns (mean, low, high); NaN bounds for a single value, a zero-width interval when all are equal.
+    """
+    from scipy.stats import t  # scipy comes with mlflow
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def _extra(runs: Sequence[RunResult]) -> list[float]:
+    """The `EXTRA_COLUMNS` cells of one variant in FIELDS order; NaN where no run of it logged the metric."""
+    cells: list[float] = []
+    for _, key, stat in EXTRA_COLUMNS:
+        values = [r.finals[key] for r in runs if key in r.finals]
+        width = 1 + len(SPREAD[stat])
+        if not values:
+            cells += [math.nan] * width
+        elif stat == "std":
+            cells += mean_std(values)
+        else:
+            cells += mean_interval(values)
+    return cells
 
 
 def delta_interval(variant: dict[int, float], baseline: dict[int, float]) -> tuple[float, float, float, str]:
@@ -124,6 +170,7 @@ def collect(tracker: Tracker, parent: RunRecord) -> tuple[list[RunResult], list[
                 run.metrics["val/loss"],
                 statistics.fmean(speed) if speed else math.nan,
                 curve,
+                {key: run.metrics[key] for _, key, _ in EXTRA_COLUMNS if key in run.metrics},
             )
         )
     order = _grid_order(grid, keys)
@@ -185,6 +232,7 @@ def table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> 
                         *delta,
                         base if base in by_label else "",
                         statistics.fmean(r.tokens_per_s for r in runs.values()),
+                        *_extra(list(runs.values())),
                     ],
                     strict=True,
                 )
@@ -197,15 +245,47 @@ def _num(x: float, fmt: str) -> str:
     return "n/a" if isinstance(x, float) and math.isnan(x) else format(x, fmt)
 
 
+def _has(rows: list[dict[str, Any]], field: str, nonzero: bool = False) -> bool:
+    values = [r[field] for r in rows if not (isinstance(r[field], float) and math.isnan(r[field]))]
+    return any(v != 0 for v in values) if nonzero else bool(values)
+
+
+def _interval(r: dict[str, Any], name: str) -> str:
+    """ "+0.0137 [+0.0100, +0.0174]": a `ci` column's mean and 95 % interval ("n/a" where no run logged it)."""
+    if math.isnan(r[f"{name}_mean"]):
+        return "n/a"
+    return f"{r[f'{name}_mean']:+.4f} [{_num(r[f'{name}_ci_low'], '+.4f')}, {_num(r[f'{name}_ci_high'], '+.4f')}]"
+
+
+def _spread(r: dict[str, Any], name: str, fmt: str) -> str:
+    """ "1.2345 ± 0.0123": a `std` column's mean ± sample std ("n/a" where no run logged it)."""
+    if math.isnan(r[f"{name}_mean"]):
+        return "n/a"
+    return f"{r[f'{name}_mean']:{fmt}} ± {_num(r[f'{name}_std'], fmt)}"
+
+
 def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
-    """The table as Markdown (losses in nats/token, Δ < 0 = better than the baseline)."""
-    lines = [
-        f"### {title}",
-        "",
-        "| variant | seeds | params | controller % | val loss | val ppl | Δ val loss vs baseline [95 % CI] "
-        "| tokens/s |",
-        "|---|---|---:|---:|---|---|---|---:|",
-    ]
+    """The table as Markdown (losses in nats/token, Δ < 0 = better than the baseline).
+
+    A val bpb column appears when any run logged bits per byte; the leak audit's columns when
+    any variant's mean leak is non-zero (a sweep with `global` salience pooling).
+    """
+    bpb, leak = _has(rows, "val_bpb_mean"), _has(rows, "leak_mean", nonzero=True)
+    header = ["variant", "seeds", "params", "controller %", "val loss", "val ppl"]
+    align = ["---", "---", "---:", "---:", "---", "---"]
+    if bpb:
+        header, align = [*header, "val bpb"], [*align, "---"]
+    header, align = [*header, "Δ val loss vs baseline [95 % CI]"], [*align, "---"]
+    if leak:
+        header += [
+            "val loss, causal eval",
+            "leak [95 % CI]",
+            f"leak, positions < {EARLY_POSITIONS} [95 % CI]",
+            f"leak, positions ≥ {EARLY_POSITIONS} [95 % CI]",
+        ]
+        align += ["---"] * 4
+    header, align = [*header, "tokens/s"], [*align, "---:"]
+    lines = [f"### {title}", "", f"| {' | '.join(header)} |", f"|{'|'.join(align)}|"]
     for r in rows:
         if r["delta_method"]:
             delta = (
@@ -214,11 +294,28 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
             )
         else:
             delta = "baseline" if r["baseline"] == r["variant"] else "n/a"
-        lines.append(
-            f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['controller_share_pct']:.2f} | "
-            f"{r['val_loss_mean']:.4f} ± {_num(r['val_loss_std'], '.4f')} | "
-            f"{r['val_ppl_mean']:.2f} ± {_num(r['val_ppl_std'], '.2f')} | {delta} | {r['tokens_per_s']:,.0f} |"
-        )
+        cells = [
+            r["variant"],
+            r["seeds"],
+            f"{r['params']:,}",
+            f"{r['controller_share_pct']:.2f}",
+            f"{r['val_loss_mean']:.4f} ± {_num(r['val_loss_std'], '.4f')}",
+            f"{r['val_ppl_mean']:.2f} ± {_num(r['val_ppl_std'], '.2f')}",
+        ]
+        if bpb:
+            cells.append(_spread(r, "val_bpb", ".4f"))
+        cells.append(delta)
+        if leak:
+            cells.append(_spread(r, "val_loss_causal", ".4f"))
+            cells += [_interval(r, name) for name in ("leak", "leak_early", "leak_late")]
+        cells.append(f"{r['tokens_per_s']:,.0f}")
+        lines.append(f"| {' | '.join(str(c) for c in cells)} |")
+    if leak:
+        lines += [
+            "",
+            "Leak: val loss of the same weights under causal salience pooling − val loss (nats/token); > 0 means "
+            "the model uses future tokens. Exactly 0 for causal and pooling-free models (docs/sweeps.md).",
+        ]
     if failed:
         lines += ["", f"Not included (did not finish): {', '.join(failed)}"]
     return "\n".join(lines) + "\n"

@@ -125,6 +125,7 @@ def _build_job(
         tokens_per_step=tokens_per_step,
         probe=probe,
         probe_labels=token_labels(probe, data.encoding),
+        bits_per_byte=data.bits_per_byte,
         extra=extra,
         seed=cfg.seed,
         rank=rank,
