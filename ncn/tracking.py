@@ -98,6 +98,17 @@ class RunRecord:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RunSource:
+    """Where a training run comes from: the command line as typed, its run folder, the folder it
+    was launched in (for the git commit) and the Hydra group choices (`model`: `small`, ...)."""
+
+    command: str
+    run_dir: Path
+    launch_dir: Path
+    choices: Mapping[str, str] = field(default_factory=dict)
+
+
 class Tracker:
     """Base tracker: appends metrics to `<run_dir>/metrics.jsonl` (nothing when run_dir is None).
 
@@ -149,6 +160,38 @@ class Tracker:
 
     def end(self, status: str) -> None:
         """Close this run with status "FINISHED", "FAILED" or "KILLED"."""
+
+    def start_training_run(
+        self,
+        run_name: str,
+        config: Mapping[str, Any],
+        sizes: Mapping[str, Any],
+        source: RunSource,
+        run_id: str | None = None,
+        resume_step: int | None = None,
+    ) -> str | None:
+        """Open (or continue, at `resume_step`) a training run and record what it is.
+
+        Params: the flattened `config` plus `sizes` (parameter and token counts, as strings).
+        Tags: the command, the run folder, the Hydra choices and the git commit of `source`.
+        Artifacts: `config.yaml` and the run folder's `.hydra/`, under `resume/step_<N>/` on a
+        resume (MLflow params are immutable; the changed values live there). Returns the run id.
+        """
+        tags = {
+            "mlflow.source.name": "run.py",
+            "ncn.command": source.command,
+            "ncn.run_dir": str(source.run_dir),
+            **{f"hydra.choices.{k}": v for k, v in source.choices.items()},
+        }
+        if commit := git_commit(source.launch_dir):
+            tags["mlflow.source.git.commit"] = commit
+        run_id = self.start(run_name, run_id=run_id, resume_step=resume_step, tags=tags)
+        self.log_params({**flatten(config), **{k: str(v) for k, v in sizes.items()}})
+        prefix = f"resume/step_{resume_step:06d}/" if resume_step is not None else ""
+        self.log_dict(config, f"{prefix}config.yaml")
+        if (source.run_dir / ".hydra").is_dir():
+            self.log_artifact(source.run_dir / ".hydra", f"{prefix}hydra")
+        return run_id
 
     def _needs_store(self, what: str) -> NCNConfigError:
         return NCNConfigError(

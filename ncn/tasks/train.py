@@ -28,7 +28,7 @@ from ncn.gpt import ModulatedGPT
 from ncn.optim import build_optimizer, build_scheduler
 from ncn.runtime import distributed_env, setup_device, sigterm_as_interrupt
 from ncn.tokenizer import token_labels
-from ncn.tracking import NullTracker, Tracker, default_run_name, flatten, git_commit, open_tracker
+from ncn.tracking import NullTracker, RunSource, Tracker, default_run_name, open_tracker
 from ncn.trainer import Job, total_steps, train
 
 log = logging.getLogger(__name__)
@@ -134,36 +134,23 @@ def _build_job(
 
 
 def _record_start(job: Job, state: TrainState, ctx: RunContext, data: DataModule, resumed: Checkpoint | None) -> None:
-    """Open (or continue) the MLflow run and record the config, sizes, tags and Hydra files."""
+    """Open (or continue) the tracked run with the config, the sizes and where it comes from."""
     count = job.model.num_parameters()
     info = data.prepare()
-    params = {
-        **flatten(job.config),
-        "n_params": str(count.total),
-        "n_params_controller": str(count.controller),
+    sizes = {
+        "n_params": count.total,
+        "n_params_controller": count.controller,
         "controller_share_pct": f"{count.controller_share_pct:.3f}",
-        "dataset.train_tokens": str(info.train_tokens),
-        "dataset.val_tokens": str(info.val_tokens),
-        "world_size": str(job.world_size),
-        "tokens_per_step": str(job.tokens_per_step),
+        "dataset.train_tokens": info.train_tokens,
+        "dataset.val_tokens": info.val_tokens,
+        "world_size": job.world_size,
+        "tokens_per_step": job.tokens_per_step,
     }
-    tags = {
-        "mlflow.source.name": "run.py",
-        "ncn.command": ctx.command,
-        "ncn.run_dir": str(ctx.run_dir),
-        **{f"hydra.choices.{k}": v for k, v in ctx.choices.items()},
-    }
-    if commit := git_commit(ctx.launch_dir):
-        tags["mlflow.source.git.commit"] = commit
-    tracker = job.tracker
-    state.mlflow_run_id = tracker.start(
-        state.run_name, run_id=state.mlflow_run_id, resume_step=state.step if resumed else None, tags=tags
+    source = RunSource(ctx.command, ctx.run_dir, ctx.launch_dir, dict(ctx.choices))
+    resume_step = state.step if resumed else None
+    state.mlflow_run_id = job.tracker.start_training_run(
+        state.run_name, job.config, sizes, source, run_id=state.mlflow_run_id, resume_step=resume_step
     )
-    tracker.log_params(params)
-    prefix = f"resume/step_{state.step:06d}/" if resumed else ""
-    tracker.log_dict(job.config, f"{prefix}config.yaml")
-    if (ctx.run_dir / ".hydra").is_dir():
-        tracker.log_artifact(ctx.run_dir / ".hydra", f"{prefix}hydra")
     log.info(
         "%s: %s params (controller %.2f%%), %d tokens per step, run dir %s",
         state.run_name,
