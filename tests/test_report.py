@@ -107,9 +107,15 @@ def test_report_table_statistics_by_hand(sweep, tmp_path: Path) -> None:
 
     md, csv_path, png = paths
     text = md.read_text()
-    assert "| full | 0,1,2 | 1,100 | 9.09 | 4.9833 ± 0.0764 |" in text
+    # val loss: mean ± std [95 % t-interval over seeds]: 4.9833 ± t(0.975, 2) * 0.0764 / sqrt(3)
+    loss_half = T_975_DF2 * full["val_loss_std"] / math.sqrt(3)
+    assert (full["val_loss_ci_low"], full["val_loss_ci_high"]) == (
+        pytest.approx(14.95 / 3 - loss_half),
+        pytest.approx(14.95 / 3 + loss_half),
+    )
+    assert "| full | 0,1,2 | 1,100 | 9.09 | 4.9833 ± 0.0764 [4.7936, 5.1731] |" in text
     assert f"| {-0.35 / 3:+.4f} [{-0.35 / 3 - half:+.4f}, {-0.35 / 3 + half:+.4f}] vs none |" in text
-    assert "| none | 0,1,2 | 1,000 | 0.00 | 5.1000 ± 0.1000 |" in text and "| baseline |" in text
+    assert "| none | 0,1,2 | 1,000 | 0.00 | 5.1000 ± 0.1000 [4.8516, 5.3484] |" in text and "| baseline |" in text
     assert "Not included (did not finish): tiny-gain_only-s2 (FAILED)" in text
     with csv_path.open() as f:
         table_rows = list(csv.DictReader(f))
@@ -127,6 +133,28 @@ def test_delta_interval_edge_cases() -> None:
     assert delta_interval({0: 2.0}, {0: 1.5})[3] == "n/a"
     # identical paired differences: zero-width interval
     assert delta_interval({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0}) == (1.0, 1.0, 1.0, "paired")
+
+
+def test_every_variant_is_also_compared_with_the_iso_parameter_baseline() -> None:
+    """ablation-like grid: Δ vs none (first) and vs none_iso, each paired by seed with its 95 % interval."""
+    grid = {"ncn": ["none", "none_iso", "full"], "seed": [0, 1, 2]}
+    losses = {"none": [2.0, 2.1, 2.05], "none_iso": [1.95, 2.0, 2.0], "full": [1.9, 2.0, 1.9]}
+    results = [RunResult(v, s, 1, 0.0, loss, 1.0) for v, ls in losses.items() for s, loss in enumerate(ls)]
+    rows = {r["variant"]: r for r in table(results, grid["ncn"], grid)}
+    full, iso = rows["full"], rows["none_iso"]
+    diffs = [-0.05, 0.0, -0.1]  # full - none_iso per seed: mean -0.05, sd 0.05
+    half = T_975_DF2 * 0.05 / math.sqrt(3)
+    assert full["delta_iso_val_loss"] == pytest.approx(-0.05) == pytest.approx(sum(diffs) / 3)
+    assert (full["delta_iso_ci_low"], full["delta_iso_ci_high"]) == (
+        pytest.approx(-0.05 - half),
+        pytest.approx(-0.05 + half),
+    )
+    assert full["delta_val_loss"] == pytest.approx(-0.35 / 3) and full["baseline"] == "none"
+    assert math.isnan(iso["delta_iso_val_loss"]) and iso["delta_val_loss"] == pytest.approx(-0.2 / 3)
+    assert rows["none"]["delta_iso_val_loss"] == pytest.approx(0.2 / 3)
+    text = markdown(list(rows.values()), "ablation", [])
+    assert "Δ val loss vs none_iso [95 % CI]" in text
+    assert f"| {-0.05:+.4f} [{-0.05 - half:+.4f}, {-0.05 + half:+.4f}] |" in text
 
 
 def test_multi_key_grid_uses_matching_baseline() -> None:
@@ -252,11 +280,16 @@ def test_pooling_report_shows_bits_per_byte_and_the_leak_with_95_percent_interva
     assert glob["delta_method"] == "paired" and glob["baseline"] == "causal"
 
     text = md.read_text()
-    assert "| val bpb | Δ val loss vs baseline [95 % CI] | val loss, causal eval | leak [95 % CI] | " in text
+    assert (
+        "| val bpb ± std [95 % CI] | Δ val loss vs baseline [95 % CI] | val loss, causal eval | leak [95 % CI] | "
+        in text
+    )
     assert "leak, positions < 16 [95 % CI] | leak, positions ≥ 16 [95 % CI] | tokens/s |" in text
     assert "| +0.0000 [+0.0000, +0.0000] |" in text  # causal and none: no future, no leak
     assert f"| +0.0120 [{0.012 - half:+.4f}, {0.012 + half:+.4f}] |" in text
-    assert f"| {(2.86 + 2.88 + 2.85) / 3:.4f} ± {statistics.stdev([2.86, 2.88, 2.85]):.4f} |" in text
+    bpb_mean, bpb_sd = (2.86 + 2.88 + 2.85) / 3, statistics.stdev([2.86, 2.88, 2.85])
+    bpb_half = T_975_DF2 * bpb_sd / math.sqrt(3)
+    assert f"| {bpb_mean:.4f} ± {bpb_sd:.4f} [{bpb_mean - bpb_half:.4f}, {bpb_mean + bpb_half:.4f}] |" in text
     with csv_path.open() as f:
         by_variant = {r["variant"]: r for r in csv.DictReader(f)}
     assert float(by_variant["global"]["leak_ci_high"]) == pytest.approx(0.012 + half)
@@ -275,5 +308,5 @@ def test_leak_columns_only_where_a_variant_leaks(sweep, tmp_path: Path) -> None:
         RunResult("full", s, 1, 0.0, 5.0, 1.0, [], {VAL_LEAK: 0.0, VAL_LEAK_EARLY: 0.0, VAL_BPB: 7.0}) for s in (0, 1)
     ]
     text = markdown(table(zeros, ["full"], {"ncn": ["full"]}), "ablation", [])
-    assert "| val bpb |" in text and "leak" not in text  # every leak exactly 0: no audit columns
-    assert "| 7.0000 ± 0.0000 |" in text
+    assert "| val bpb ± std [95 % CI] |" in text and "leak" not in text  # every leak exactly 0: no audit columns
+    assert "| 7.0000 ± 0.0000 [7.0000, 7.0000] |" in text

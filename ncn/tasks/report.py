@@ -25,16 +25,18 @@ from ncn.evaluation import EARLY_POSITIONS, VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, V
 from ncn.tracking import RunRecord, Tracker, open_tracker
 
 # Final metrics averaged per variant besides val/loss: column prefix, metric key, statistic
-# ("std": mean ± sample std like val loss; "ci": mean with a 95 % t-interval like Δ).
+# ("std": mean ± sample std; "ci": mean with a 95 % t-interval like Δ; "std+ci": both).
 EXTRA_COLUMNS = (
-    ("val_bpb", VAL_BPB, "std"),
+    ("val_bpb", VAL_BPB, "std+ci"),
     ("val_loss_causal", VAL_LOSS_CAUSAL, "std"),
     ("leak", VAL_LEAK, "ci"),
     ("leak_early", VAL_LEAK_EARLY, "ci"),
     ("leak_late", VAL_LEAK_LATE, "ci"),
 )
 
-SPREAD = {"std": ("std",), "ci": ("ci_low", "ci_high")}
+SPREAD = {"std": ("std",), "ci": ("ci_low", "ci_high"), "std+ci": ("std", "ci_low", "ci_high")}
+# The iso-parameter baseline: in a sweep over `ncn` that has it, every variant also gets Δ against it.
+ISO_BASELINE = "none_iso"
 FIELDS = [
     "variant",
     "seeds",
@@ -43,6 +45,8 @@ FIELDS = [
     "controller_share_pct",
     "val_loss_mean",
     "val_loss_std",
+    "val_loss_ci_low",
+    "val_loss_ci_high",
     "val_ppl_mean",
     "val_ppl_std",
     "delta_val_loss",
@@ -50,6 +54,9 @@ FIELDS = [
     "delta_ci_high",
     "delta_method",
     "baseline",
+    "delta_iso_val_loss",
+    "delta_iso_ci_low",
+    "delta_iso_ci_high",
     "tokens_per_s",
     *(f"{name}_{part}" for name, _, stat in EXTRA_COLUMNS for part in ("mean", *SPREAD[stat])),
 ]
@@ -101,8 +108,10 @@ def _extra(runs: Sequence[RunResult]) -> list[float]:
             cells += [math.nan] * width
         elif stat == "std":
             cells += mean_std(values)
-        else:
+        elif stat == "ci":
             cells += mean_interval(values)
+        else:
+            cells += [*mean_std(values), *mean_interval(values)[1:]]
     return cells
 
 
@@ -198,6 +207,17 @@ def _baseline_of(label: str, keys: list[str], grid: dict[str, Any], labels: list
     return " ".join(f"{k}={parts[k]}" for k in keys)
 
 
+def _iso_baseline_of(label: str, keys: list[str], base: str | None) -> str | None:
+    """The label of `label`'s iso-parameter twin (ncn=none_iso, other keys equal), None without a swept `ncn`."""
+    if "ncn" not in keys or base is None:
+        return None
+    if len(keys) == 1:
+        return ISO_BASELINE
+    parts = dict(p.split("=", 1) for p in label.split(" "))
+    parts["ncn"] = ISO_BASELINE
+    return " ".join(f"{k}={parts[k]}" for k in keys)
+
+
 def table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per variant (FIELDS); Δ vs the variant's baseline, NaN where not defined."""
     keys = [k for k in grid if k != "seed"] or ["ncn"]
@@ -208,12 +228,15 @@ def table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> 
         losses = [r.val_loss for r in runs.values()]
         loss_mean, loss_std = mean_std(losses)
         ppl_mean, ppl_std = mean_std([math.exp(x) for x in losses])
+        final = {s: r.val_loss for s, r in runs.items()}
         base = _baseline_of(label, keys, grid, labels)
         delta = (math.nan, math.nan, math.nan, "")
         if base in by_label and base != label and by_label[base]:
-            delta = delta_interval(
-                {s: r.val_loss for s, r in runs.items()}, {s: r.val_loss for s, r in by_label[base].items()}
-            )
+            delta = delta_interval(final, {s: r.val_loss for s, r in by_label[base].items()})
+        iso = _iso_baseline_of(label, keys, base)
+        delta_iso = (math.nan, math.nan, math.nan)
+        if iso in by_label and iso != label and by_label[iso]:
+            delta_iso = delta_interval(final, {s: r.val_loss for s, r in by_label[iso].items()})[:3]
         first = next(iter(runs.values()))
         rows.append(
             dict(
@@ -227,10 +250,12 @@ def table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> 
                         first.controller_share_pct,
                         loss_mean,
                         loss_std,
+                        *mean_interval(losses)[1:],
                         ppl_mean,
                         ppl_std,
                         *delta,
                         base if base in by_label else "",
+                        *delta_iso,
                         statistics.fmean(r.tokens_per_s for r in runs.values()),
                         *_extra(list(runs.values())),
                     ],
@@ -258,10 +283,21 @@ def _interval(r: dict[str, Any], name: str) -> str:
 
 
 def _spread(r: dict[str, Any], name: str, fmt: str) -> str:
-    """ "1.2345 ± 0.0123": a `std` column's mean ± sample std ("n/a" where no run logged it)."""
+    """ "1.2345 ± 0.0123 [1.2040, 1.2650]": a column's mean ± sample std, with its 95 % interval when
+    the column has one ("n/a" where no run logged it)."""
     if math.isnan(r[f"{name}_mean"]):
         return "n/a"
-    return f"{r[f'{name}_mean']:{fmt}} ± {_num(r[f'{name}_std'], fmt)}"
+    text = f"{r[f'{name}_mean']:{fmt}} ± {_num(r[f'{name}_std'], fmt)}"
+    if f"{name}_ci_low" in r:
+        text += f" [{_num(r[f'{name}_ci_low'], fmt)}, {_num(r[f'{name}_ci_high'], fmt)}]"
+    return text
+
+
+def _delta(r: dict[str, Any], name: str) -> str:
+    """ "-0.0123 [-0.0200, -0.0046]": a Δ column with its 95 % interval ("n/a" where undefined)."""
+    if math.isnan(r[f"{name}_val_loss"]):
+        return "n/a"
+    return f"{r[f'{name}_val_loss']:+.4f} [{_num(r[f'{name}_ci_low'], '+.4f')}, {_num(r[f'{name}_ci_high'], '+.4f')}]"
 
 
 def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
@@ -271,11 +307,14 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
     any variant's mean leak is non-zero (a sweep with `global` salience pooling).
     """
     bpb, leak = _has(rows, "val_bpb_mean"), _has(rows, "leak_mean", nonzero=True)
-    header = ["variant", "seeds", "params", "controller %", "val loss", "val ppl"]
+    iso = _has(rows, "delta_iso_val_loss")
+    header = ["variant", "seeds", "params", "controller %", "val loss ± std [95 % CI]", "val ppl"]
     align = ["---", "---", "---:", "---:", "---", "---"]
     if bpb:
-        header, align = [*header, "val bpb"], [*align, "---"]
+        header, align = [*header, "val bpb ± std [95 % CI]"], [*align, "---"]
     header, align = [*header, "Δ val loss vs baseline [95 % CI]"], [*align, "---"]
+    if iso:
+        header, align = [*header, f"Δ val loss vs {ISO_BASELINE} [95 % CI]"], [*align, "---"]
     if leak:
         header += [
             "val loss, causal eval",
@@ -299,12 +338,14 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
             r["seeds"],
             f"{r['params']:,}",
             f"{r['controller_share_pct']:.2f}",
-            f"{r['val_loss_mean']:.4f} ± {_num(r['val_loss_std'], '.4f')}",
+            _spread(r, "val_loss", ".4f"),
             f"{r['val_ppl_mean']:.2f} ± {_num(r['val_ppl_std'], '.2f')}",
         ]
         if bpb:
             cells.append(_spread(r, "val_bpb", ".4f"))
         cells.append(delta)
+        if iso:
+            cells.append(_delta(r, "delta_iso"))
         if leak:
             cells.append(_spread(r, "val_loss_causal", ".4f"))
             cells += [_interval(r, name) for name in ("leak", "leak_early", "leak_late")]
