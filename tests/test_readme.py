@@ -124,6 +124,7 @@ def _runs(workdir: Path) -> dict[str, list]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~20 commands, each a fresh process; 1.5-3 min on 2 cores
 def test_readme_commands_work_in_order_as_written(tmp_path: Path) -> None:
     workdir = tmp_path / "fresh"
     workdir.mkdir()
