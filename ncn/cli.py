@@ -9,6 +9,7 @@ Hydra. `one_line(exc)` words any error that ends a run as one line for `error: <
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import string
@@ -47,6 +48,7 @@ def typed(cfg: DictConfig) -> tuple[RunConfig, RunContext]:
         OmegaConf.select(cfg, key, throw_on_missing=True)  # raises MissingMandatoryValue naming the key
     run_cfg = OmegaConf.to_object(cfg)
     assert isinstance(run_cfg, RunConfig), f"conf/config.yaml must extend the RunConfig schema, got {type(run_cfg)}"
+    _refuse_unknown_keys(cfg, OmegaConf.structured(run_cfg))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if not HydraConfig.initialized():
         return run_cfg, RunContext.here(resolved)
@@ -62,6 +64,22 @@ def typed(cfg: DictConfig) -> tuple[RunConfig, RunContext]:
         command=" ".join(shlex.quote(a) for a in sys.argv),
         job=job_num,
     )
+
+
+def _refuse_unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> None:
+    """Raise NCNConfigError for a key of `cfg` the typed `schema` lacks: one added with `+`/`++`
+    (Hydra lets it past the schema, the dataclass would drop it silently)."""
+    for key in cfg:
+        if prefix == "" and key == "hydra":
+            continue
+        path = f"{prefix}{key}"
+        if key not in schema:
+            known = ", ".join(sorted(str(k) for k in schema))
+            raise NCNConfigError(
+                f"{path} is not a config key: use one of {prefix or ''}{{{known}}} (python run.py --help)"
+            )
+        if dataclasses.is_dataclass(OmegaConf.get_type(schema, key)):  # a typed group: its keys are fixed
+            _refuse_unknown_keys(cfg[key], schema[key], f"{path}.")
 
 
 def shell_quote_override(override: str) -> str:

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.config import DataConfig, OptimConfig, TrackingConfig, TrainerConfig
+from ncn.errors import NCNConfigError
 from ncn.tracking import MLflowTracker, NullTracker, default_run_name, open_tracker
 
 from conftest import REPO, run_cli
@@ -177,3 +178,22 @@ def test_cli_config_errors_are_one_line(tmp_path: Path) -> None:
         "(e.g. model.d_model=99)"
     )
     assert not (tmp_path / "mlflow.db").exists()  # nothing created for a config error
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "choices"),
+    [
+        ("+trainer.max_step=10", "trainer.max_step", "trainer.{activation_checkpointing, batch_size,"),
+        ("++foo=1", "foo", "{checkpoint, data,"),
+        ("+model.d_modle=64", "model.d_modle", "model.{block_size, d_ff, d_model,"),
+        ("++optim.lr_min=0.1", "optim.lr_min", "optim.{"),
+    ],
+)
+def test_a_key_added_with_plus_that_the_schema_lacks_is_refused(typed_config, override, key, choices) -> None:
+    with pytest.raises(NCNConfigError) as err:
+        typed_config(["model=tiny", override])
+    assert str(err.value).startswith(f"{key} is not a config key: use one of {choices}")
+
+
+def test_plus_on_a_known_key_and_dict_fields_still_work(typed_config) -> None:
+    assert typed_config(["model=tiny", "++trainer.max_steps=7"]).trainer.max_steps == 7
