@@ -194,28 +194,29 @@ def _grid_order(grid: dict[str, Any], keys: list[str]) -> list[str]:
     return [" ".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) for combo in itertools.product(*lists)]
 
 
+def _label_with(label: str, keys: list[str], key: str, value: str) -> str:
+    """The variant label `label` with swept `key` set to `value` (the other keys unchanged)."""
+    if len(keys) == 1:
+        return value
+    parts = dict(p.split("=", 1) for p in label.split(" "))
+    parts[key] = value
+    return " ".join(f"{k}={parts[k]}" for k in keys)
+
+
 def _baseline_of(label: str, keys: list[str], grid: dict[str, Any], labels: list[str]) -> str | None:
     """Same values on the other keys, the contrast key (ncn if swept, else the first) at its first value."""
     contrast = "ncn" if "ncn" in keys else keys[0]
     first = grid.get(contrast, [None])[0] if isinstance(grid.get(contrast), list) else None
     if first is None:
         return labels[0] if labels else None
-    if len(keys) == 1:
-        return str(first)
-    parts = dict(p.split("=", 1) for p in label.split(" "))
-    parts[contrast] = str(first)
-    return " ".join(f"{k}={parts[k]}" for k in keys)
+    return _label_with(label, keys, contrast, str(first))
 
 
 def _iso_baseline_of(label: str, keys: list[str], base: str | None) -> str | None:
     """The label of `label`'s iso-parameter twin (ncn=none_iso, other keys equal), None without a swept `ncn`."""
     if "ncn" not in keys or base is None:
         return None
-    if len(keys) == 1:
-        return ISO_BASELINE
-    parts = dict(p.split("=", 1) for p in label.split(" "))
-    parts["ncn"] = ISO_BASELINE
-    return " ".join(f"{k}={parts[k]}" for k in keys)
+    return _label_with(label, keys, "ncn", ISO_BASELINE)
 
 
 def table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> list[dict[str, Any]]:
