@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ncn import cli
 from ncn.errors import NCNConfigError, RunFailedError, exit_code
-from ncn.runtime import distributed_env
+from ncn.training.runtime import distributed_env
 
 TASK_MODULES = {
     "train": "train",

@@ -39,7 +39,7 @@ def child(argv: list[str], steps: int) -> dict:
     """Build one variant and run `steps` training steps in this process; memory figures in bytes."""
     import torch
 
-    from ncn.runtime import setup_device
+    from ncn.training.runtime import setup_device
 
     import train_step  # benchmarks/ is sys.path[0] when this file runs as a script
 

@@ -3,7 +3,7 @@
     python benchmarks/tokenization.py [--num-proc 1,2] [--repeats 3]
 
 Each run is a fresh process with a temporary cache dir through the real pipeline
-(`ncn.data.DataModule.prepare`, tiktoken via `datasets.map(num_proc=N)`): cold MB/s, and warm
+(`ncn.data.loader.DataModule.prepare`, tiktoken via `datasets.map(num_proc=N)`): cold MB/s, and warm
 "data ready" seconds (target <= 1 s). Not named tokenize.py: that would shadow the stdlib module.
 """
 
@@ -31,7 +31,7 @@ def child(cache_dir: str, num_proc: int | str) -> dict:
     """One pipeline run in this process: seconds per stage, token counts, text bytes."""
     t0 = time.perf_counter()
     from ncn.config import DataConfig
-    from ncn.data import DataModule  # imports are not part of "data ready"
+    from ncn.data.loader import DataModule  # imports are not part of "data ready"
 
     t1 = time.perf_counter()
     dm = DataModule(DataConfig(cache_dir=cache_dir, num_proc=num_proc, pin_memory=False))
@@ -54,8 +54,8 @@ def child(cache_dir: str, num_proc: int | str) -> dict:
 
 def raw_tiktoken() -> dict:
     """tiktoken encode_ordinary_batch over the cleaned plays, no datasets, no files: MB/s ceiling."""
-    from ncn.sources import Shakespeare
-    from ncn.tokenizer import gpt2_encoding
+    from ncn.data.sources import Shakespeare
+    from ncn.data.tokenizer import gpt2_encoding
 
     with tempfile.TemporaryDirectory() as tmp:
         texts = Shakespeare().load(Path(tmp)).documents["text"]

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --model paper_18m --ncn none,full --steps 5
 
 Variants (conf/ncn options; `--compile both` adds `<option>+compile`) run the trainer's own
-process setup (`ncn.runtime.setup_device`) and step (`ncn.trainer.optimizer_step`) on random tokens, one
+process setup (`ncn.training.runtime.setup_device`) and step (`ncn.training.loop.optimizer_step`) on random tokens, one
 step each in turn; medians after warm-up. CUDA: bf16 + compile and MFU. Writes JSON to
 benchmarks/results/; the last line is `ratio full/none: <x.xxx>` when both ran.
 """
@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from ncn import ModulatedGPT, cli  # noqa: E402
 from ncn.config import RunConfig, TrainerConfig  # noqa: E402
-from ncn.optim import build_optimizer, build_scheduler  # noqa: E402
-from ncn.runtime import setup_device  # noqa: E402
 from ncn.tracking import NullTracker  # noqa: E402
-from ncn.trainer import Job, optimizer_step  # noqa: E402
+from ncn.training.loop import Job, optimizer_step  # noqa: E402
+from ncn.training.optim import build_optimizer, build_scheduler  # noqa: E402
+from ncn.training.runtime import setup_device  # noqa: E402
 
 # Dense bf16 tensor-core peak, TFLOP/s (NVIDIA data sheets, SXM parts); first substring match wins.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}

@@ -14,9 +14,9 @@ from typing import Any
 _EXPORTS = {
     "ModelConfig": "ncn.config",
     "ModulationConfig": "ncn.config",
-    "ModulatedGPT": "ncn.gpt",
-    "ModelOutput": "ncn.gpt",
-    "ParamCount": "ncn.gpt",
+    "ModulatedGPT": "ncn.model.gpt",
+    "ModelOutput": "ncn.model.gpt",
+    "ParamCount": "ncn.model.gpt",
 }
 __all__ = list(_EXPORTS)
 

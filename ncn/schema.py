@@ -50,7 +50,7 @@ def iso_d_ff(*targets: str, _root_: DictConfig) -> int:
     """
     import torch
 
-    from ncn.gpt import ModulatedGPT
+    from ncn.model.gpt import ModulatedGPT
 
     m, settings = _root_.model, OmegaConf.to_container(_root_.ncn, resolve=True)
     settings["targets"] = list(targets)

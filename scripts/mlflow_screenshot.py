@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     if binary is None:
         print(f"skipped: {args.chromium} not found (apt install chromium)")
         return 0
-    from ncn.tracking import MLflowTracker, _sqlite_path
+    from ncn.tracking import MLflowTracker
+    from ncn.tracking.store import sqlite_path
 
-    source = _sqlite_path(args.uri)
+    source = sqlite_path(args.uri)
     if source is None or not source.is_file():
         print(f"error: --uri {args.uri} is not a sqlite store file: pass sqlite:////abs/mlflow.db", file=sys.stderr)
         return 1

@@ -26,9 +26,9 @@ CRASH_EXIT_CODE = 70
 def inject_nan(steps: set[int]) -> None:
     """Make the loss NaN once at each optimizer step in `steps` (counted from the run's TrainState),
     in every training run of this process (each job of an in-process multirun)."""
-    import ncn.trainer
+    import ncn.training.loop
 
-    original_train, original_step = ncn.trainer.train, ncn.trainer.optimizer_step
+    original_train, original_step = ncn.training.loop.train, ncn.training.loop.optimizer_step
     current: dict[str, Any] = {}
 
     def train(job: Any, state: Any, cfg: Any, total: int) -> Any:
@@ -53,7 +53,7 @@ def inject_nan(steps: set[int]) -> None:
         finally:
             del job.train_model.forward
 
-    ncn.trainer.train, ncn.trainer.optimizer_step = train, optimizer_step
+    ncn.training.loop.train, ncn.training.loop.optimizer_step = train, optimizer_step
     import ncn.tasks.train
 
     ncn.tasks.train.train = train
@@ -75,9 +75,9 @@ def sigkill_at(run: int, step: int) -> None:
     """SIGKILL this process when training run `run` (1-based, counted in this process) has done and
     logged optimizer step `step`, before it starts the next one."""
     import ncn.tasks.train
-    import ncn.trainer
+    import ncn.training.loop
 
-    original_train, original_step = ncn.tasks.train.train, ncn.trainer.optimizer_step
+    original_train, original_step = ncn.tasks.train.train, ncn.training.loop.optimizer_step
     runs = [0]
 
     def train(job: Any, state: Any, cfg: Any, total: int) -> Any:
@@ -89,7 +89,7 @@ def sigkill_at(run: int, step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return original_step(job, batches, cfg, index)
 
-    ncn.tasks.train.train, ncn.trainer.optimizer_step = train, optimizer_step
+    ncn.tasks.train.train, ncn.training.loop.optimizer_step = train, optimizer_step
 
 
 def main() -> None:

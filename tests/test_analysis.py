@@ -21,15 +21,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from ncn import ModelConfig, ModulatedGPT, ModulationConfig, checkpoint
+from ncn import ModelConfig, ModulatedGPT, ModulationConfig
+from ncn.analysis.plots import signal_heatmaps
+from ncn.data.tokenizer import gpt2_encoding, token_labels
 from ncn.errors import NCNConfigError
-from ncn.evaluation import run_signals
-from ncn.plots import signal_heatmaps
-from ncn.signals import NEUTRAL, RANGES
+from ncn.model.signals import NEUTRAL, RANGES
 from ncn.tasks.analyze import main as analysis_main
 from ncn.tasks.analyze import signal_summary, signal_table, summary_table
-from ncn.tokenizer import gpt2_encoding, token_labels
 from ncn.tracking import MLflowTracker
+from ncn.training import checkpoint
+from ncn.training.evaluation import run_signals
 
 from conftest import run_cli
 from tiny_checkpoint import TinyRun, tiny_run
@@ -301,7 +302,7 @@ def test_analyze_without_a_prompt_analyzes_the_training_probe(run, tmp_path, cap
     assert (summary["tokens"], summary["run_name"], summary["step"]) == (32, "tiny-full-s0", 6)
     df = pd.read_csv(tmp_path / "analysis" / "signals.csv", keep_default_na=False, na_values=[""])
     from ncn.config import DataConfig
-    from ncn.data import DataModule
+    from ncn.data.loader import DataModule
 
     probe = DataModule(DataConfig()).probe_tokens(32)
     assert df[(df.signal == "gain") & (df.layer == 0)]["token"].tolist() == token_labels(probe, gpt2_encoding())

@@ -21,9 +21,9 @@ import torch
 import yaml
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn import checkpoint as ckpt
 from ncn.config import RunConfig
 from ncn.errors import CheckpointError
+from ncn.training import checkpoint as ckpt
 
 from conftest import REPO
 
@@ -238,7 +238,7 @@ def test_a_format_1_config_with_hydra_targets_is_upgraded(saved: Path) -> None:
         "model": {"_target_": "ncn.ModelConfig", **TINY},
         "ncn": {"_target_": "ncn.ModulationConfig"},
         "tracking": {"_target_": "ncn.tracking.NullTracker"},
-        "data": {"_target_": "ncn.data.DataModule", "_convert_": "all", "source": "shakespeare"},
+        "data": {"_target_": "ncn.data.loader.DataModule", "_convert_": "all", "source": "shakespeare"},
         "prompt": "",
         "seed": 3,
     }

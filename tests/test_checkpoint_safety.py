@@ -1,7 +1,7 @@
 """Damaged, foreign and malicious checkpoints: one-line error naming the file, and no code ever runs.
 
 End to end through `python run.py` (resume into training, and `task=generate`) on copies of the
-session's tiny trained checkpoint, plus in-process fuzzing of `ncn.checkpoint.load` (every kind of
+session's tiny trained checkpoint, plus in-process fuzzing of `ncn.training.checkpoint.load` (every kind of
 truncation, flipped bytes, random bytes, pickle gadgets in every container format).
 Run: python -m pytest -q tests/test_checkpoint_safety.py   (~1 min on 2 cores)
 """
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn import checkpoint as ckpt
 from ncn.errors import CheckpointError
+from ncn.training import checkpoint as ckpt
 
 from conftest import run_cli
 from test_cli_errors import assert_nothing_lost

@@ -1,4 +1,4 @@
-"""Tests of ncn.data / ncn.sources: the embedded Shakespeare corpus, text_files, local and hub
+"""Tests of ncn.data.loader / ncn.data.sources: the embedded Shakespeare corpus, text_files, local and hub
 datasets (glob characters in paths, edits in place), byte-level data, short splits, resumable
 DDP-sharded batches and conf/data/*.yaml (NCN paper §6).
 
@@ -24,9 +24,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ncn.config import DataConfig, RunConfig, RunContext
-from ncn.data import BlockLoader, DataModule
-from ncn.errors import NCNConfigError
-from ncn.sources import (
+from ncn.data.loader import BlockLoader, DataModule
+from ncn.data.sources import (
     HubDataset,
     LocalDataset,
     Shakespeare,
@@ -34,9 +33,10 @@ from ncn.sources import (
     dataset_identity,
     strip_play_markdown,
 )
+from ncn.data.token_cache import val_prefix
+from ncn.data.tokenizer import EOT_TOKEN, gpt2_encoding
+from ncn.errors import NCNConfigError
 from ncn.tasks import prepare as prepare_task
-from ncn.token_cache import val_prefix
-from ncn.tokenizer import EOT_TOKEN, gpt2_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "data"
@@ -642,7 +642,7 @@ def test_val_split_too_short_names_documents_and_fixes(tmp_path):
 def test_warm_prepare_imports_no_torch_datasets_pyarrow(shakespeare_cache):
     dm, _ = shakespeare_cache
     code = (
-        "import sys\nfrom ncn.config import DataConfig\nfrom ncn.data import DataModule\n"
+        "import sys\nfrom ncn.config import DataConfig\nfrom ncn.data.loader import DataModule\n"
         f"info = DataModule(DataConfig(cache_dir={str(dm.cache_dir)!r})).prepare()\n"
         "print(info.cache_hit, sorted(m for m in ('torch', 'datasets', 'pyarrow') if m in sys.modules))"
     )

@@ -3,9 +3,9 @@
 - `torchrun --nproc_per_node=2`: both ranks finish and only rank 0 writes (one run dir, one MLflow
   run, one metrics history);
 - the same job started as two plain processes given the variables `srun --ntasks=2` sets (the
-  SLURM path, `ncn.runtime.distributed_env`): bitwise the same per-step losses and final weights;
+  SLURM path, `ncn.training.runtime.distributed_env`): bitwise the same per-step losses and final weights;
 - 2 ranks x 1 micro-batch against 1 process x 2 accumulated micro-batches (same global batch):
-  losses equal to 1e-6 and final weights allclose (`ncn.trainer.micro_batch_seed`);
+  losses equal to 1e-6 and final weights allclose (`ncn.training.loop.micro_batch_seed`);
 - `distributed_env` on the variable sets of torchrun, srun steps and an sbatch script.
 
 Run: python -m pytest -q tests/test_ddp.py   (about a minute on 2 cores; the multi-process tests are slow)
@@ -24,7 +24,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ncn.runtime import MASTER_PORT_BASE, DistributedEnv, distributed_env, first_host, tasks_on_node
+from ncn.training.runtime import MASTER_PORT_BASE, DistributedEnv, distributed_env, first_host, tasks_on_node
 
 from conftest import REPO
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ncn.data import DataModule
+from ncn.data.loader import DataModule
 from ncn.errors import CheckpointError
-from ncn.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
 from ncn.tasks.evaluate import main
+from ncn.training.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
 
 from conftest import run_cli
 from tiny_checkpoint import TinyRun, tiny_run

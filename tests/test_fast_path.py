@@ -28,7 +28,7 @@ import train_step  # noqa: E402  (benchmarks/train_step.py)
 # Minor page faults of each of 12 cycles that allocate and free 96 MB of tensors (24,576 pages).
 FAULTS = """
 import resource, sys, torch
-from ncn.runtime import setup_device
+from ncn.training.runtime import setup_device
 if sys.argv[1] == "setup":
     setup_device("cpu", "fp32", 1, False)
 counts = []

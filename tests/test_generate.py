@@ -11,10 +11,10 @@ import re
 import pytest
 import torch
 
-from ncn import checkpoint
+from ncn.data.tokenizer import EOT_TOKEN, encode_prompt, get_encoding, gpt2_encoding, stream_text
 from ncn.errors import NCNConfigError
 from ncn.tasks.generate import main
-from ncn.tokenizer import EOT_TOKEN, encode_prompt, get_encoding, gpt2_encoding, stream_text
+from ncn.training import checkpoint
 
 from conftest import run_cli
 from tiny_checkpoint import TinyRun, tiny_run

@@ -35,15 +35,15 @@ from torch.profiler import ProfilerActivity, profile
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.config import OptimConfig, TrainerConfig
-from ncn.optim import build_optimizer, build_scheduler
-from ncn.runtime import autocast
 from ncn.tracking import NullTracker
-from ncn.trainer import Job, optimizer_step
+from ncn.training.loop import Job, optimizer_step
+from ncn.training.optim import build_optimizer, build_scheduler
+from ncn.training.runtime import autocast
 
 from conftest import REPO
 
 # Deterministic cuBLAS needs this before its first handle exists, i.e. before any test touches CUDA
-# (ncn.runtime.setup_device sets the same value for training runs).
+# (ncn.training.runtime.setup_device sets the same value for training runs).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 CUDA = torch.cuda.is_available()
@@ -229,7 +229,7 @@ def _job(model: ModulatedGPT, train_model: torch.nn.Module, precision: str) -> J
 @needs_cuda
 def test_ddp_over_nccl_world_of_one_trains_like_the_plain_model(restore_torch_settings):
     """A real NCCL process group (world size 1) and a DDP-wrapped model: one bf16 step through
-    ncn.trainer.optimizer_step returns the plain model's loss and leaves the same weights (DDP
+    ncn.training.loop.optimizer_step returns the plain model's loss and leaves the same weights (DDP
     all-reduces the gradients over one rank: a no-op), with deterministic algorithms so both
     backward passes sum in the same order."""
     torch.use_deterministic_algorithms(True)

@@ -1,4 +1,4 @@
-"""The leak audit (NCN paper §5) and bits per byte of `ncn.evaluation`, on tiny models in memory.
+"""The leak audit (NCN paper §5) and bits per byte of `ncn.training.evaluation`, on tiny models in memory.
 
 Exactly zero leak without global pooling; a positive leak, concentrated in the early positions,
 for a model trained to read a latent bit from the future, equal to an independent per-position
@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ncn.config import DataConfig, ModelConfig, ModulationConfig
-from ncn.data import DataModule
+from ncn.data.loader import DataModule
 from ncn.errors import NCNConfigError
-from ncn.evaluation import (
+from ncn.model.gpt import ModulatedGPT
+from ncn.training.evaluation import (
     EARLY_POSITIONS,
     VAL_BPB,
     VAL_LEAK,
@@ -28,7 +29,6 @@ from ncn.evaluation import (
     uses_future,
     with_pooling,
 )
-from ncn.gpt import ModulatedGPT
 
 CPU = torch.device("cpu")
 SHAPE = ModelConfig(vocab_size=8, block_size=24, d_model=32, n_layer=1, n_head=2)

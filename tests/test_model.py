@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ncn import ModelConfig, ModelOutput, ModulatedGPT, ModulationConfig, ParamCount
-from ncn.blocks import Block, CausalSelfAttention
-from ncn.signals import NEUTRAL
+from ncn.model.blocks import Block, CausalSelfAttention
+from ncn.model.signals import NEUTRAL
 
 from model_cases import ALL, TARGET_SETS
 

@@ -16,12 +16,12 @@ import torch
 from mlflow import MlflowClient
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn import checkpoint as ckpt
 from ncn.config import OptimConfig, TrainerConfig
 from ncn.errors import RUN_FAILED_EXIT
-from ncn.optim import build_optimizer, build_scheduler
 from ncn.tracking import NullTracker
-from ncn.trainer import Job, optimizer_step
+from ncn.training import checkpoint as ckpt
+from ncn.training.loop import Job, optimizer_step
+from ncn.training.optim import build_optimizer, build_scheduler
 
 from conftest import run_cli
 

@@ -15,7 +15,7 @@ import torch
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.config import OptimConfig
 from ncn.errors import NCNConfigError
-from ncn.optim import apply_settings, build_optimizer, build_scheduler, lr_at, param_groups
+from ncn.training.optim import apply_settings, build_optimizer, build_scheduler, lr_at, param_groups
 
 TINY = ModelConfig(vocab_size=128, block_size=16, d_model=32, n_layer=2, n_head=2)
 

@@ -19,11 +19,12 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from ncn.analysis.plots import loss_curves
+from ncn.analysis.statistics import delta_interval
 from ncn.errors import NCNConfigError
-from ncn.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
-from ncn.plots import loss_curves
-from ncn.tasks.report import RunResult, cli, delta_interval, markdown, report, table
+from ncn.tasks.report import RunResult, cli, markdown, report, table
 from ncn.tracking import MLflowTracker
+from ncn.training.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
 
 T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5 %, 2 degrees of freedom (table value)
 

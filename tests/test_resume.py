@@ -23,7 +23,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ncn import checkpoint as ckpt
+from ncn.training import checkpoint as ckpt
 
 from conftest import REPO, run_cli
 from faults import CRASH_EXIT_CODE

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from ncn.controller import SalienceState, causal_pool
-from ncn.signals import NEUTRAL, NEUTRAL_BIAS, RANGES, SIGNALS, homeostatic_loss, signal_names, transform
+from ncn.model.controller import SalienceState, causal_pool
+from ncn.model.signals import NEUTRAL, NEUTRAL_BIAS, RANGES, SIGNALS, homeostatic_loss, signal_names, transform
 
 
 @pytest.mark.parametrize("name", SIGNALS)

@@ -6,7 +6,7 @@ job 1 is not trained again (same run, FINISHED, its files untouched), job 2 resu
 checkpoint into its own child run, job 3 runs; every child's per-step losses (MLflow history and
 metrics.jsonl) and job 2's final weights equal those of an uninterrupted sweep of the same grid.
 Also: a finished joblib sweep resumed by its folder skips its jobs, another grid is refused; the
-per-job decision (`ncn.job_resume.plan_job`, what a requeued SLURM job
+per-job decision (`ncn.training.job_resume.plan_job`, what a requeued SLURM job
 runs) on prepared folders; the report and the parent's counts take each job's current run once.
 
 Run: python -m pytest -q tests/test_sweep_resume.py   (about 3 minutes on 2 cores; marked slow)
@@ -25,10 +25,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from ncn import checkpoint, job_resume
 from ncn.errors import NCNConfigError
 from ncn.tasks.report import collect
 from ncn.tracking import MLflowTracker
+from ncn.training import checkpoint, job_resume
 
 from conftest import REPO, run_cli
 from tiny_checkpoint import tiny_run

@@ -86,7 +86,7 @@ def test_slurm_launcher_config_composes(compose_config) -> None:
 def test_a_requeued_slurm_job_reruns_the_same_job() -> None:
     """What resuming a preempted or timed-out SLURM job relies on: submitit calls the launcher's
     `checkpoint` and requeues what it returns, the same call with the same job number and sweep dir key,
-    so the rerun lands in the same folder, where `ncn.job_resume.plan_job` finds its checkpoint
+    so the rerun lands in the same folder, where `ncn.training.job_resume.plan_job` finds its checkpoint
     (tests/test_sweep_resume.py: test_plan_resumes_a_preempted_job_into_its_run)."""
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 

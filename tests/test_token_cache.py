@@ -1,4 +1,4 @@
-"""Tests of ncn.token_cache: fingerprinted uint16 caches, invalidation, damaged meta.json, splits by
+"""Tests of ncn.data.token_cache: fingerprinted uint16 caches, invalidation, damaged meta.json, splits by
 tokens, empty documents, byte counts and bits per byte, parallel builds.
 
 Small temporary `.txt` corpora and a temporary cache dir; never ~/.cache.
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ncn import token_cache
-from ncn.sources import TextFiles
-from ncn.tokenizer import EOT_TOKEN, get_encoding, gpt2_encoding
+from ncn.data import token_cache
+from ncn.data.sources import TextFiles
+from ncn.data.tokenizer import EOT_TOKEN, get_encoding, gpt2_encoding
 
 DOCS = {
     "a.txt": "The first story is about a cat.\nIt sat on the mat, and purred.\n" * 40,
@@ -412,7 +412,7 @@ def test_cache_hit_builds_no_tokenizer_and_imports_no_datasets(corpus, tmp_path)
     assert _prepare(corpus, cache).cache_hit
     assert get_encoding.cache_info().currsize == 0
     code = (
-        "import sys; from ncn import token_cache; from ncn.sources import TextFiles\n"
+        "import sys; from ncn.data import token_cache; from ncn.data.sources import TextFiles\n"
         f"info = token_cache.prepare(TextFiles({str(corpus)!r}), {str(cache)!r}, 'gpt2')\n"
         "print(info.cache_hit, sorted(m for m in ('datasets', 'pyarrow', 'torch') if m in sys.modules))"
     )

@@ -1,4 +1,4 @@
-"""Tests of ncn.tokenizer: the offline GPT-2 and byte encodings (NCN paper §6), their hashes, vocab padding.
+"""Tests of ncn.data.tokenizer: the offline GPT-2 and byte encodings (NCN paper §6), their hashes, vocab padding.
 
 Run: pytest tests/test_tokenizer.py  (offline, about 1 s)
 """
@@ -11,10 +11,9 @@ import socket
 import pytest
 import tiktoken_ext.openai_public
 
-import ncn.tokenizer
+import ncn.data.tokenizer
 from ncn.config import vocab_size
-from ncn.errors import NCNConfigError
-from ncn.tokenizer import (
+from ncn.data.tokenizer import (
     EOT_TOKEN,
     GPT2_FILE_SHA256,
     GPT2_N_VOCAB,
@@ -23,6 +22,7 @@ from ncn.tokenizer import (
     gpt2_files,
     tokenizer_hash,
 )
+from ncn.errors import NCNConfigError
 
 
 def test_hello_world_and_known_ids():
@@ -86,7 +86,7 @@ def test_wrong_file_hash_is_refused(monkeypatch, tmp_path):
     for name, path in gpt2_files().items():
         shutil.copy(path, files[name])
     files["vocab.bpe"].write_bytes(files["vocab.bpe"].read_bytes() + b"\n")
-    monkeypatch.setattr("ncn.tokenizer.gpt2_files", lambda: files)
+    monkeypatch.setattr("ncn.data.tokenizer.gpt2_files", lambda: files)
     get_encoding.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="vocab.bpe has sha256 .* GPT-2's published file has 1ce16647"):
@@ -101,9 +101,9 @@ def test_tokenizer_hash_is_stable_and_sensitive(monkeypatch):
     assert byte_level != gpt2
     tokenizer_hash.cache_clear()
     try:  # a change of any input the encoding is built from changes the hash
-        monkeypatch.setattr(ncn.tokenizer, "GPT2_FILE_SHA256", {**GPT2_FILE_SHA256, "vocab.bpe": "0" * 64})
+        monkeypatch.setattr(ncn.data.tokenizer, "GPT2_FILE_SHA256", {**GPT2_FILE_SHA256, "vocab.bpe": "0" * 64})
         assert tokenizer_hash("gpt2") != gpt2
-        monkeypatch.setattr(ncn.tokenizer, "BYTES_PAT_STR", r"\S+|\s+")
+        monkeypatch.setattr(ncn.data.tokenizer, "BYTES_PAT_STR", r"\S+|\s+")
         assert tokenizer_hash("bytes") != byte_level
     finally:
         tokenizer_hash.cache_clear()

@@ -23,11 +23,11 @@ import torch
 from mlflow import MlflowClient
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn.checkpoint import TrainState
 from ncn.config import TrainerConfig
 from ncn.errors import RUN_FAILED_EXIT, NCNConfigError
-from ncn.optim import lr_at
-from ncn.trainer import total_steps
+from ncn.training.checkpoint import TrainState
+from ncn.training.loop import total_steps
+from ncn.training.optim import lr_at
 
 from conftest import REPO, run_cli
 from faults import CRASH_EXIT_CODE

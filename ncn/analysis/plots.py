@@ -15,7 +15,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
-from ncn.signals import NEUTRAL, RANGES
+from ncn.model.signals import NEUTRAL, RANGES
 
 MAX_X_LABELS = 96  # beyond this many tokens only every k-th token is labelled, so labels stay legible
 
@@ -54,7 +54,7 @@ def _norm(name: str, values: np.ndarray, scale: str) -> TwoSlopeNorm:
     scale="data": neutral ± the largest deviation in `values`, so the same colour intensity
     means the same deviation on both sides; scale="range": the signal's whole range, so figures
     of different checkpoints or training steps share one scale. Both are clipped to the
-    signal's range (`ncn.signals.RANGES`, widened to the data if a value lies outside it).
+    signal's range (`ncn.model.signals.RANGES`, widened to the data if a value lies outside it).
     """
     if scale not in ("data", "range"):
         raise ValueError(f"scale={scale!r}: choose 'data' or 'range'")
@@ -82,10 +82,10 @@ def signal_heatmaps(
 
     Args:
         signals: `model(idx).signals`, each (B, T, L) or (B, T, L, H) (per-head precision).
-        tokens: T token strings for the x axis (see `ncn.tokenizer.token_labels`).
+        tokens: T token strings for the x axis (see `ncn.data.tokenizer.token_labels`).
         index: the batch row to draw.
         scale: "data" or "range", see `_norm`. Each colour bar is centred on the signal's
-            neutral value (`ncn.signals.NEUTRAL`, white), marks it with a black line and has
+            neutral value (`ncn.model.signals.NEUTRAL`, white), marks it with a black line and has
             five ticks: both ends, neutral, and the midpoints between them.
         title: figure title; say what was drawn (run name, step, checkpoint).
 

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ncn import token_cache
 from ncn.config import DataConfig, vocab_size
+from ncn.data import token_cache
+from ncn.data.sources import make_source
+from ncn.data.token_cache import TOKEN_DTYPE, PreparedData
+from ncn.data.tokenizer import get_encoding
 from ncn.errors import NCNConfigError
-from ncn.sources import make_source
-from ncn.token_cache import TOKEN_DTYPE, PreparedData
-from ncn.tokenizer import get_encoding
 
 if TYPE_CHECKING:
     import tiktoken
@@ -167,7 +167,7 @@ class DataModule:
     """A text source, its token cache, and the batches cut from it (`DataConfig`, NCN paper §6).
 
     Attributes:
-        cfg: the data config. source: its `ncn.sources` source. cache_dir: parent of the
+        cfg: the data config. source: its `ncn.data.sources` source. cache_dir: parent of the
             token caches. num_workers: DataLoader workers. vocab_size: the tokenizer's ids
             padded to `cfg.pad_vocab_to` (gpt2 50304, bytes 320 with the default 64).
         encoding, pin_memory: built on first use (a tokenizer; torch's CUDA check).

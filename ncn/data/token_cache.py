@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from ncn.config import TOKENIZERS
+from ncn.data.sources import Source
+from ncn.data.tokenizer import get_encoding, tokenizer_hash
 from ncn.errors import NCNConfigError
-from ncn.sources import Source
-from ncn.tokenizer import get_encoding, tokenizer_hash
 
 if TYPE_CHECKING:
     import datasets
@@ -469,7 +469,7 @@ def prepare(
     """Return the token cache of `source`, building it if absent, stale or damaged.
 
     Args:
-        source: a `ncn.sources` source.
+        source: a `ncn.data.sources` source.
         cache_root: parent directory of all caches (`data.cache_dir`).
         tokenizer: "gpt2" or "bytes" (`ncn.config.TOKENIZERS`); built only when the cache is.
         val_fraction: share of tokens held out for validation, in (0, 1) (see the module

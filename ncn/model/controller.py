@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncn.signals import NEUTRAL_BIAS, transform
+from ncn.model.signals import NEUTRAL_BIAS, transform
 
 # Causal pooling works on chunks of this many positions: memory and work O(T·chunk), not O(T²).
 _CHUNK = 64

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ncn.blocks import Block, KVCache
 from ncn.config import ModelConfig, ModulationConfig, check_compatible
-from ncn.controller import Controller, SalienceState
 from ncn.errors import NCNConfigError
-from ncn.signals import homeostatic_loss, signal_names
+from ncn.model.blocks import Block, KVCache
+from ncn.model.controller import Controller, SalienceState
+from ncn.model.signals import homeostatic_loss, signal_names
 
 
 @dataclass

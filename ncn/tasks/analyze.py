@@ -17,15 +17,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ncn.checkpoint import load_model, open_checkpoint
+from ncn.analysis.plots import signal_heatmaps, signal_rows
 from ncn.config import RunConfig, RunContext
-from ncn.data import DataModule
+from ncn.data.loader import DataModule
+from ncn.data.tokenizer import encode_prompt, get_encoding, token_labels
 from ncn.errors import NCNConfigError
-from ncn.evaluation import run_signals
-from ncn.plots import signal_heatmaps, signal_rows
-from ncn.runtime import default_device
-from ncn.tokenizer import encode_prompt, get_encoding, token_labels
 from ncn.tracking import open_tracker
+from ncn.training.checkpoint import load_model, open_checkpoint
+from ncn.training.evaluation import run_signals
+from ncn.training.runtime import default_device
 
 log = logging.getLogger(__name__)
 

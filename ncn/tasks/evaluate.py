@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 import sys
 
-from ncn.checkpoint import Checkpoint, load_model, open_checkpoint
 from ncn.config import RunConfig, RunContext
-from ncn.data import DataModule
+from ncn.data.loader import DataModule
 from ncn.errors import CheckpointError, NCNConfigError
-from ncn.evaluation import (
+from ncn.training.checkpoint import Checkpoint, load_model, open_checkpoint
+from ncn.training.evaluation import (
     EARLY_POSITIONS,
     VAL_LEAK,
     VAL_LEAK_EARLY,
@@ -25,7 +25,7 @@ from ncn.evaluation import (
     evaluate,
     uses_future,
 )
-from ncn.runtime import default_device
+from ncn.training.runtime import default_device
 
 # The one model/ncn key task=eval accepts with checkpoint=: evaluate global-trained weights causally.
 POOLING_KEY = "ncn.pooling"
@@ -60,7 +60,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
 
     Batches: `trainer.eval_batches` fixed val batches of `trainer.batch_size` × the model's
     block_size (`DataModule.val_batches`), in fp32, through the training loop's own
-    `ncn.evaluation.evaluate` (token-weighted mean CE; perplexity = exp(CE), NCN paper §4;
+    `ncn.training.evaluation.evaluate` (token-weighted mean CE; perplexity = exp(CE), NCN paper §4;
     bits per byte of the evaluated data's val text). For a global-pooling checkpoint a second
     line gives the leak audit: val loss under causal pooling and the difference, overall and
     for the first `EARLY_POSITIONS` positions of each block vs the rest.

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import torch
 
-from ncn.checkpoint import load_model, open_checkpoint
 from ncn.config import RunConfig, RunContext
-from ncn.runtime import default_device
-from ncn.tokenizer import encode_prompt, get_encoding, stream_text
+from ncn.data.tokenizer import encode_prompt, get_encoding, stream_text
+from ncn.training.checkpoint import load_model, open_checkpoint
+from ncn.training.runtime import default_device
 
 
 def main(cfg: RunConfig, ctx: RunContext) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ncn.config import RunConfig, RunContext
-from ncn.data import DataModule
+from ncn.data.loader import DataModule
 
 
 def main(cfg: RunConfig, ctx: RunContext) -> None:

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ncn.analysis.statistics import delta_interval, mean_interval, mean_std
 from ncn.config import RunConfig, RunContext, TrackingConfig
 from ncn.errors import NCNConfigError
-from ncn.evaluation import EARLY_POSITIONS, VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
 from ncn.tracking import RunRecord, Tracker, open_tracker
+from ncn.training.evaluation import EARLY_POSITIONS, VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
 
 # Final metrics averaged per variant besides val/loss: column prefix, metric key, statistic
 # ("std": mean ± sample std; "ci": mean with a 95 % t-interval like Δ; "std+ci": both).
@@ -79,25 +80,6 @@ class RunResult:
     finals: dict[str, float] = field(default_factory=dict)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; NaN for fewer than 2 values)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean of per-seed `values` with its two-sided 95 % Student-t interval (df = n−1).
-
-    Returns (mean, low, high); NaN bounds for a single value, a zero-width interval when all are equal.
-    """
-    from scipy.stats import t  # scipy comes with mlflow
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
 def _extra(runs: Sequence[RunResult]) -> list[float]:
     """The `EXTRA_COLUMNS` cells of one variant in FIELDS order; NaN where no run of it logged the metric."""
     cells: list[float] = []
@@ -113,34 +95,6 @@ def _extra(runs: Sequence[RunResult]) -> list[float]:
         else:
             cells += [*mean_std(values), *mean_interval(values)[1:]]
     return cells
-
-
-def delta_interval(variant: dict[int, float], baseline: dict[int, float]) -> tuple[float, float, float, str]:
-    """Δ = mean(variant) − mean(baseline) with a two-sided 95 % Student-t interval.
-
-    variant, baseline: final val loss by seed. When both ran the same >= 2 seeds (same data
-    order and init seed), the interval is the paired one on per-seed differences (df = n−1);
-    otherwise Welch's (Welch–Satterthwaite df); NaN bounds when a side has one run.
-    Returns (Δ, low, high, "paired" | "welch" | "n/a").
-    """
-    from scipy.stats import t  # scipy comes with mlflow
-
-    delta = statistics.fmean(variant.values()) - statistics.fmean(baseline.values())
-    if set(variant) == set(baseline) and len(variant) > 1:
-        diffs = [variant[s] - baseline[s] for s in sorted(variant)]
-        half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        return delta, delta - half, delta + half, "paired"
-    if len(variant) > 1 and len(baseline) > 1:
-        a, b = (
-            statistics.variance(variant.values()) / len(variant),
-            statistics.variance(baseline.values()) / len(baseline),
-        )
-        if a + b == 0:
-            return delta, delta, delta, "welch"
-        df = (a + b) ** 2 / (a**2 / (len(variant) - 1) + b**2 / (len(baseline) - 1))
-        half = t.ppf(0.975, df) * math.sqrt(a + b)
-        return delta, delta - half, delta + half, "welch"
-    return delta, math.nan, math.nan, "n/a"
 
 
 def _variant(run: RunRecord, keys: list[str]) -> str:
@@ -365,7 +319,7 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
 
 def plot(results: list[RunResult], labels: list[str], title: str, path: Path) -> Path:
     """PNG of val loss vs tokens seen: per variant the mean over seeds, band = ± 1 std (>= 2 seeds)."""
-    from ncn.plots import loss_curves  # matplotlib loads only for a report
+    from ncn.analysis.plots import loss_curves  # matplotlib loads only for a report
 
     curves = {label: [dict(r.curve) for r in results if r.variant == label] for label in labels}
     loss_curves(curves, title, "val loss (nats/token)").savefig(path, dpi=120)

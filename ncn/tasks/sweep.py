@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ncn.config import TrackingConfig, python_command, shell_override
 from ncn.errors import NCNConfigError, exit_code
-from ncn.runtime import distributed_env
 from ncn.tracking import MLflowTracker, RunRecord, Tracker, git_commit, open_tracker
+from ncn.training.runtime import distributed_env
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "NCN_PARENT_RUN_ID"  # read by conf/tracking/mlflow.yaml: tracking.parent_run_id
@@ -140,7 +140,7 @@ class SweepCallback(Callback):
         `sweep_resume=<parent run id | sweep dir>`: reuse that sweep's parent run (RUNNING
         again, tagged `ncn.sweep.resumes` and `ncn.sweep.resume.<n>` = the command) and its
         folder (`hydra.sweep.dir`), after checking that the sweep name and grid are the same;
-        each job then continues its earlier attempt (`ncn.job_resume`).
+        each job then continues its earlier attempt (`ncn.training.job_resume`).
     on_job_start (job process, any launcher): export NCN_PARENT_RUN_ID so the job's tracker
         nests its run (`mlflow.parentRunId`) under the parent. A non-zero rank of a multi-task
         SLURM job (DDP) stops writing the job's log file: rank 0 logs.

@@ -1,10 +1,10 @@
 """`python run.py [overrides]` (task=train): train, evaluate, checkpoint and record one run.
 
 `main` reads as the run's sequence: resume source -> device -> tracker pre-flight -> data ->
-model and optimizer -> restore -> MLflow run -> `ncn.trainer.train` -> final metrics. The run
+model and optimizer -> restore -> MLflow run -> `ncn.training.loop.train` -> final metrics. The run
 ends FAILED on an exception and KILLED on Ctrl-C, SIGTERM or a requested exit (submitit's
 requeue). A sweep job run again in its folder (resumed sweep, requeued SLURM job) continues its
-earlier attempt (`ncn.job_resume`). DDP: `torchrun --nproc_per_node=N run.py ...` or the tasks of
+earlier attempt (`ncn.training.job_resume`). DDP: `torchrun --nproc_per_node=N run.py ...` or the tasks of
 a SLURM step; rank 0 alone logs, checkpoints and talks to MLflow.
 """
 
@@ -19,17 +19,17 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ncn import checkpoint, job_resume
-from ncn.checkpoint import Checkpoint, TrainState
 from ncn.config import RunConfig, RunContext, check_baseline_choice, python_command, shell_override
-from ncn.data import DataModule
+from ncn.data.loader import DataModule
+from ncn.data.tokenizer import token_labels
 from ncn.errors import NCNConfigError
-from ncn.gpt import ModulatedGPT
-from ncn.optim import build_optimizer, build_scheduler
-from ncn.runtime import distributed_env, setup_device, sigterm_as_interrupt
-from ncn.tokenizer import token_labels
+from ncn.model.gpt import ModulatedGPT
 from ncn.tracking import NullTracker, RunSource, Tracker, default_run_name, open_tracker
-from ncn.trainer import Job, total_steps, train
+from ncn.training import checkpoint, job_resume
+from ncn.training.checkpoint import Checkpoint, TrainState
+from ncn.training.loop import Job, total_steps, train
+from ncn.training.optim import build_optimizer, build_scheduler
+from ncn.training.runtime import distributed_env, setup_device, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 

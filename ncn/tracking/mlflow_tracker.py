@@ -1,9 +1,9 @@
-"""Experiment tracking behind a small interface: MLflow, or nothing, plus a local metrics.jsonl.
+"""The MLflow implementation of the tracker interface (`ncn.tracking.base.Tracker`).
 
-`open_tracker(cfg, launch_dir, run_dir)` gives an `MLflowTracker` or a `NullTracker`. A tracker
+`ncn.tracking.open_tracker(cfg, launch_dir, run_dir)` gives an `MLflowTracker` or a `NullTracker`. A tracker
 writes one run (`start`, `log_*`, `end`) and answers the questions the sweep, the report and
 the analysis ask of the store (`get_run`, `child_runs`, `find_sweep`, `metric_history`, ...);
-nothing outside this module talks to MLflow. `MLflowTracker` uses `MlflowClient` only (no
+nothing outside `ncn.tracking` talks to MLflow. `MLflowTracker` uses `MlflowClient` only (no
 fluent global run, so a crashed job can never leave an "active run" for the next one), creates
 the experiment with an absolute artifact location, continues the same run on resume without
 re-logging changed params, and never builds a search filter from user text: runs are found by
@@ -17,347 +17,35 @@ last), so the loss sections `train` and `val` come before the per-layer `val/sig
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import shlex
-import sqlite3
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from ncn.config import TrackingConfig
 from ncn.errors import NCNConfigError
+from ncn.tracking.base import MAX_PARAM_VALUE, RunRecord, Tracker
+from ncn.tracking.store import (
+    broken_store,
+    create_sqlite_store,
+    deleted_experiment,
+    sqlite_path,
+    usable_sqlite_tables,
+)
 
 log = logging.getLogger(__name__)
-MAX_PARAM_VALUE = 6000  # MLflow silently truncates longer values
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
-
-
-# Group options whose default is not worth repeating in every run name.
-NAME_DEFAULTS = {"data": "shakespeare", "optim": "adamw"}
-
-
-def default_run_name(choices: Mapping[str, str], seed: int) -> str:
-    """`<model>-<ncn>[-<data>][-<optim>]-s<seed>`; data/optim only when not the default option."""
-    parts = [choices.get("model", "model"), choices.get("ncn", "ncn")]
-    parts += [choices[g] for g, default in NAME_DEFAULTS.items() if choices.get(g, default) != default]
-    return "-".join([*parts, f"s{seed}"])
-
-
-def git_commit(directory: Path) -> str | None:
-    """HEAD commit of the git checkout containing `directory`, or None."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, str]:
-    """Leaves of a nested dict as {"a.b.c": "value"}; lists become "[x, y]", None "null"."""
-    if isinstance(node, Mapping):
-        out: dict[str, str] = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: _format(node)}
-
-
-def _format(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_format(v) for v in value) + "]"
-    return str(value)
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """A run as the store holds it: ids, name, status (RUNNING, FINISHED, FAILED, KILLED), start
-    time (ms since the epoch), and its params, tags and latest metric values."""
-
-    run_id: str
-    name: str
-    status: str
-    experiment_id: str
-    start_time: int
-    params: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RunSource:
-    """Where a training run comes from: the command line as typed, its run folder, the folder it
-    was launched in (for the git commit) and the Hydra group choices (`model`: `small`, ...)."""
-
-    command: str
-    run_dir: Path
-    launch_dir: Path
-    choices: Mapping[str, str] = field(default_factory=dict)
-
-
-class Tracker:
-    """Base tracker: appends metrics to `<run_dir>/metrics.jsonl` (nothing when run_dir is None).
-
-    Every store operation is a no-op here, and every query raises: `MLflowTracker` overrides them.
-    `enabled` tells whether runs are recorded in a store.
-    """
-
-    enabled = False
-    run_id: str | None = None
-    uri: str | None = None
-
-    def __init__(self, run_dir: Path | None = None) -> None:
-        self.metrics_file = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
-
-    def check(self, resume_run_id: str | None = None) -> None:
-        """Fail fast (NCNConfigError) when the store, the experiment or the run `resume_run_id` (which
-        a resume continues) is unusable; before any data work."""
-
-    def start(
-        self,
-        run_name: str,
-        run_id: str | None = None,
-        resume_step: int | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> str | None:
-        """Open a new run, or continue `run_id` (resume at `resume_step`); returns the run id."""
-        return None
-
-    def log_params(self, params: Mapping[str, str]) -> None:
-        """Record params (flattened, string values); see `flatten`."""
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Record metrics at optimizer step `step`; non-finite values only go to metrics.jsonl."""
-        if self.metrics_file is not None:
-            with self.metrics_file.open("a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
-        """Copy a file or folder into the artifacts of this run (or of `run_id`, whose status stays as it is)."""
-
-    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
-        """Store `data` as a JSON/YAML artifact (by the file's extension)."""
-
-    def log_figure(self, fig: Any, artifact_file: str) -> None:
-        """Store a matplotlib figure as an image artifact."""
-
-    def set_tags(self, tags: Mapping[str, str], run_id: str | None = None) -> None:
-        """Set (mutable) tags on this run, or on run `run_id`."""
-
-    def end(self, status: str) -> None:
-        """Close this run with status "FINISHED", "FAILED" or "KILLED"."""
-
-    def start_training_run(
-        self,
-        run_name: str,
-        config: Mapping[str, Any],
-        sizes: Mapping[str, Any],
-        source: RunSource,
-        run_id: str | None = None,
-        resume_step: int | None = None,
-    ) -> str | None:
-        """Open (or continue, at `resume_step`) a training run and record what it is.
-
-        Params: the flattened `config` plus `sizes` (parameter and token counts, as strings).
-        Tags: the command, the run folder, the Hydra choices and the git commit of `source`.
-        Artifacts: `config.yaml` and the run folder's `.hydra/`, under `resume/step_<N>/` on a
-        resume (MLflow params are immutable; the changed values live there). Returns the run id.
-        """
-        tags = {
-            "mlflow.source.name": "run.py",
-            "ncn.command": source.command,
-            "ncn.run_dir": str(source.run_dir),
-            **{f"hydra.choices.{k}": v for k, v in source.choices.items()},
-        }
-        if commit := git_commit(source.launch_dir):
-            tags["mlflow.source.git.commit"] = commit
-        run_id = self.start(run_name, run_id=run_id, resume_step=resume_step, tags=tags)
-        self.log_params({**flatten(config), **{k: str(v) for k, v in sizes.items()}})
-        prefix = f"resume/step_{resume_step:06d}/" if resume_step is not None else ""
-        self.log_dict(config, f"{prefix}config.yaml")
-        if (source.run_dir / ".hydra").is_dir():
-            self.log_artifact(source.run_dir / ".hydra", f"{prefix}hydra")
-        return run_id
-
-    def _needs_store(self, what: str) -> NCNConfigError:
-        return NCNConfigError(
-            f"{what} reads runs from MLflow but tracking=none: use tracking=mlflow (and tracking.uri=<the store>)"
-        )
-
-    def browse_hint(self) -> str:
-        """The `mlflow ui` command that browses this store, and the address of the runs table."""
-        raise self._needs_store("browsing runs")
-
-    def get_run(self, run_id: str) -> RunRecord | None:
-        """The run with id `run_id`, or None when the store has no such run."""
-        raise self._needs_store("looking up a run")
-
-    def child_runs(self, parent_id: str) -> list[RunRecord]:
-        """Every run tagged `mlflow.parentRunId = parent_id` (a sweep's jobs), oldest first."""
-        raise self._needs_store("a sweep")
-
-    def find_sweep(self, spec: str | None) -> RunRecord:
-        """A sweep's parent run: `spec` as a run id, else the newest sweep of experiment `spec`
-        (None: of this tracker's experiment), else the newest sweep named `spec`."""
-        raise self._needs_store("task=report")
-
-    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        """(step, value) of every logged value of metric `key` of run `run_id`, in step order."""
-        raise self._needs_store("a metric history")
-
-    def create_run(self, run_name: str, tags: Mapping[str, str], status: str | None = None) -> str:
-        """A new run in this tracker's experiment (closed with `status` if given); returns its id."""
-        raise self._needs_store("a sweep")
-
-    def terminate(self, run_id: str, status: str) -> None:
-        """Set the end status of run `run_id`."""
-        raise self._needs_store("a sweep")
-
-    # --- sweep bookkeeping: resumed sweeps, one run per job (ncn/tasks/sweep.py, ncn/tasks/report.py) ---
-
-    def sweeps(self) -> list[RunRecord]:
-        """The sweeps' parent runs (tagged `ncn.sweep`) of this tracker's experiment, oldest first."""
-        raise self._needs_store("a sweep")
-
-    def delete_tags(self, keys: Iterable[str], run_id: str) -> None:
-        """Remove the tags `keys` of run `run_id` (absent ones are ignored)."""
-        raise self._needs_store("a sweep")
-
-    def sweep_jobs(self, parent_id: str) -> list[RunRecord]:
-        """One run per job of the sweep `parent_id`, in the order the jobs first ran.
-
-        A job is its run dir (tag `ncn.run_dir`; a child without one is a job of its own). A job
-        run again in the same folder (a resumed sweep, a requeued SLURM job) may own several
-        children: a run killed before its first checkpoint, a FAILED placeholder of a job that
-        died before its run existed, then the run of the new attempt. Its current state is its
-        newest attempt (latest start time); earlier ones are history, never counted twice.
-        """
-        jobs: dict[str, RunRecord] = {}
-        for run in self.child_runs(parent_id):  # oldest first: a later attempt replaces an earlier one in place
-            jobs[run.tags.get("ncn.run_dir") or run.run_id] = run
-        return list(jobs.values())
-
-
-class NullTracker(Tracker):
-    """No tracking server (`tracking=none`): only the local metrics.jsonl."""
-
-
-def default_uri(launch_dir: Path) -> str:
-    """The default store: `sqlite:////<launch dir>/mlflow.db` (absolute, four slashes)."""
-    return f"sqlite:///{Path(launch_dir).absolute() / 'mlflow.db'}"
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """File of a sqlite URI (`sqlite:///rel` is relative to the cwd, `sqlite:////abs` absolute)."""
-    return Path(uri[len("sqlite:///") :]).absolute() if uri.startswith("sqlite:///") else None
-
-
-def _count_runs(db: Path) -> int | None:
-    """Runs recorded in the sqlite store `db` (0 without a runs table yet; None: unreadable)."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)) as con:
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            return int(con.execute("SELECT count(*) FROM runs").fetchone()[0]) if "runs" in tables else 0
-    except sqlite3.DatabaseError:
-        return None
-
-
-def _usable_sqlite_tables(uri: str, db: Path) -> set[str]:
-    """Table names of the sqlite store file `db` (empty: no file yet, or an empty one), read-only,
-    before MLflow opens it: MLflow would try to finish a half-done migration and fail half-way.
-
-    Raises:
-        NCNConfigError: `db` is a folder, not a sqlite database, unreadable, or left half-migrated
-            (a `_alembic_tmp_*` table: an interrupted schema migration).
-    """
-    if db.is_dir():
-        raise NCNConfigError(
-            f"tracking.uri={uri} names a folder, not a store file: point tracking.uri at a file in it "
-            f"(sqlite:///{db / 'mlflow.db'})"
-        )
-    if not db.exists():
-        return set()
-    try:
-        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)) as con:
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as exc:
-        if "not a database" in str(exc):
-            raise NCNConfigError(
-                f"tracking.uri={uri} is not an MLflow store ({exc}): point tracking.uri at a new file "
-                f"(e.g. sqlite:///{db.parent / 'mlflow.db'}) or move {db} away"
-            ) from None
-        raise NCNConfigError(f"tracking.uri={uri} cannot be read ({exc}): check the file's permissions") from None
-    leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
-    if leftovers:
-        raise _broken_store(uri, db, f"an interrupted migration left table {leftovers[0]}")
-    return tables
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _broken_store(uri: str, db: Path, why: str) -> NCNConfigError:
-    """The error for an existing sqlite store MLflow cannot open; its fix depends on whether it holds runs."""
-    runs = _count_runs(db)
-    path = shlex.quote(str(db))
-    if runs == 0:
-        return NCNConfigError(
-            f"tracking.uri={uri} is a half-created MLflow store with no runs ({why}): delete it (rm {path}) and rerun"
-        )
-    held = f" and holds {runs} runs" if runs is not None else ""
-    return NCNConfigError(
-        f"tracking.uri={uri} cannot be opened ({why}){held}: restore it from a backup, "
-        f"or move it away (mv {path} {shlex.quote(str(db) + '.broken')}) to start a new store"
-    )
-
-
-def _deleted_experiment(uri: str, name: str, experiment_id: str) -> NCNConfigError:
-    return NCNConfigError(
-        f"experiment {name} (id {experiment_id}) is deleted in {uri}: restore it "
-        f"(MLFLOW_TRACKING_URI={shlex.quote(uri)} mlflow experiments restore --experiment-id {experiment_id}) "
-        "or use tracking.experiment=<new name>"
-    )
-
-
-def _create_sqlite_store(db: Path) -> None:
-    """Create the MLflow schema in a new sqlite file `db`, whole or not at all.
-
-    MLflow migrates a new store in ~50 steps; an interrupt in between leaves a file every later
-    run rejects. So the schema is built in `<db>.creating` next to it (the caller holds the
-    store's file lock) and moved into place with `os.replace`, which is atomic.
-    """
-    from mlflow import MlflowClient
-
-    tmp = db.with_name(db.name + ".creating")
-    # MLflow puts the Default experiment's artifacts under <cwd>/mlruns and writes that path into
-    # raw SQL with repr(): a path holding both ' and " breaks it. Next to the store, if it can.
-    where = db.parent if not {"'", '"'} <= set(str(db.parent)) else Path(tempfile.gettempdir())
-    cwd = os.getcwd()
-    try:
-        tmp.unlink(missing_ok=True)  # left by a process killed while creating (we hold the lock)
-        os.chdir(where)
-        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
-        os.replace(tmp, db)
-    finally:
-        os.chdir(cwd)
-        tmp.unlink(missing_ok=True)
-        Path(str(tmp) + "-journal").unlink(missing_ok=True)
 
 
 def _record(run: Any) -> RunRecord:
@@ -401,7 +89,7 @@ class MLflowTracker(Tracker):
     ) -> None:
         super().__init__(run_dir)
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
-        db = _sqlite_path(uri)
+        db = sqlite_path(uri)
         if artifact_location is None and db is not None:
             artifact_location = (db.parent / "mlartifacts" / experiment).as_uri()
         self.artifact_location = artifact_location
@@ -414,7 +102,7 @@ class MLflowTracker(Tracker):
     def check(self, resume_run_id: str | None = None) -> None:
         """Make sure the store, the experiment and (on resume) the run can be used; before any data work.
 
-        A missing sqlite store is created whole or not at all (`_create_sqlite_store`); the
+        A missing sqlite store is created whole or not at all (`create_sqlite_store`); the
         experiment is created, or tagged `EXPERIMENT_KIND` if it lacks the tag. `resume_run_id`:
         the MLflow run a resume continues (None: a new run).
 
@@ -436,7 +124,7 @@ class MLflowTracker(Tracker):
                     f"tracking.uri={self.uri} is unreachable ({getattr(exc, 'reason', exc)}): start the server, "
                     "fix the URI, or use tracking=none"
                 ) from None
-        db = _sqlite_path(self.uri)
+        db = sqlite_path(self.uri)
         if db is not None and not db.parent.is_dir():
             raise NCNConfigError(
                 f"tracking.uri={self.uri}: folder {db.parent} does not exist: create it or point tracking.uri at an "
@@ -446,8 +134,8 @@ class MLflowTracker(Tracker):
         # checking, creating and migrating the store.
         lock = FileLock(str(db) + ".lock", timeout=120) if db is not None else contextlib.nullcontext()
         with lock:
-            if db is not None and not _usable_sqlite_tables(self.uri, db):
-                _create_sqlite_store(db)  # no file yet, or an empty one
+            if db is not None and not usable_sqlite_tables(self.uri, db):
+                create_sqlite_store(db)  # no file yet, or an empty one
             try:  # opening a sqlite store runs MLflow's pending schema migrations
                 self.client = MlflowClient(tracking_uri=self.uri)
                 experiment = self.client.get_experiment_by_name(self.experiment)
@@ -460,13 +148,13 @@ class MLflowTracker(Tracker):
                         f"run mlflow db upgrade {shlex.quote(self.uri)}"
                     ) from None
                 if db is not None and "locked" not in first:
-                    raise _broken_store(self.uri, db, first) from None
+                    raise broken_store(self.uri, db, first) from None
                 raise NCNConfigError(
                     f"tracking.uri={self.uri} is unusable ({first}): fix the URI (e.g. "
                     "sqlite:////abs/path/mlflow.db) or use tracking=none"
                 ) from None
             if experiment is not None and experiment.lifecycle_stage == "deleted":
-                raise _deleted_experiment(self.uri, self.experiment, experiment.experiment_id)
+                raise deleted_experiment(self.uri, self.experiment, experiment.experiment_id)
             try:
                 if experiment is None:
                     self.experiment_id = self.client.create_experiment(
@@ -502,7 +190,7 @@ class MLflowTracker(Tracker):
             )
         experiment = self.client.get_experiment(run.info.experiment_id)
         if experiment.lifecycle_stage == "deleted":
-            raise _deleted_experiment(self.uri, experiment.name, experiment.experiment_id)
+            raise deleted_experiment(self.uri, experiment.name, experiment.experiment_id)
 
     def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
         """Address of this experiment's runs table in `mlflow ui` served at `base`.
@@ -684,12 +372,3 @@ class MLflowTracker(Tracker):
         for key in keys:
             if key in present:
                 client.delete_tag(run_id, key)
-
-
-def open_tracker(cfg: TrackingConfig, launch_dir: Path, run_dir: Path | None = None) -> Tracker:
-    """The tracker `cfg` describes; an MLflow store defaults to `default_uri(launch_dir)`. Not yet checked."""
-    if cfg.backend == "none":
-        return NullTracker(run_dir)
-    return MLflowTracker(
-        cfg.uri or default_uri(launch_dir), cfg.experiment, cfg.parent_run_id, cfg.artifact_location, run_dir
-    )

@@ -2,7 +2,7 @@
 
 Layout: `<run dir>/checkpoints/step_000123/{model.pt, optim.pt, train_state.json, config.yaml}`
 plus a `checkpoints/latest` text pointer. No RNG state is saved: training draws its random numbers
-from seeds derived from (seed, step, micro-batch) (`ncn.trainer.micro_batch_seed`), so a resume
+from seeds derived from (seed, step, micro-batch) (`ncn.training.loop.micro_batch_seed`), so a resume
 is exact without one (format 1 checkpoints carried an rng.pt, which is ignored). A folder is written under a temporary
 name and renamed, the pointer replaced with `os.replace`, so a crash never leaves a half
 checkpoint in use. Tensors load with `torch.load(weights_only=True)`: nothing is ever unpickled
@@ -29,8 +29,8 @@ import yaml
 
 from ncn.config import RESUME_FIXED_GROUPS, RESUME_MUTABLE, OptimConfig, RunConfig, config_from_dict
 from ncn.errors import CheckpointError, NCNConfigError
-from ncn.gpt import ModulatedGPT
-from ncn.optim import apply_settings
+from ncn.model.gpt import ModulatedGPT
+from ncn.training.optim import apply_settings
 
 FORMAT_VERSION = 2  # 1: config.yaml still held Hydra's `_target_`/`_convert_` keys (see _upgrade_config)
 POINTER = "latest"

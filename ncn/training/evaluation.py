@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ncn.errors import NCNConfigError
-from ncn.gpt import ModulatedGPT
-from ncn.runtime import autocast
+from ncn.model.gpt import ModulatedGPT
+from ncn.training.runtime import autocast
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 

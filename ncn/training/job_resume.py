@@ -14,10 +14,10 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ncn import checkpoint
 from ncn.config import RunConfig
 from ncn.errors import NCNConfigError
 from ncn.tracking import flatten
+from ncn.training import checkpoint
 
 # Keys that do not change what a training run computes: a resumed job may set them differently.
 RUNTIME_KEYS = frozenset(

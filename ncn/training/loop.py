@@ -1,7 +1,7 @@
 """The training loop: one optimizer step, the step budget, and the loop of fixed sections.
 
 `train(job, state, cfg, total)` runs eval -> checkpoint -> step -> log until `state.step ==
-total`; all mutable loop state is the `TrainState` (ncn/checkpoint.py) a checkpoint carries, all
+total`; all mutable loop state is the `TrainState` (ncn/training/checkpoint.py) a checkpoint carries, all
 runtime objects are one `Job`. The random numbers of a micro-batch (dropout) come from a seed
 derived from (seed, step, the micro-batch's index in the global batch), so on CPU with
 deterministic settings a resumed run is bitwise identical to an uninterrupted one, and N ranks
@@ -26,14 +26,14 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ncn import checkpoint
-from ncn.checkpoint import Snapshot, TrainState
 from ncn.config import TrainerConfig
 from ncn.errors import DivergenceError
-from ncn.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, evaluate, uses_future
-from ncn.gpt import ModulatedGPT
-from ncn.runtime import autocast
+from ncn.model.gpt import ModulatedGPT
 from ncn.tracking import Tracker
+from ncn.training import checkpoint
+from ncn.training.checkpoint import Snapshot, TrainState
+from ncn.training.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, evaluate, uses_future
+from ncn.training.runtime import autocast
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,8 @@ def save_checkpoint(job: Job, state: TrainState, keep: int) -> Path | None:
 
 def _log_probe(job: Job, state: TrainState) -> None:
     """Signal heatmaps of the fixed probe prompt as artifact `probe/signals_step_<step>.png` (NCN paper §8)."""
-    from ncn.evaluation import run_signals
-    from ncn.plots import signal_heatmaps  # matplotlib loads only when probing
+    from ncn.analysis.plots import signal_heatmaps  # matplotlib loads only when probing
+    from ncn.training.evaluation import run_signals
 
     signals = run_signals(job.model, job.probe)
     if signals:  # {} for the plain-Transformer baseline
