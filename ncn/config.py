@@ -19,7 +19,11 @@ from typing import Any
 
 from ncn.errors import NCNConfigError
 
-TARGETS = ("temperature", "gain", "activation")
+TARGETS = ("temperature", "gain", "activation", "head_gate", "layer_gate")
+# The paper's three targets (NCN paper §3): the default; head_gate and layer_gate are its §8 extensions.
+PAPER_TARGETS = ("temperature", "gain", "activation")
+# Targets whose signal gates a unit of compute that inference may skip (NCN paper §6.1, §8).
+GATE_TARGETS = ("activation", "head_gate", "layer_gate")
 POOLINGS = ("causal", "global", "none")
 ACTIVATIONS = ("gate", "swish_beta")
 SOURCES = ("shakespeare", "text_files", "hf")
@@ -117,10 +121,13 @@ class ModelConfig:
 class ModulationConfig:
     """The NCN controller and what it modulates (NCN paper §3, §4, §5, §7).
 
-    targets: subset of ("temperature", "gain", "activation"); [] is the plain Transformer
-        baseline and builds no controller. temperature -> signal `precision` (attention
-        inverse temperature), gain -> `gain` (both residual branches), activation ->
-        `ffn_gate` (activation="gate") or `activation_beta` (activation="swish_beta").
+    targets: subset of ("temperature", "gain", "activation", "head_gate", "layer_gate");
+        [] is the plain Transformer baseline and builds no controller. temperature -> signal
+        `precision` (attention inverse temperature), gain -> `gain` (both residual branches),
+        activation -> `ffn_gate` (activation="gate") or `activation_beta`
+        (activation="swish_beta"), head_gate -> `head_gate` (one gate per attention head,
+        before the output projection), layer_gate -> `layer_gate` (the block's whole residual
+        update: dynamic depth). Gates lie in (0, 1) and start at 0.95 (NCN paper §8).
     hidden_dim: controller MLP width h. heads: salience attention heads (must divide d_model).
     pooling: "causal" (default, leak-free), "global" (the reference's leaking mode, kept to
         quantify the leak; cannot decode incrementally) or "none" (phasic only, no salience).
@@ -128,12 +135,15 @@ class ModulationConfig:
     precision_max: upper clamp of the precision β, >= 1 so the neutral β = 1 is reachable.
     per_head_precision: one β per attention head instead of one per layer (NCN paper §7).
     activation: "gate" (paper's FFN output gate) or "swish_beta" (FFN activation x·sigmoid(β·x)).
+    compute_lambda: weight >= 0 of the compute cost, the FLOP-weighted mean of the gates
+        (`ncn.model.compute.compute_loss`); 0 = off. When > 0 the homeostatic penalty leaves
+        the gates (ffn_gate, head_gate, layer_gate) alone, so it does not pull them back to 1.
 
     Raises:
         NCNConfigError: unknown target/pooling/activation, repeated target, bad sizes or ranges.
     """
 
-    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    targets: list[str] = field(default_factory=lambda: list(PAPER_TARGETS))
     hidden_dim: int = 64
     heads: int = 2
     pooling: str = "causal"
@@ -141,6 +151,7 @@ class ModulationConfig:
     precision_max: float = 4.0
     per_head_precision: bool = False
     activation: str = "gate"
+    compute_lambda: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -160,6 +171,10 @@ class ModulationConfig:
         if not self.homeostatic_lambda >= 0.0:
             raise NCNConfigError(
                 f"ncn.homeostatic_lambda={self.homeostatic_lambda} is negative: use a value >= 0 (default 0.01)"
+            )
+        if not self.compute_lambda >= 0.0:
+            raise NCNConfigError(
+                f"ncn.compute_lambda={self.compute_lambda} is negative: use a value >= 0 (0 = no compute cost)"
             )
         if not self.precision_max >= 1.0:
             raise NCNConfigError(

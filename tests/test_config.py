@@ -42,6 +42,9 @@ TARGETS = {
     "per_head_temperature": ["temperature", "gain", "activation"],
     "swish_beta": ["temperature", "gain", "activation"],
     "paper_global": ["temperature", "gain", "activation"],
+    "head_gate": ["temperature", "gain", "activation", "head_gate"],
+    "layer_gate": ["temperature", "gain", "activation", "layer_gate"],
+    "sparse": ["temperature", "gain", "activation", "head_gate", "layer_gate"],
 }
 # Every flag of the reference train.py (NCN paper §6) -> the config key that replaces it.
 REFERENCE_FLAGS = {

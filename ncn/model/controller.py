@@ -128,8 +128,8 @@ class Controller(nn.Module):
     """The NCN: salience pooling + phasic integration + MLP -> signals for all layers (NCN paper §3).
 
     z_t = W2 · tanh(W1 · RMSNorm(c_t + E_t) + b1) + b2, reshaped to (n_layer, width) and split
-    into signals; each signal is one column per layer, or n_head columns when precision is
-    per head. Output dict: name -> (B, T, n_layer) or (B, T, n_layer, n_head).
+    into signals; each signal is one column per layer, or n_head columns for head_gate and
+    for precision when it is per head. Output dict: name -> (B, T, n_layer) or (B, T, n_layer, n_head).
     """
 
     def __init__(
@@ -146,7 +146,7 @@ class Controller(nn.Module):
     ) -> None:
         super().__init__()
         self.n_layer, self.signals, self.precision_max = n_layer, signals, precision_max
-        self.widths = [n_head if (s == "precision" and per_head_precision) else 1 for s in signals]
+        self.widths = [n_head if (s == "precision" and per_head_precision) or s == "head_gate" else 1 for s in signals]
         self.salience = SaliencePooling(d_model, heads, causal=pooling == "causal") if pooling != "none" else None
         self.norm = nn.RMSNorm(d_model)
         self.fc1 = nn.Linear(d_model, hidden_dim)

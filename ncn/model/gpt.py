@@ -3,7 +3,9 @@
 Deviations from nanoGPT's GPT: RMSNorm instead of LayerNorm; every block takes per-token
 modulation signals computed by the controller in one batched pass before the blocks (NCN
 paper §3); causal salience pooling by default (§5); the homeostatic penalty is part of the
-loss (§4); generation keeps a KV cache and the controller's constant-size salience state.
+loss (§4), and so is the compute cost of the gates when `ncn.compute_lambda` > 0 (§6.1);
+generation keeps a KV cache and the controller's constant-size salience state; a `SkipPlan`
+makes inference skip the gated-off FFNs, heads and blocks (§8, `ncn.model.compute`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from ncn.config import ModelConfig, ModulationConfig, check_compatible
 from ncn.errors import NCNConfigError
 from ncn.model.blocks import Block, KVCache
+from ncn.model.compute import SkipMasks, SkipPlan, compute_cost, masked_signals, present, threshold_masks
 from ncn.model.controller import Controller, SalienceState
 from ncn.model.signals import homeostatic_loss, signal_names
 
@@ -31,9 +34,11 @@ class ModelOutput:
     """Result of `ModulatedGPT.forward`.
 
     logits (B, T, vocab_size); ce_loss: mean next-token cross-entropy (None without
-    targets); reg_loss: homeostatic penalty, 0-dim (0 for the baseline); loss = ce_loss +
-    reg_loss (None without targets); perplexity is exp(ce_loss) only (NCN paper §4).
+    targets); reg_loss: homeostatic penalty, 0-dim (0 for the baseline); compute_loss:
+    ncn.compute_lambda × `compute_cost` of the gates, 0-dim (0 when off); loss = ce_loss +
+    reg_loss + compute_loss (None without targets); perplexity is exp(ce_loss) only (NCN paper §4).
     signals: name -> (B, T, n_layer) or (B, T, n_layer, n_head), with gradients; {} for the baseline.
+    skipped: the units a `SkipPlan` skipped (None: dense).
     """
 
     logits: Tensor
@@ -41,6 +46,8 @@ class ModelOutput:
     ce_loss: Tensor | None
     reg_loss: Tensor
     signals: dict[str, Tensor]
+    compute_loss: Tensor | None = None
+    skipped: SkipMasks | None = None
 
 
 class ParamCount(NamedTuple):
@@ -130,8 +137,10 @@ class ModulatedGPT(nn.Module):
         ctrl = sum(p.numel() for p in self.controller.parameters()) if self.controller is not None else 0
         return ParamCount(total, total - ctrl, ctrl, 100.0 * ctrl / total)
 
-    def _trunk(self, idx: Tensor, state: DecodeState | None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Final hidden states (B, T, d) and signals for idx (B, T), continuing `state` if given."""
+    def _trunk(
+        self, idx: Tensor, state: DecodeState | None, skip: SkipPlan | None = None
+    ) -> tuple[Tensor, dict[str, Tensor], SkipMasks | None]:
+        """Final hidden states (B, T, d), signals and skipped units for idx (B, T), continuing `state` if given."""
         B, T = idx.shape
         start = 0 if state is None else state.kv.pos
         if start + T > self.config.block_size:
@@ -146,40 +155,52 @@ class ModulatedGPT(nn.Module):
             signals, salience = self.controller(e, None if state is None else state.salience)
             if state is not None:
                 state.salience = salience
-        per_layer = {name: self._per_block(s) for name, s in signals.items()}
+        masks = None
+        if skip is not None and signals:
+            masks = present(skip.masks, signals) if skip.masks is not None else threshold_masks(signals, skip.threshold)
+        applied = masked_signals(signals, masks) if masks is not None and not skip.gather else signals
+        gathered = masks is not None and skip.gather
+        per_layer = {name: self._per_block(s) for name, s in applied.items()}
         x = e
         for i, block in enumerate(self.blocks):
             mod = {name: s[i] for name, s in per_layer.items()}
+            if gathered:
+                mod["skip"] = masks.block(i)
             if self.activation_checkpointing and self.training and state is None:
                 x = checkpoint(block, x, **mod, use_reentrant=False)
             else:
                 x = block(x, **mod, cache=None if state is None else state.kv)
         if state is not None:
             state.kv.advance(T)
-        return self.norm(x), signals
+        return self.norm(x), signals, masks
 
     @staticmethod
     def _per_block(s: Tensor) -> Tensor:
         """(B, T, L[, H]) -> (L, B, T, 1 or H): one slice per block, broadcast over features/heads."""
         return s.movedim(2, 0) if s.dim() == 4 else s.movedim(2, 0).unsqueeze(-1)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> ModelOutput:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, skip: SkipPlan | None = None) -> ModelOutput:
         """Logits, losses and signals for token ids idx (B, T), T <= block_size.
 
-        targets (B, T) int64 next-token ids. Raises NCNConfigError if T > block_size.
+        targets (B, T) int64 next-token ids. skip: skip gated-off units (inference; None = dense).
+        Raises NCNConfigError if T > block_size.
         """
-        x, signals = self._trunk(idx, None)
+        x, signals, masks = self._trunk(idx, None, skip)
         logits = self.lm_head(x)  # (B, T, V)
+        m = self.modulation_config
         if signals:
-            reg = homeostatic_loss(signals, self.modulation_config.homeostatic_lambda)
+            reg = homeostatic_loss(signals, m.homeostatic_lambda, gates=m.compute_lambda == 0)
         else:
             reg = torch.zeros((), device=idx.device, dtype=logits.dtype)
+        cost = None
+        if m.compute_lambda > 0:
+            cost = m.compute_lambda * compute_cost(signals, self.config).to(reg.device)
         ce = loss = None
         if targets is not None:
             # CE straight from the logits: no copy, no dtype cast (the 50k-way head dominates step time).
             ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-            loss = ce + reg
-        return ModelOutput(logits, loss, ce, reg, signals)
+            loss = ce + reg if cost is None else ce + reg + cost
+        return ModelOutput(logits, loss, ce, reg, signals, cost, masks)
 
     def new_decode_state(self, batch: int) -> DecodeState:
         """Empty KV cache and salience state for `batch` sequences.
@@ -200,13 +221,14 @@ class ModulatedGPT(nn.Module):
             sal = self.controller.salience.empty_state(batch, w.device, w.dtype)
         return DecodeState(KVCache(c.n_layer, c.block_size), sal)
 
-    def decode(self, idx: Tensor, state: DecodeState) -> Tensor:
+    def decode(self, idx: Tensor, state: DecodeState, skip: SkipPlan | None = None) -> Tensor:
         """Logits (B, Tc, V) for a chunk idx (B, Tc) that continues `state` (updated in place).
 
         A chunk of any length (a whole prompt or one token) gives the same logits as the full
-        forward pass over prefix + chunk, up to float rounding (NCN paper §5).
+        forward pass over prefix + chunk, up to float rounding (NCN paper §5); with `skip`, the
+        same as the full forward pass with that skip plan.
         """
-        x, _ = self._trunk(idx, state)
+        x, _, _ = self._trunk(idx, state, skip)
         return self.lm_head(x)
 
     def stream(
@@ -217,6 +239,7 @@ class ModulatedGPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        skip_threshold: float = 0.0,
     ) -> Iterator[Tensor]:
         """Yield max_new_tokens sampled tokens, each (B, 1) int64, continuing the prompt idx (B, T).
 
@@ -227,13 +250,19 @@ class ModulatedGPT(nn.Module):
         block_size // 2 tokens are re-prefilled into a fresh cache and salience state, so
         the context then slides in half-block jumps. use_cache=False re-runs the full
         forward on the last block_size tokens for every token (nanoGPT style).
+        skip_threshold τ > 0 skips every FFN, head and block whose gate is below τ
+        (`SkipPlan`); 0 is the dense model.
         A prompt longer than block_size is cropped from the left with a warning.
         Arguments are checked here, before the first token is produced.
 
         Raises:
             NCNConfigError: pooling="global" with use_cache=True; temperature < 0; top_k < 1;
-                max_new_tokens < 0.
+                max_new_tokens < 0; skip_threshold outside [0, 1].
         """
+        if not 0.0 <= skip_threshold <= 1.0:
+            raise NCNConfigError(
+                f"skip_threshold={skip_threshold} is outside [0, 1]: use 0 (dense) or a gate value such as 0.5"
+            )
         if max_new_tokens < 0:
             raise NCNConfigError(f"max_new_tokens={max_new_tokens} is negative: use a value >= 0")
         if temperature < 0:
@@ -248,17 +277,23 @@ class ModulatedGPT(nn.Module):
             )
             idx = idx[:, -block:]
         sample = partial(_sample, temperature=temperature, top_k=top_k, generator=generator)
+        skip = SkipPlan(skip_threshold) if skip_threshold > 0 else None
         if use_cache:
-            return self._stream_cached(idx, max_new_tokens, sample, self.new_decode_state(idx.shape[0]))
-        return self._stream_uncached(idx, max_new_tokens, sample)
+            return self._stream_cached(idx, max_new_tokens, sample, self.new_decode_state(idx.shape[0]), skip)
+        return self._stream_uncached(idx, max_new_tokens, sample, skip)
 
     @torch.no_grad()
     def _stream_cached(
-        self, idx: Tensor, max_new_tokens: int, sample: Callable[[Tensor], Tensor], state: DecodeState
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        sample: Callable[[Tensor], Tensor],
+        state: DecodeState,
+        skip: SkipPlan | None = None,
     ) -> Iterator[Tensor]:
         block = self.config.block_size
         ctx = idx
-        logits = self.decode(idx, state)  # prefill: the whole prompt in one chunk
+        logits = self.decode(idx, state, skip)  # prefill: the whole prompt in one chunk
         for i in range(max_new_tokens):
             nxt = sample(logits[:, -1])
             yield nxt
@@ -267,17 +302,17 @@ class ModulatedGPT(nn.Module):
             ctx = torch.cat([ctx, nxt], dim=1)
             if state.kv.pos == block:
                 state = self.new_decode_state(idx.shape[0])
-                logits = self.decode(ctx[:, -max(1, block // 2) :], state)
+                logits = self.decode(ctx[:, -max(1, block // 2) :], state, skip)
             else:
-                logits = self.decode(nxt, state)
+                logits = self.decode(nxt, state, skip)
 
     @torch.no_grad()
     def _stream_uncached(
-        self, idx: Tensor, max_new_tokens: int, sample: Callable[[Tensor], Tensor]
+        self, idx: Tensor, max_new_tokens: int, sample: Callable[[Tensor], Tensor], skip: SkipPlan | None = None
     ) -> Iterator[Tensor]:
         ctx = idx
         for _ in range(max_new_tokens):
-            nxt = sample(self(ctx[:, -self.config.block_size :]).logits[:, -1])
+            nxt = sample(self(ctx[:, -self.config.block_size :], skip=skip).logits[:, -1])
             yield nxt
             ctx = torch.cat([ctx, nxt], dim=1)
 
@@ -289,12 +324,13 @@ class ModulatedGPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        skip_threshold: float = 0.0,
     ) -> Tensor:
         """Prompt idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
 
         Same arguments, policy and errors as `stream`; the returned prompt part is uncropped.
         """
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, generator, use_cache))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, generator, use_cache, skip_threshold))
         return torch.cat([idx, *new], dim=1)
 
 

@@ -1,7 +1,8 @@
 """Modulation signals: transforms of the controller's raw outputs, neutral values, homeostasis.
 
 Implements the table of NCN paper §3 (gain, precision, FFN gate), the Swish-β activation
-shape of §7 (`activation_beta`) and the homeostatic penalty of §4. Everything here is a pure
+shape of §7 (`activation_beta`), the head and layer gates of §8 (`head_gate`, `layer_gate`:
+attention-head gating and dynamic depth) and the homeostatic penalty of §4. Everything here is a pure
 function of tensors, so analysis code can reuse it without building a model.
 """
 
@@ -14,12 +15,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Canonical order of the signals in the controller output (one column block per signal).
-SIGNALS = ("gain", "precision", "ffn_gate", "activation_beta")
+SIGNALS = ("gain", "precision", "ffn_gate", "activation_beta", "head_gate", "layer_gate")
+# Signals that gate a unit of compute (an FFN, a head, a whole block) which inference may skip.
+GATES = ("ffn_gate", "head_gate", "layer_gate")
 
 # Value of each signal that leaves the layer computing like a plain Transformer.
 # activation_beta: x·sigmoid(1.702·x) is the classic sigmoid approximation of GELU, so a fresh
 # swish_beta model computes (almost) the same FFN as the GELU baseline.
-NEUTRAL: dict[str, float] = {"gain": 1.0, "precision": 1.0, "ffn_gate": 0.95, "activation_beta": 1.702}
+# The gates start at sigmoid(3) = 0.95, as the paper's FFN gate does (NCN paper §3 table).
+NEUTRAL: dict[str, float] = {
+    "gain": 1.0,
+    "precision": 1.0,
+    "ffn_gate": 0.95,
+    "activation_beta": 1.702,
+    "head_gate": 0.95,
+    "layer_gate": 0.95,
+}
 
 # Open/closed ranges of the transforms, (low, high); precision's upper end is
 # ModulationConfig.precision_max (4.0 by default, the value given here).
@@ -29,6 +40,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "precision": (0.01, 4.0),
     "ffn_gate": (0.0, 1.0),
     "activation_beta": (0.0, ACTIVATION_BETA_MAX),
+    "head_gate": (0.0, 1.0),
+    "layer_gate": (0.0, 1.0),
 }
 
 # Initial bias b2 of the controller's output column for each signal (NCN paper §3 table):
@@ -40,10 +53,12 @@ NEUTRAL_BIAS: dict[str, float] = {
     "precision": 0.525,  # softplus(0.525) + 0.01 = 0.9997
     "ffn_gate": 3.0,  # sigmoid(3) = 0.9526
     "activation_beta": math.log(_p / (1.0 - _p)),  # 4·sigmoid(-0.300) = 1.702
+    "head_gate": 3.0,  # sigmoid(3) = 0.9526
+    "layer_gate": 3.0,
 }
 
 # Which signal each user-facing target produces (NCN paper §3, "vocabulary").
-_TARGET_SIGNAL = {"temperature": "precision", "gain": "gain"}
+_TARGET_SIGNAL = {"temperature": "precision", "gain": "gain", "head_gate": "head_gate", "layer_gate": "layer_gate"}
 
 
 def signal_names(targets: list[str], activation: str) -> list[str]:
@@ -62,30 +77,34 @@ def transform(name: str, z: Tensor, precision_max: float = RANGES["precision"][1
     """Map raw controller outputs z (any shape) to signal values of the same shape.
 
     gain = 2·sigmoid(z) in (0, 2); precision = min(softplus(z) + 0.01, precision_max) in
-    (0.01, precision_max]; ffn_gate = sigmoid(z) in (0, 1); activation_beta = 4·sigmoid(z)
-    in (0, 4). Source: NCN paper §3 table, §7.
+    (0.01, precision_max]; ffn_gate, head_gate, layer_gate = sigmoid(z) in (0, 1) (float32
+    rounds sigmoid(z) to exactly 0 or 1 for |z| > ~88 or z > ~17); activation_beta =
+    4·sigmoid(z) in (0, 4). Source: NCN paper §3 table, §7, §8.
     """
     if name == "gain":
         return 2.0 * torch.sigmoid(z)
     if name == "precision":
         return (F.softplus(z) + 0.01).clamp(max=precision_max)
-    if name == "ffn_gate":
+    if name in GATES:
         return torch.sigmoid(z)
     if name == "activation_beta":
         return ACTIVATION_BETA_MAX * torch.sigmoid(z)
     raise KeyError(f"unknown signal {name!r}; known: {', '.join(SIGNALS)}")
 
 
-def homeostatic_loss(signals: dict[str, Tensor], lam: float) -> Tensor:
+def homeostatic_loss(signals: dict[str, Tensor], lam: float, gates: bool = True) -> Tensor:
     """Homeostatic penalty λ · Σ_s mean((s − 1)²) over the given signals (NCN paper §4).
 
     The mean runs over batch, time, layer (and head), so the penalty does not grow with
     sequence length or depth. `activation_beta` has neutral value 1.702, not 1, so it enters
     as β/1.702: the penalty pulls it toward the GELU-like neutral shape on the same scale as
-    the other signals. Returns a 0-dim tensor; 0 for an empty dict.
+    the other signals. gates=False leaves the `GATES` signals out (a compute cost is on and
+    should be free to close them). Returns a 0-dim tensor; 0 for an empty dict.
     """
     total = None
     for name, value in signals.items():
+        if not gates and name in GATES:
+            continue
         scaled = value / NEUTRAL["activation_beta"] if name == "activation_beta" else value
         term = (scaled - 1.0).square().mean()
         total = term if total is None else total + term

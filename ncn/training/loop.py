@@ -85,13 +85,14 @@ def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -
 
     Each micro-batch seeds the RNG with `micro_batch_seed`; autocast per cfg.precision, backward
     (GradScaler for fp16), grad-norm clipping, AdamW, LR schedule.
-    Returns the metrics train/loss, train/ce_loss, train/reg_loss (sums of the micro-batch means / grad_accum,
+    Returns the metrics train/loss, train/ce_loss, train/reg_loss, with ncn.compute_lambda > 0 also
+    train/compute_loss (sums of the micro-batch means / grad_accum,
     averaged over DDP ranks), train/ppl = exp(ce), train/grad_norm and train/lr, or None when the loss or
     the gradients were NaN/Inf (nothing is updated then).
     """
     model, optimizer, scaler = job.train_model, job.optimizer, job.scaler
     optimizer.zero_grad(set_to_none=True)
-    losses = torch.zeros(3, device=job.device)  # loss, ce, reg summed over micro-batches
+    losses = torch.zeros(4, device=job.device)  # loss, ce, reg, compute summed over micro-batches
     for micro in range(cfg.grad_accum):
         x, y = next(batches)
         x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
@@ -105,8 +106,14 @@ def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -
                 out = model(x, y)
             loss = out.loss / cfg.grad_accum
             scaler.scale(loss).backward()
+        cost = out.compute_loss.detach() if out.compute_loss is not None else torch.zeros((), device=job.device)
         losses += torch.stack(
-            [loss.detach(), out.ce_loss.detach() / cfg.grad_accum, out.reg_loss.detach() / cfg.grad_accum]
+            [
+                loss.detach(),
+                out.ce_loss.detach() / cfg.grad_accum,
+                out.reg_loss.detach() / cfg.grad_accum,
+                cost / cfg.grad_accum,
+            ]
         ).float()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), cfg.grad_clip or float("inf"))
@@ -126,8 +133,8 @@ def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -
     if job.world_size > 1:
         torch_dist.all_reduce(losses)
         losses /= job.world_size
-    loss, ce, reg = losses.tolist()
-    return {
+    loss, ce, reg, cost = losses.tolist()
+    result = {
         "train/loss": loss,
         "train/ce_loss": ce,
         "train/reg_loss": reg,
@@ -135,6 +142,9 @@ def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -
         "train/grad_norm": float(grad_norm),
         "train/lr": lr,
     }
+    if job.model.modulation_config.compute_lambda > 0:
+        result["train/compute_loss"] = cost
+    return result
 
 
 def total_steps(

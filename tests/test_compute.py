@@ -1,0 +1,287 @@
+"""Conditional compute: head and layer gates, skipping equals masking, the KV cache, FLOP counts (NCN paper §6.1, §8).
+
+Tiny CPU models (vocab 97, d_model 32, 2 layers, 4 heads). `python -m pytest -q tests/test_compute.py`.
+"""
+
+import pytest
+import torch
+
+from ncn import ModelConfig, ModulatedGPT, ModulationConfig
+from ncn.model.blocks import Block, BlockSkip, CausalSelfAttention
+from ncn.model.compute import SkipMasks, SkipPlan, compute_cost, count_flops, random_like, threshold_masks
+from ncn.model.signals import homeostatic_loss
+
+TINY = ModelConfig(vocab_size=97, block_size=32, d_model=32, n_layer=2, n_head=4)
+GATED = ["temperature", "gain", "activation", "head_gate", "layer_gate"]
+TAU = 0.8  # with tiny()'s controller every kind of gate is below it for some tokens, above for others
+
+
+def tiny(targets=GATED, seed=0, std=0.5, **modulation):
+    """A tiny model in eval mode whose controller has large random weights, so the gates spread over (0, 1)."""
+    torch.manual_seed(seed)
+    model = ModulatedGPT(TINY, ModulationConfig(targets=targets, **modulation)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.controller.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tokens(B=3, T=24, seed=0):
+    return torch.randint(0, TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_gates_start_near_one_with_their_shapes():
+    torch.manual_seed(0)
+    model = ModulatedGPT(TINY, ModulationConfig(targets=GATED))
+    signals = model(tokens()).signals
+    assert signals["head_gate"].shape == (3, 24, 2, 4)
+    assert signals["layer_gate"].shape == (3, 24, 2)
+    for name in ("head_gate", "layer_gate", "ffn_gate"):
+        assert (signals[name] - 0.9526).abs().max().item() < 0.01
+    # fc2 columns per layer: gain 1 + precision 1 + ffn_gate 1 + head_gate 4 + layer_gate 1
+    assert model.controller.fc2.out_features == 2 * 8
+
+
+def test_head_gate_zero_removes_that_head_before_the_projection():
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, 0.0, 0).eval()
+    x = torch.randn(2, 6, 32)
+    gate = torch.ones(2, 6, 4)
+    gate[:, :, 2] = 0.0
+    pruned = CausalSelfAttention(32, 4, 0.0, 0).eval()
+    pruned.load_state_dict(attn.state_dict())
+    with torch.no_grad():
+        pruned.proj.weight[:, 16:24] = 0.0  # head 2's columns of the output projection
+        assert (attn(x, head_gate=gate) - pruned(x)).abs().max().item() <= 1e-6
+        half = attn(x, head_gate=torch.full((2, 6, 4), 0.5))
+        assert (half - attn.proj.bias - 0.5 * (attn(x) - attn.proj.bias)).abs().max().item() <= 1e-6
+
+
+def test_layer_gate_scales_the_whole_residual_update():
+    torch.manual_seed(0)
+    block = Block(32, 4, 128, 0.0, 0).eval()
+    x = torch.randn(2, 6, 32)
+    gain = torch.rand(2, 6, 1) + 0.5
+    gate = torch.rand(2, 6, 1)
+    with torch.no_grad():
+        full = block(x, gain=gain, layer_gate=torch.ones(2, 6, 1))
+        gated = block(x, gain=gain, layer_gate=gate)
+        assert (full - block(x, gain=gain)).abs().max().item() <= 1e-6  # gate 1 = today's block
+        assert (gated - x - gate * (full - x)).abs().max().item() <= 1e-6
+        assert torch.equal(block(x, gain=gain, layer_gate=torch.zeros(2, 6, 1)), x)
+
+
+@pytest.mark.parametrize("targets", [["head_gate"], ["layer_gate"], GATED])
+def test_gate_targets_keep_the_model_causal(targets):
+    model = tiny(targets)
+    x = tokens()
+    y = x.clone()
+    y[:, 12:] = (y[:, 12:] + 1) % TINY.vocab_size
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert (a[:, :12] - b[:, :12]).abs().max().item() <= 1e-6
+    assert (a[:, 12:] - b[:, 12:]).abs().max().item() > 1e-3
+
+
+def _ragged(masks: SkipMasks) -> None:
+    """Each mask skips some units and runs others, with different counts per batch row."""
+    for m in (masks.ffn, masks.head, masks.layer):
+        assert m is not None and 0 < m.float().mean().item() < 1
+        per_row = m.flatten(1).sum(1)
+        assert len(set(per_row.tolist())) > 1
+
+
+def test_threshold_zero_is_the_dense_model_bitwise():
+    model = tiny()
+    x = tokens()
+    with torch.no_grad():
+        dense = model(x)
+        zero = model(x, skip=SkipPlan(0.0))
+    assert torch.equal(dense.logits, zero.logits) and zero.skipped is None
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [GATED, ["activation"], ["head_gate"], ["layer_gate"], ["temperature", "head_gate"]],
+    ids=lambda t: "+".join(t),
+)
+def test_skipping_equals_masked_dense(targets):
+    model = tiny(targets)
+    x = tokens()
+    with torch.no_grad():
+        skipped = model(x, skip=SkipPlan(TAU))
+        masked = model(x, skip=SkipPlan(TAU, gather=False))
+        dense = model(x)
+    if targets == GATED:
+        _ragged(skipped.skipped)
+    assert (skipped.logits - masked.logits).abs().max().item() <= 1e-6
+    assert (skipped.logits - dense.logits).abs().max().item() > 1e-2  # skipping does change the output
+
+
+def test_skipping_equals_masked_dense_per_kind_to_1e_6():
+    """Block level: each kind alone and all together, ragged patterns, to 1e-6."""
+    torch.manual_seed(0)
+    block = Block(32, 4, 128, 0.0, 0).eval()
+    g = torch.Generator().manual_seed(3)
+    B, T = 3, 10
+    x = torch.randn(B, T, 32, generator=g)
+    sig = {
+        "gain": torch.rand(B, T, 1, generator=g) + 0.5,
+        "precision": torch.rand(B, T, 4, generator=g) + 0.5,
+        "ffn_gate": torch.rand(B, T, 1, generator=g),
+        "head_gate": torch.rand(B, T, 4, generator=g),
+        "layer_gate": torch.rand(B, T, 1, generator=g),
+    }
+    cuts = {
+        "ffn": sig["ffn_gate"][..., 0] < 0.5,
+        "head": sig["head_gate"] < 0.5,
+        "layer": sig["layer_gate"][..., 0] < 0.5,
+    }
+    for kinds in (["ffn"], ["head"], ["layer"], ["ffn", "head", "layer"]):
+        skip = BlockSkip(**{k: cuts[k] for k in kinds})
+        zeroed = dict(sig)
+        for k in kinds:
+            name = {"ffn": "ffn_gate", "head": "head_gate", "layer": "layer_gate"}[k]
+            mask = cuts[k] if k == "head" else cuts[k].unsqueeze(-1)
+            zeroed[name] = sig[name].masked_fill(mask, 0.0)
+        with torch.no_grad():
+            assert (block(x, **sig, skip=skip) - block(x, **zeroed)).abs().max().item() <= 1e-6, kinds
+
+
+def test_threshold_one_removes_the_gated_units():
+    x = tokens()
+    with torch.no_grad():
+        ffn = tiny(["activation"])  # every gate < 1: τ = 1 skips every FFN
+        no_ffn = tiny(["activation"])
+        for block in no_ffn.blocks:
+            block.mlp.proj.weight.zero_()
+            block.mlp.proj.bias.zero_()
+        assert (ffn(x, skip=SkipPlan(1.0)).logits - no_ffn(x).logits).abs().max().item() <= 1e-5
+        heads = tiny(["head_gate"])
+        no_heads = tiny(["head_gate"])
+        for block in no_heads.blocks:
+            block.attn.proj.weight.zero_()  # no head reaches the projection; its bias stays
+        assert (heads(x, skip=SkipPlan(1.0)).logits - no_heads(x).logits).abs().max().item() <= 1e-5
+        layers = tiny(["layer_gate"])
+        pos = torch.arange(x.shape[1])
+        embedded = layers.lm_head(layers.norm(layers.tok_emb(x) + layers.pos_emb(pos)))
+        assert (layers(x, skip=SkipPlan(1.0)).logits - embedded).abs().max().item() <= 1e-5
+
+
+def _decode(model, x, skip, chunks=(11, 1, 1, 1, 10)):
+    state = model.new_decode_state(x.shape[0])
+    out, at = [], 0
+    for n in chunks:
+        out.append(model.decode(x[:, at : at + n], state, skip))
+        at += n
+    return torch.cat(out, 1), state
+
+
+def test_cached_decode_with_skipping_equals_full_forward_with_skipping_and_keeps_the_cache_exact():
+    model = tiny()
+    x = tokens(T=24)
+    skip = SkipPlan(TAU)
+    with torch.no_grad():
+        full = model(x, skip=skip)
+        cached, state = _decode(model, x, skip)
+        _, masked_state = _decode(model, x, SkipPlan(TAU, gather=False))
+        _, dense_state = _decode(model, x, None)
+    _ragged(full.skipped)
+    assert (cached - full.logits).abs().max().item() <= 1e-4
+    for layer in range(TINY.n_layer):
+        for ours, ref in ((state.kv.k, masked_state.kv.k), (state.kv.v, masked_state.kv.v)):
+            assert (ours[layer][:, :, :24] - ref[layer][:, :, :24]).abs().max().item() <= 1e-5
+            assert ours[layer][:, :, :24].abs().amin(dim=-1).gt(0).all()  # every position has its key/value
+    # layer 0 sees the embeddings: its keys and values are the dense model's exactly as computed
+    assert (state.kv.k[0] - dense_state.kv.k[0]).abs().max().item() <= 1e-6
+
+
+def test_a_head_skipped_by_every_query_leaves_the_kernel(monkeypatch):
+    model = tiny(["head_gate"])
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append(q.shape[1])
+        return original(q, k, v, **kwargs)
+
+    x = tokens(B=1, T=6)
+    with torch.no_grad():
+        signals = model(x).signals["head_gate"]
+        state = model.new_decode_state(1)
+        model.decode(x[:, :5], state)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        model.decode(x[:, 5:], state, SkipPlan(TAU))
+    live = (signals[0, 5] >= TAU).sum(-1).tolist()  # heads each layer runs for the last token
+    assert calls == [n for n in live if n > 0] and min(live) < 4
+
+
+def test_flop_counter_matches_a_hand_count_for_a_two_layer_model():
+    cfg = ModelConfig(vocab_size=16, block_size=8, d_model=8, n_layer=2, n_head=2, d_ff=32)
+    plain = count_flops(cfg, ModulationConfig(targets=[]), B=1, T=3)
+    # per token and layer 8·64 + 4·8·n + 4·8·32 = 1536 + 32 n, n = 1, 2, 3; 2 layers; head 2·8·16 per token
+    assert plain.total == 2 * (1568 + 1600 + 1632) + 3 * 256 == 10368
+    assert plain.ffn == 3 * 2 * 1024 and plain.total_skipped == 0
+    ctrl = ModulationConfig(targets=["activation", "head_gate", "layer_gate"], hidden_dim=4, heads=2)
+    # controller per token: fc1 2·8·4 + fc2 2·4·(2 layers · 4 columns) + salience 4·64 + 2·8·2 = 416
+    assert count_flops(cfg, ctrl, B=1, T=3).total == 10368 + 3 * 416
+    layer = torch.zeros(1, 3, 2, dtype=torch.bool)
+    ffn = torch.zeros(1, 3, 2, dtype=torch.bool)
+    head = torch.zeros(1, 3, 2, 2, dtype=torch.bool)
+    layer[0, 0, 1] = True  # 4·64 + 4·8·1 + 1024 = 1312
+    ffn[0, 0, 1] = True  # inside the skipped layer: not counted again
+    ffn[0, 2, 0] = True  # 1024
+    head[0, 1, 0, 1] = True  # 4·4·2 + 2·4·8 = 96
+    head[0, 0, 1, 0] = True  # inside the skipped layer
+    count = count_flops(cfg, ModulationConfig(targets=[]), 1, 3, SkipMasks(ffn, head, layer))
+    assert count.total_skipped == 1312 + 1024 + 96
+    assert count.ffn_skipped == 2048 and count.ffn_fraction == pytest.approx(1 / 3)
+    assert count.total_fraction == pytest.approx(2432 / 10368)
+    # a chunk continuing a prefix of 5: its one query sees 6 keys
+    assert count_flops(cfg, ModulationConfig(targets=[]), 1, 1, start=5).total == 2 * (1536 + 32 * 6) + 256
+
+
+def test_random_control_skips_the_same_count_per_layer_and_unit():
+    model = tiny()
+    with torch.no_grad():
+        masks = threshold_masks(model(tokens()).signals, TAU)
+    _ragged(masks)
+    draws = [random_like(masks, torch.Generator().manual_seed(s)) for s in range(3)]
+    for drawn in draws:
+        for ours, theirs in ((drawn.ffn, masks.ffn), (drawn.layer, masks.layer), (drawn.head, masks.head)):
+            per_layer = ours.movedim(2, 0).flatten(1).sum(1)
+            assert torch.equal(per_layer, theirs.movedim(2, 0).flatten(1).sum(1))
+            assert not torch.equal(ours, theirs)
+    assert not torch.equal(draws[0].ffn, draws[1].ffn)
+
+
+def test_compute_cost_is_the_flop_weighted_mean_gate():
+    cfg = ModelConfig(vocab_size=16, block_size=8, d_model=8, n_layer=1, n_head=2, d_ff=32)
+    signals = {
+        "ffn_gate": torch.tensor([[[0.5], [1.0]]]),  # (B=1, T=2, L=1); each FFN 4·8·32 = 1024
+        "head_gate": torch.tensor([[[[0.0, 1.0]], [[1.0, 1.0]]]]),  # each head 4·4·n + 2·4·8: 80, 96
+        "layer_gate": torch.tensor([[[0.25], [0.5]]]),  # 4·64 + 4·8·n + 1024: 1312, 1344
+        "gain": torch.zeros(1, 2, 1),  # not a gate: no cost
+    }
+    num = 0.5 * 1024 + 1024 + 80 + 2 * 96 + 0.25 * 1312 + 0.5 * 1344
+    den = 2 * 1024 + 2 * 80 + 2 * 96 + 1312 + 1344
+    assert compute_cost(signals, cfg).item() == pytest.approx(num / den, rel=1e-6)
+    assert compute_cost({"gain": torch.ones(1, 2, 1)}, cfg).item() == 0.0
+
+
+def test_compute_lambda_adds_the_cost_and_frees_the_gates_from_homeostasis():
+    x = tokens()
+    y = torch.roll(x, -1, 1)
+    off = tiny(GATED)
+    on = tiny(GATED, compute_lambda=0.3)
+    with torch.no_grad():
+        a, b = off(x, y), on(x, y)
+    assert a.compute_loss is None and torch.equal(a.loss, a.ce_loss + a.reg_loss)
+    cost = compute_cost(b.signals, TINY)
+    assert b.compute_loss.item() == pytest.approx(0.3 * cost.item(), rel=1e-6)
+    assert b.loss.item() == pytest.approx((b.ce_loss + b.reg_loss + b.compute_loss).item(), rel=1e-6)
+    kept = {k: v for k, v in b.signals.items() if k in ("gain", "precision")}
+    assert b.reg_loss.item() == pytest.approx(homeostatic_loss(kept, 0.01).item(), rel=1e-6)
+    assert a.reg_loss.item() == pytest.approx(homeostatic_loss(a.signals, 0.01).item(), rel=1e-6)
+    assert a.reg_loss.item() > b.reg_loss.item()
