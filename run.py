@@ -38,10 +38,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    if distributed_env().rank > 0:  # torchrun or srun: only rank 0 writes a run dir and logs
-        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # config errors reach us as exceptions, not as a printed report
     try:
+        if distributed_env().rank > 0:  # torchrun or srun: only rank 0 writes a run dir and logs
+            sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
         if (help_text := cli.app_help(sys.argv[1:], Path(__file__).parent / "conf", "config")) is not None:
             print(help_text)
         else:

@@ -29,11 +29,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandat
 import ncn.schema  # noqa: F401  (registers the resolvers and the schema before composition)
 from ncn.config import RunConfig, RunContext
 from ncn.errors import NCNConfigError, RunFailedError
+from ncn.schema import conf_dir
 
-AMBIGUOUS_HINT = (
-    "quote a value with spaces or commas, e.g. \"prompt='To be, or not'\" "
-    "(the double quotes are for the shell, the single quotes for Hydra)"
-)
 _SHELL_SPECIAL = set("$`\\!")  # special to bash inside double quotes (besides the quote itself)
 HELP_FLAGS = ("--help", "-h")
 
@@ -102,6 +99,20 @@ def shell_quote_override(override: str) -> str:
     return '"' + text.replace('"', '\\"') + '"'
 
 
+def grid_without_multirun(override: str) -> str:
+    """The message for a grid (`model=tiny,small`, `seed=range(3)`) given to a single run: a grid needs
+    `-m` or a sweep config. A value with a comma for a key that is not a config group may also have
+    been meant as one text: its quoting is suggested too."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    message = (
+        f"{override} is a grid of values, and a grid needs -m or a sweep config: add -m (python run.py -m ... "
+        f"{override}) or launch a sweep (python run.py -cd sweeps -cn <sweep> {override})"
+    )
+    if (Path(conf_dir()) / key).is_dir() or "," not in override.split("=", 1)[-1]:  # no text with a comma meant
+        return message
+    return f"{message}; for one value that holds a comma, quote it, e.g. {shell_quote_override(override)}"
+
+
 def typed_override(fragment: str, argv: list[str]) -> str:
     """The override as the user meant it: `fragment` (what Hydra could not parse) joined with the
     shell words around it that belong to the same `key=value`, e.g. "prompt=To be, or not" for
@@ -136,8 +147,8 @@ def one_line(exc: BaseException) -> str:
             elif reason in meant:
                 reason = "a character in it is reserved by Hydra's override grammar"
             return f"cannot parse the override {meant} ({reason}): quote its value, e.g. {shell_quote_override(meant)}"
-        if line.startswith("Ambiguous value for argument"):
-            return f"{line}: {AMBIGUOUS_HINT}"
+        if line.startswith(("Ambiguous value for argument", "Sweep parameters")):  # a,b / range(3) without -m
+            return grid_without_multirun(line.split("'", 1)[1].rsplit("'", 1)[0] if "'" in line else line)
         if isinstance(e, MissingMandatoryValue) and e.full_key:  # a `???` left in the config
             return f"{e.full_key} is required here: set {e.full_key}=<value>"
         if getattr(e, "options", None):  # Hydra's MissingConfigException: an unknown group option

@@ -289,7 +289,8 @@ def test_failing_job_fails_parent_and_exit_code(tmp_path: Path, corpus: Path, ml
         tmp_path, corpus, "ablation", "ncn=full", "seed=0", "trainer.skip_nonfinite=0,5,-1", faults=["--nan-steps", "2"]
     )
     assert done.returncode == 3, done.stderr[-3000:]  # the first failure: a run that failed on its own
-    assert done.stderr.strip().splitlines()[-1].startswith("error: non-finite loss or gradient at step 2")
+    *_, first, summary = done.stderr.strip().splitlines()
+    assert first.startswith("error: non-finite loss or gradient at step 2")  # the first failed job's own line
     by_job = {c.data.tags["ncn.sweep.job"]: c for c in children}
     assert {k: c.info.status for k, c in by_job.items()} == {
         "0: trainer.skip_nonfinite=0": "FAILED",
@@ -312,6 +313,16 @@ def test_failing_job_fails_parent_and_exit_code(tmp_path: Path, corpus: Path, ml
     assert sorted(k for k in tags if k.startswith("ncn.sweep.failed.")) == ["ncn.sweep.failed.0", "ncn.sweep.failed.2"]
     assert tags["ncn.sweep.failed.0"].startswith("trainer.skip_nonfinite=0: run failed (exit 3), DivergenceError")
     assert tags["ncn.sweep.failed.2"].startswith("trainer.skip_nonfinite=-1: usage error (exit 2), NCNConfigError")
+    report = (
+        f"python {REPO / 'run.py'} task=report sweep_run={parent.info.run_id} \"tracking.uri='{client.tracking_uri}'\""
+    )
+    assert (
+        summary
+        == (  # the sweep's account is the last line
+            f"error: 2 of 3 jobs failed (job 0: {tags['ncn.sweep.failed.0'][:200]}; job 2: "
+            f"{tags['ncn.sweep.failed.2'][:200]}); parent run {parent.info.run_id}; report: {report}"
+        )
+    )
 
 
 @pytest.mark.slow

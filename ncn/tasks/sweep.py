@@ -10,6 +10,7 @@ parent run. Every store access goes through `ncn.tracking`. See docs/sweeps.md.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ncn.config import TrackingConfig, python_command, shell_override
-from ncn.errors import NCNConfigError, exit_code
+from ncn.errors import USAGE_EXIT, NCNConfigError, exit_code
 from ncn.tracking import MLflowTracker, RunRecord, Tracker, git_commit, open_tracker
 from ncn.training.runtime import distributed_env
 
@@ -80,11 +81,22 @@ def hydra_quoted(value: str) -> str:
     return f"'{escaped}'"
 
 
-def _abort(exc: NCNConfigError) -> NoReturn:
-    """End the launch with run.py's `error:` line and exit status: an exception raised in a callback
-    would only be warned about by Hydra, and the sweep would run on."""
-    print(f"error: {exc}", file=sys.stderr)
-    raise SystemExit(exc.exit_code)
+def _abort(exc: Exception) -> NoReturn:
+    """End the launch with run.py's `error:` line and exit status 2: an exception raised in a callback
+    would only be warned about by Hydra, and the sweep would run on without its parent run or folder.
+    An exception that is not a user mistake (a store that fails, a bug) keeps its traceback in the log."""
+    if isinstance(exc, NCNConfigError):
+        message = str(exc)
+    else:
+        log.error("the sweep's setup failed", exc_info=exc)
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else ""
+        message = (
+            f"the sweep could not start ({type(exc).__name__}: {first}): no job ran; fix the cause above and "
+            "rerun the same command"
+        )
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(USAGE_EXIT)
 
 
 def resume_target(tracker: Tracker | None, spec: str, launch_dir: Path) -> tuple[RunRecord | None, Path]:
@@ -166,6 +178,7 @@ class SweepCallback(Callback):
         self.sweep_name = ""
         self.expected_jobs: int | None = None
         self.swept: list[str] = []  # keys with more than one value: a job's label
+        self.sweeper_summarizes = False  # the Optuna sweeper ends a study with failed trials in its own line
         self._finished = True
 
     def _tracker(self) -> MLflowTracker:
@@ -174,21 +187,40 @@ class SweepCallback(Callback):
         return tracker
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._start(config, str(kwargs.get("config_name") or config.hydra.job.config_name))
+        except Exception as exc:  # noqa: BLE001 (any failure: stop before a job runs, see _abort)
+            if self.parent_run_id is not None:  # created or reopened before the failure
+                self._finished = True
+                atexit.unregister(self._finish)
+                with contextlib.suppress(Exception):
+                    self._tracker().terminate(self.parent_run_id, "FAILED")
+            _abort(exc)
+
+    def _start(self, config: DictConfig, config_name: str) -> None:
+        """on_multirun_start: the store, the parent run (new or resumed) and the sweep folder.
+
+        Raises:
+            NCNConfigError: the SLURM launcher where SLURM is not installed; see `_resume`.
+        """
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+        if launcher.endswith(".SlurmLauncher") and shutil.which("srun") is None:  # submitit's own check, earlier
+            raise NCNConfigError(
+                "hydra/launcher=slurm submits each job to SLURM, but SLURM was not found (no srun on PATH): launch "
+                "from a SLURM login node, or run the sweep on this machine with hydra/launcher=basic (one job after "
+                "another) or hydra/launcher=joblib"
+            )
         tracking = TrackingConfig(**OmegaConf.to_container(config.tracking, resolve=True))
         resume = OmegaConf.select(config, "sweep_resume")
         if tracking.backend != "mlflow":  # tracking=none: nothing to group; a resume only reuses the folder
             if resume:
-                try:
-                    _, folder = resume_target(None, str(resume), Path.cwd())
-                except NCNConfigError as exc:
-                    _abort(exc)
+                _, folder = resume_target(None, str(resume), Path.cwd())
                 _reuse_sweep_dir(config, folder)
             return
         tracker = open_tracker(tracking, Path.cwd())  # tracking.parent_run_id resolves to null here: a top-level run
         tracker.check()  # creates the sqlite store and the experiment once, before any job
         self.uri, self.experiment = tracker.uri, tracking.experiment
-        name = str(kwargs.get("config_name") or config.hydra.job.config_name)
-        self.sweep_name = "multirun" if name == "config" else name
+        self.sweep_name = "multirun" if config_name == "config" else config_name
         sweeper = config.hydra.sweeper
         params = OmegaConf.to_container(sweeper.params, resolve=True) if OmegaConf.select(sweeper, "params") else {}
         grid = sweep_grid(params, list(config.hydra.overrides.task))
@@ -196,14 +228,12 @@ class SweepCallback(Callback):
         # Optuna's sweeper says how many trials it runs; a grid sweeper runs every combination
         if OmegaConf.select(sweeper, "n_trials") is not None:
             self.expected_jobs = int(sweeper.n_trials)
+            self.sweeper_summarizes = True
         elif all(isinstance(v, list) for v in grid.values()):
             self.expected_jobs = math.prod(len(v) for v in grid.values())
         swept_grid = json.dumps({k: grid[k] for k in self.swept})
         if resume:
-            try:
-                self.parent_run_id = self._resume(tracker, config, str(resume), swept_grid)
-            except NCNConfigError as exc:
-                _abort(exc)
+            self.parent_run_id = self._resume(tracker, config, str(resume), swept_grid)
         else:
             tags = {
                 "ncn.sweep": self.sweep_name,
@@ -252,6 +282,7 @@ class SweepCallback(Callback):
         """
         parent, folder = resume_target(tracker, spec, Path.cwd())
         assert parent is not None
+        tracker.check_sweep_parent(parent.run_id, spec)
         if parent.experiment_id != tracker.experiment_id:
             raise NCNConfigError(
                 f"sweep_resume={spec} is a sweep of another experiment (id {parent.experiment_id}) than "
@@ -268,7 +299,7 @@ class SweepCallback(Callback):
             "ncn.sweep.resumes": str(count),
             f"ncn.sweep.resume.{count}": " ".join(shlex.quote(a) for a in sys.argv),
         }
-        run_id = tracker.start(parent.name, run_id=parent.run_id, tags=tags)  # RUNNING again
+        run_id = self.parent_run_id = tracker.start(parent.name, run_id=parent.run_id, tags=tags)  # RUNNING again
         tracker.log_dict({"overrides": list(config.hydra.overrides.task)}, f"resume/{count}/sweep.json")
         _reuse_sweep_dir(config, folder)
         log.info("sweep %s: resuming parent run %s (resume %d) in %s", self.sweep_name, run_id, count, folder)
@@ -319,6 +350,17 @@ class SweepCallback(Callback):
         if self.parent_run_id is not None and self._finish(True):
             raise SystemExit(1)  # a BaseException: Hydra's callback wrapper only swallows Exception
 
+    def summary(self, failed: int, total: int, details: dict[int, str]) -> str:
+        """The last line of a sweep with failed jobs: `<failed> of <total> jobs failed (job <n>: <its
+        overrides>: <its error>; ...); parent run <id>; report: <command>`. details: {job number: the
+        `ncn.sweep.failed.<job>` tag}; the first three jobs are named, each cut to 200 characters."""
+        named = [f"job {job}: {details[job][:200]}" for job in sorted(details)[:3]]
+        if len(details) > 3:
+            named.append(f"{len(details) - 3} more in the parent's ncn.sweep.failed.* tags")
+        what = f" ({'; '.join(named)})" if named else ""
+        report = self.report_command()
+        return f"{failed} of {total} jobs failed{what}; parent run {self.parent_run_id}; report: {report}"
+
     def _finish(self, normal: bool) -> bool:
         """Close the parent run; returns True when some job failed or went missing."""
         if self._finished:
@@ -351,6 +393,11 @@ class SweepCallback(Callback):
             tracker.delete_tags(["ncn.sweep.jobs_missing"], run_id=self.parent_run_id)  # left by an earlier launch
         tracker.set_tags({k: str(v) for k, v in tags.items()}, run_id=self.parent_run_id)
         tracker.terminate(self.parent_run_id, status)
+        if bad and not interrupted and not self.sweeper_summarizes:
+            failed_count = max(len(failed), len(failed_jobs)) + missing
+            details = {int(k.rsplit(".", 1)[1]): parent.tags[k] for k in failed_jobs} if parent else {}
+            # at exit this comes after run.py's line for the first failed job: the sweep's account is the last line
+            print(f"error: {self.summary(failed_count, self.expected_jobs or len(jobs), details)}", file=sys.stderr)
         if normal:  # at exit, run.py's `error: ...` line must stay the last line on stderr
             log.info(
                 "sweep %s: %d of %d job runs FINISHED%s; parent run %s %s%s (report: %s)",

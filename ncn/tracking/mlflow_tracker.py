@@ -173,8 +173,12 @@ class MLflowTracker(Tracker):
         if resume_run_id is not None:
             self._check_resume_run(resume_run_id)
 
-    def _check_resume_run(self, run_id: str) -> None:
-        """Refuse to continue a deleted run, or a run of a deleted experiment (MLflow rejects every write to it)."""
+    def _check_resume_run(self, run_id: str, sweep_resume: str | None = None) -> None:
+        """Refuse to continue a deleted run, or a run of a deleted experiment (MLflow rejects every write to it).
+
+        sweep_resume: the `sweep_resume=` value when `run_id` is the parent run a sweep continues
+        (the fix is then to restore it: purging it would lose the sweep).
+        """
         from mlflow.exceptions import MlflowException
 
         try:
@@ -182,15 +186,40 @@ class MLflowTracker(Tracker):
         except MlflowException:
             return  # not in this store: `start` opens a new run tagged ncn.resumed_from_run
         env = f"MLFLOW_TRACKING_URI={shlex.quote(self.uri)}"
+        # deleting an experiment marks its runs deleted too: the experiment is what to restore then
+        experiment = self.client.get_experiment(run.info.experiment_id)
+        if sweep_resume is not None:
+            what = f"sweep_resume={sweep_resume}: the sweep's parent MLflow run {run_id}"
+            if experiment.lifecycle_stage == "deleted":
+                raise NCNConfigError(
+                    f"{what} is in experiment {experiment.name} (id {experiment.experiment_id}), which is deleted in "
+                    f"{self.uri}: restore it ({env} mlflow experiments restore --experiment-id "
+                    f"{experiment.experiment_id}) and rerun this command"
+                )
+            if run.info.lifecycle_stage == "deleted":
+                raise NCNConfigError(
+                    f"{what} is deleted in {self.uri}: restore it ({env} mlflow runs restore --run-id {run_id}) "
+                    "and rerun this command, or start a new sweep (without sweep_resume)"
+                )
+            return
+        if experiment.lifecycle_stage == "deleted":
+            raise deleted_experiment(self.uri, experiment.name, experiment.experiment_id)
         if run.info.lifecycle_stage == "deleted":
             raise NCNConfigError(
                 f"MLflow run {run_id}, which this resume continues, is deleted in {self.uri}: restore it "
                 f"({env} mlflow runs restore --run-id {run_id}), or purge it to resume into a new run "
                 f"(mlflow gc --backend-store-uri {shlex.quote(self.uri)} --run-ids {run_id})"
             )
-        experiment = self.client.get_experiment(run.info.experiment_id)
-        if experiment.lifecycle_stage == "deleted":
-            raise deleted_experiment(self.uri, experiment.name, experiment.experiment_id)
+
+    def check_sweep_parent(self, run_id: str, spec: str) -> None:
+        """Refuse to continue the sweep `sweep_resume=<spec>` whose parent run `run_id`, or its
+        experiment, is deleted: the message gives the restore command.
+
+        Raises:
+            NCNConfigError: the parent run or its experiment is deleted.
+        """
+        self._ready()
+        self._check_resume_run(run_id, sweep_resume=spec)
 
     def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
         """Address of this experiment's runs table in `mlflow ui` served at `base`.

@@ -96,6 +96,9 @@ def distributed_env(environ: Mapping[str, str] | None = None) -> DistributedEnv:
     rendezvous at the first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) on port
     MASTER_PORT_BASE + SLURM_JOB_ID % MASTER_PORT_SPAN; MASTER_ADDR / MASTER_PORT, when set, win.
     Else one process.
+
+    Raises:
+        NCNConfigError: a SLURM step of several tasks with no node list and no MASTER_ADDR.
     """
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" in env:
@@ -118,13 +121,19 @@ def distributed_env(environ: Mapping[str, str] | None = None) -> DistributedEnv:
             or tasks
         )
         addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+        if not addr:  # guessing 127.0.0.1 would hang every task on another node at the rendezvous
+            raise NCNConfigError(
+                f"SLURM_STEP_NUM_TASKS={tasks} asks for a job of {tasks} processes, but neither "
+                "SLURM_STEP_NODELIST, SLURM_JOB_NODELIST nor MASTER_ADDR names the host of rank 0: start the "
+                "tasks with srun (which sets the node list), or set MASTER_ADDR=<rank 0's host>"
+            )
         port = env.get("MASTER_PORT") or MASTER_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % MASTER_PORT_SPAN
         return DistributedEnv(
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env.get("SLURM_LOCALID", "0")),
             world_size=tasks,
             local_world_size=per_node,
-            master_addr=addr or "127.0.0.1",
+            master_addr=addr,
             master_port=int(port),
             source="slurm",
         )
