@@ -443,7 +443,9 @@ class RunConfig:
     `<model>-<ncn>[-<data>][-<optim>]-s<seed>`. checkpoint: what generate/analyze/eval load
     (latest | best | PATH | run name | MLflow run id). prompt: generate/analyze text (None =
     generate from a fresh document; analyze the training probe). max_new_tokens, temperature
-    (0 = greedy), top_k: sampling. sweep_run: the sweep a report is about. sweep_resume: a
+    (0 = greedy), top_k: sampling. sweep_run: the sweep a report is about. reference_log: a
+    training log in the reference implementation's text format whose SEI a report states (and
+    draws beside the sweep's curves, docs/method.md §9). sweep_resume: a
     multirun continues this earlier sweep (its MLflow parent run id or its sweep folder):
     finished jobs are skipped, interrupted ones resume from their latest checkpoint
     (docs/sweeps.md "Resuming a sweep").
@@ -467,6 +469,7 @@ class RunConfig:
     temperature: float = 1.0
     top_k: int | None = None
     sweep_run: str | None = None
+    reference_log: str | None = None
     sweep_resume: str | None = None
 
     def __post_init__(self) -> None:

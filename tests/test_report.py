@@ -19,7 +19,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from ncn.analysis.plots import loss_curves
+from ncn.analysis.plots import loss_curves, sample_efficiency_figure
+from ncn.analysis.sample_efficiency import parse_reference_log
 from ncn.analysis.statistics import delta_interval
 from ncn.errors import NCNConfigError
 from ncn.tasks.report import RunResult, cli, markdown, report, table
@@ -27,6 +28,14 @@ from ncn.tracking import MLflowTracker
 from ncn.training.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
 
 T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5 %, 2 degrees of freedom (table value)
+REPORT_FILES = [
+    "report.csv",
+    "report.md",
+    "sample_efficiency.csv",
+    "sample_efficiency.md",
+    "sample_efficiency.png",
+    "val_loss.png",
+]
 
 # variant -> {seed: final val loss}; gain_only misses seed 2 (-> Welch interval)
 LOSSES = {"none": {0: 5.0, 1: 5.2, 2: 5.1}, "full": {0: 4.9, 1: 5.0, 2: 5.05}, "gain_only": {0: 5.3, 1: 5.5}}
@@ -106,7 +115,7 @@ def test_report_table_statistics_by_hand(sweep, tmp_path: Path) -> None:
     # tokens/s: mean over each run's logged windows, then over seeds
     assert (none["tokens_per_s"], full["tokens_per_s"], gain["tokens_per_s"]) == (200.0, 100.0, 50.0)
 
-    md, csv_path, png = paths
+    md, csv_path, png, *_ = paths
     text = md.read_text()
     # val loss: mean ± std [95 % t-interval over seeds]: 4.9833 ± t(0.975, 2) * 0.0764 / sqrt(3)
     loss_half = T_975_DF2 * full["val_loss_std"] / math.sqrt(3)
@@ -125,7 +134,7 @@ def test_report_table_statistics_by_hand(sweep, tmp_path: Path) -> None:
     assert table_rows[0]["delta_val_loss"] == ""  # the baseline has no Δ
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     logged = sorted(a.path for a in client.list_artifacts(parent_id, "report"))
-    assert logged == ["report/report.csv", "report/report.md", "report/val_loss.png"]
+    assert logged == [f"report/{name}" for name in REPORT_FILES]
 
 
 def test_delta_interval_edge_cases() -> None:
@@ -212,7 +221,7 @@ def test_cli_writes_into_the_sweep_dir(sweep, tmp_path: Path, capsys) -> None:
     client, parent_id = sweep
     cli([parent_id, "--uri", client.tracking_uri])
     out = tmp_path / "sweep" / "report"
-    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.md", "val_loss.png"]
+    assert sorted(p.name for p in out.iterdir()) == REPORT_FILES
     printed = capsys.readouterr().out
     assert "| full | 0,1,2 |" in printed and str(out / "report.md") in printed
 
@@ -258,7 +267,7 @@ def test_pooling_report_shows_bits_per_byte_and_the_leak_with_95_percent_interva
                 params=[Param(k, v) for k, v in params.items()],
             )
             client.set_terminated(rid, "FINISHED")
-    rows, (md, csv_path, _) = report(tracker, tracker.get_run(parent), tmp_path / "out")
+    rows, (md, csv_path, *_) = report(tracker, tracker.get_run(parent), tmp_path / "out")
     causal, none, glob = rows
     assert [r["variant"] for r in rows] == ["causal", "none", "global"]
     # exact zeros stay exact: mean 0 with a zero-width interval
@@ -300,7 +309,7 @@ def test_pooling_report_shows_bits_per_byte_and_the_leak_with_95_percent_interva
 def test_leak_columns_only_where_a_variant_leaks(sweep, tmp_path: Path) -> None:
     """The ablation sweep of the fixture logged no bpb and no leak: neither column appears, the CSV cells are empty."""
     client, parent_id = sweep
-    rows, (md, csv_path, _) = report(client.tracker, client.tracker.get_run(parent_id), tmp_path / "out")
+    rows, (md, csv_path, *_) = report(client.tracker, client.tracker.get_run(parent_id), tmp_path / "out")
     assert all(math.isnan(r["leak_mean"]) and math.isnan(r["val_bpb_mean"]) for r in rows)
     assert "leak" not in md.read_text() and "bpb" not in md.read_text()
     with csv_path.open() as f:
@@ -311,3 +320,98 @@ def test_leak_columns_only_where_a_variant_leaks(sweep, tmp_path: Path) -> None:
     text = markdown(table(zeros, ["full"], {"ncn": ["full"]}), "ablation", [])
     assert "| val bpb ± std [95 % CI] |" in text and "leak" not in text  # every leak exactly 0: no audit columns
     assert "| 7.0000 ± 0.0000 [7.0000, 7.0000] |" in text
+
+
+# sample efficiency: each variant learns like L(shift·D) with L(D) = 1.5 + 40·D^(−0.35); full needs half
+# the tokens of none, none_iso 1/1.25 of them; training loss is a pure power law of slope −α_train
+SHIFT = {"none": 1.0, "none_iso": 1.25, "full": 2.0}
+ALPHA_TRAIN = {"none": 0.20, "none_iso": 0.22, "full": 0.30}
+
+
+def _efficiency_sweep(client: MlflowClient, tmp_path: Path) -> str:
+    exp = client.create_experiment("ncn", artifact_location=(tmp_path / "artifacts").as_uri())
+    grid = {"ncn": list(SHIFT), "seed": ["0", "1", "2"]}
+    parent = client.create_run(
+        exp, run_name="ablation", tags={"ncn.sweep": "ablation", "ncn.sweep.grid": json.dumps(grid)}
+    ).info.run_id
+    for variant, shift in SHIFT.items():
+        for seed in range(3):
+            run = client.create_run(
+                exp, run_name=f"{variant}-s{seed}", tags={"mlflow.parentRunId": parent, "hydra.choices.ncn": variant}
+            )
+            params = {"seed": str(seed), "n_params": "1000", "controller_share_pct": "0", "tokens_per_step": "500"}
+            val = [Metric("val/loss", 11.0, 0, 0)]  # step 0: left out of the fit
+            val += [Metric("val/loss", 1.5 + 40.0 * (shift * 500.0 * k) ** -0.35, 0, k) for k in range(1, 41)]
+            train = [Metric("train/loss", 50.0 * (500.0 * k) ** -ALPHA_TRAIN[variant], 0, k) for k in range(1, 301)]
+            client.log_batch(run.info.run_id, metrics=val + train, params=[Param(k, v) for k, v in params.items()])
+            client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    return parent
+
+
+def test_sample_efficiency_table_ratios_fits_and_sei(tmp_path: Path, mlflow_store) -> None:
+    tracker = MLflowTracker(mlflow_store(tmp_path / "mlflow.db"))
+    parent = _efficiency_sweep(MlflowClient(tracker.uri), tmp_path)
+    reference = (
+        parse_reference_log("\n".join(f"Step: {20 * k} | Loss: {8.0 * k**-0.5:.4f}" for k in range(1, 200))),
+        "ref.log",
+    )
+    _, paths = report(tracker, tracker.get_run(parent), tmp_path / "out", reference)
+    se_md, se_csv, se_png = paths[3:]
+    with se_csv.open() as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    none, iso, full = rows["none"], rows["none_iso"], rows["full"]
+    # full reaches none's final val loss (at 20,000 tokens) at 10,000: ratio 2; none_iso's (at 25,000 scaled) at 12,500
+    assert float(full["vs_baseline_tokens_to_target"]) == pytest.approx(10000.0, abs=1e-3)
+    assert float(full["vs_baseline_ratio_mean"]) == pytest.approx(2.0, abs=1e-6)
+    assert float(full["vs_iso_ratio_mean"]) == pytest.approx(1.6, abs=1e-6)
+    assert float(iso["vs_baseline_ratio_mean"]) == pytest.approx(1.25, abs=1e-6)
+    assert (none["vs_iso_reached"], none["vs_iso_ratio_mean"]) == ("0/3", "")  # slower: never reaches it
+    assert (full["vs_baseline_reached"], full["vs_baseline_method"]) == ("3/3", "paired")
+    assert (none["vs_baseline_method"], iso["vs_iso_method"], none["vs_baseline_ratio_mean"]) == ("baseline",) * 2 + (
+        "",
+    )
+    # identical seeds: a zero-width interval
+    assert float(full["vs_baseline_ratio_ci_low"]) == pytest.approx(2.0, abs=1e-6)
+    # the power law is recovered from each seed's curve: E = 1.5, α = 0.35, A = 40·shift^(−0.35)
+    assert float(full["fit_alpha_mean"]) == pytest.approx(0.35, abs=1e-3)
+    assert float(full["fit_E_mean"]) == pytest.approx(1.5, abs=1e-3)
+    assert float(full["fit_A_mean"]) == pytest.approx(40.0 * 2.0**-0.35, rel=1e-2)
+    # SEI of a pure power-law training loss is its exponent, at both thresholds
+    for variant, alpha in ALPHA_TRAIN.items():
+        assert float(rows[variant]["sei_95_mean"]) == pytest.approx(alpha, abs=1e-3)
+        assert float(rows[variant]["sei_99_mean"]) == pytest.approx(alpha, abs=1e-3)
+    text = se_md.read_text()
+    assert "| full | 0,1,2 |" in text and "2.000 [2.000, 2.000] (3/3 reached)" in text
+    assert "| baseline | not reached (0/3 seeds) |" in text  # none: its own baseline; slower than none_iso
+    assert "efficiency ratio vs none_iso [95 % CI]" in text and "Reference log ref.log: 199 rows" in text
+    assert se_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    logged = sorted(a.path for a in MlflowClient(tracker.uri).list_artifacts(parent, "report"))
+    assert logged == [f"report/{name}" for name in REPORT_FILES]
+
+
+def test_sample_efficiency_figure_is_log_log_with_a_fit_per_variant_and_the_reference() -> None:
+    curves = {"none": [[(0.0, 9.0), (100.0, 3.0), (200.0, 2.5), (400.0, 2.2)]] * 2}
+    fig = sample_efficiency_figure(
+        curves, {"none": lambda d: 2.0 + 10.0 * d**-0.5}, "t", ([20.0, 40.0], [5.0, 4.0], "reference")
+    )
+    ax = fig.axes[0]
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+    assert "tokens" in ax.get_xlabel() and "nats/token" in ax.get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["none (mean of 2)", "none: power-law fit", "reference"]
+    assert list(ax.lines[0].get_xdata()) == [100.0, 200.0, 400.0]  # step 0 is not on a log axis
+
+
+def test_report_of_a_reference_log_alone_prints_its_sei(tmp_path: Path, capsys) -> None:
+    log = tmp_path / "training.log"
+    log.write_text("\n".join(f"x [INFO] Step: {20 * k} | Ep: 1 | Loss: {8.0 * k**-0.5:.4f}" for k in range(1, 200)))
+    cli(["--reference-log", str(log)])
+    printed = capsys.readouterr().out
+    assert "32,768 tokens per step" in printed  # the reference's defaults: 16 × 4 × 1 × 512
+    assert "| 95% (grammar) | 0.50" in printed and "| 99% (intellectual) |" in printed
+    with pytest.raises(NCNConfigError, match=r"reference_log=.*nope.log is not a file: pass the path"):
+        cli(["--reference-log", str(tmp_path / "nope.log")])
+    (tmp_path / "empty.log").write_text("nothing here\n")
+    with pytest.raises(NCNConfigError, match="no 'Step: N ... Loss: x' line"):
+        cli(["--reference-log", str(tmp_path / "empty.log")])

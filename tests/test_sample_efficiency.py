@@ -16,6 +16,7 @@ from ncn.analysis.sample_efficiency import (
     efficiency_ratio,
     fit_power_law,
     parse_reference_log,
+    run_summary,
     sei,
     smoothed_velocity,
     tokens_to_target,
@@ -176,3 +177,22 @@ def test_reference_log_without_arguments_uses_the_reference_defaults() -> None:
     assert (log.tokens_per_step, log.arguments, log.steps) == (16 * 4 * 1 * 512, {}, [20, 40, 60])
     with pytest.raises(ValueError, match="no 'Step: N ... Loss: x' line"):
         parse_reference_log("2025-12-05 08:19:09,957 [INFO] Starting NCN Training\n")
+
+
+def test_run_summary_logs_the_sei_and_the_fit_of_a_run() -> None:
+    per_step = 500
+    train = [(k, 50.0 * (per_step * k) ** -0.3) for k in range(1, 301)]
+    val = [(0, 11.0)] + [(10 * k, _power(per_step * 10.0 * k)) for k in range(1, 31)]
+    summary = run_summary(train, val, per_step)
+    assert summary["sample_efficiency/sei_95"] == pytest.approx(0.3, abs=1e-3)
+    assert summary["sample_efficiency/sei_99"] == pytest.approx(0.3, abs=1e-3)
+    assert (summary["sample_efficiency/fit_E"], summary["sample_efficiency/fit_alpha"]) == (
+        pytest.approx(1.5, abs=1e-4),
+        pytest.approx(0.35, abs=1e-4),
+    )
+    assert sorted(summary) == sorted(
+        f"sample_efficiency/{k}"
+        for k in ("sei_95", "sei_99", "settling_step_95", "settling_step_99", "fit_E", "fit_A", "fit_alpha", "fit_rmse")
+    )
+    short = run_summary(train[:6], val[:3], per_step)  # 6 log rows, 2 evaluations past step 0: no fit
+    assert short["sample_efficiency/sei_95"] == 0.0 and "sample_efficiency/fit_alpha" not in short

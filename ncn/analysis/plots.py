@@ -1,4 +1,5 @@
-"""Figures: signal heatmaps ("brain scans", NCN paper §8) and a sweep's val-loss curves.
+"""Figures: signal heatmaps ("brain scans", NCN paper §8), a sweep's val-loss curves and its
+sample-efficiency figure (log–log, with power-law fits).
 
 Every figure is a plain `matplotlib.figure.Figure` (no pyplot state; rendered by Agg on
 `savefig`), safe in headless training loops and needing no `plt.close`.
@@ -7,7 +8,7 @@ Every figure is a plain `matplotlib.figure.Figure` (no pyplot state; rendered by
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -152,4 +153,52 @@ def loss_curves(curves: Mapping[str, Sequence[Mapping[float, float]]], title: st
     ax.set(xlabel="tokens seen", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return fig
+
+
+def sample_efficiency_figure(
+    curves: Mapping[str, Sequence[Sequence[tuple[float, float]]]],
+    fits: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+    title: str,
+    reference: tuple[Sequence[float], Sequence[float], str] | None = None,
+) -> Figure:
+    """Val loss vs tokens on log–log axes: per variant the mean over seeds (band = ± 1 std, >= 2
+    seeds) and its power-law fit L(D) = E + A·D^(−α) (dashed, same colour).
+
+    curves: variant -> one [(tokens, val loss)] per seed; only token counts > 0 present in every
+    seed's curve are drawn. fits: variant -> the fitted curve (a callable of tokens), drawn over the
+    variant's token range. reference: (tokens, loss, label) of another run drawn in grey (the
+    reference implementation's training loss, EWM-smoothed as its own dashboard draws it).
+    """
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.subplots()
+    for label, runs in curves.items():
+        xs = sorted(x for x in set.intersection(*(set(dict(c)) for c in runs)) if x > 0)
+        if not xs:  # nothing past step 0: no point on a log axis
+            continue
+        values = np.array([[dict(c)[x] for x in xs] for c in runs])  # (seeds, points)
+        mean = values.mean(axis=0)
+        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=f"{label} (mean of {len(runs)})")
+        if len(runs) > 1:
+            std = values.std(axis=0, ddof=1)
+            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        if label in fits:
+            grid = np.geomspace(xs[0], xs[-1], 200)
+            ax.plot(grid, fits[label](grid), linestyle="--", color=line.get_color(), label=f"{label}: power-law fit")
+    if reference is not None:
+        tokens, losses, ref_label = reference
+        ax.plot(tokens, losses, color="0.45", linewidth=1.2, label=ref_label)
+    if not ax.lines:
+        ax.text(0.5, 0.5, "no curve past step 0", transform=ax.transAxes, ha="center")
+        ax.set(title=title)
+        return fig
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    ax.yaxis.set_major_formatter(formatter)
+    ax.yaxis.set_minor_formatter(formatter)
+    ax.set(xlabel="tokens seen (log scale)", ylabel="loss (nats/token, log scale)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     return fig

@@ -290,3 +290,29 @@ def parse_reference_log(text: str) -> ReferenceLog:
     config = {**REFERENCE_DEFAULTS, **arguments}
     per_step = math.prod(int(config[k]) for k in REFERENCE_DEFAULTS)
     return ReferenceLog([s for s, _ in rows], [v for _, v in rows], per_step, arguments)
+
+
+def run_summary(
+    train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]], tokens_per_step: float
+) -> dict[str, float]:
+    """A training run's sample efficiency as metrics, logged to the run at its end.
+
+    train: (step, training loss) of every logged step; val: (step, val loss) of every evaluation;
+    tokens_per_step: tokens per optimizer step. Returns `sample_efficiency/sei_95`, `.../sei_99`
+    (the reference's SEI on training loss) with `.../settling_step_95`, `.../settling_step_99`,
+    and the power-law fit of val loss vs tokens `.../fit_E`, `.../fit_A`, `.../fit_alpha`,
+    `.../fit_rmse`; a measure the run has too few points for is left out.
+    """
+    out: dict[str, float] = {}
+    if train:
+        steps, losses = zip(*train, strict=True)
+        for p in THRESHOLDS:
+            result = sei(steps, losses, tokens_per_step, p)
+            out[f"sample_efficiency/sei_{p * 100:.0f}"] = result.sei
+            out[f"sample_efficiency/settling_step_{p * 100:.0f}"] = float(result.settling_step)
+    try:
+        fit = fit_power_law([s * tokens_per_step for s, _ in val], [v for _, v in val])
+    except (ValueError, RuntimeError):  # too few evaluations, or no least-squares optimum
+        return out
+    out.update({f"sample_efficiency/fit_{k}": getattr(fit, k) for k in ("E", "A", "alpha", "rmse")})
+    return out

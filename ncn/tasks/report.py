@@ -1,9 +1,12 @@
-"""Ablation report of a sweep: a Markdown + CSV table per variant and a val-loss-vs-tokens plot.
+"""Ablation report of a sweep: a Markdown + CSV table per variant and a val-loss-vs-tokens plot,
+and its sample efficiency: power-law fits, tokens-to-target, efficiency ratios, the reference's SEI.
 
 Run: `python run.py task=report sweep_run=<parent run id | experiment | sweep name>` (into the
 run dir) or `python -m ncn.tasks.report [<same>] [--uri URI] [--out DIR]` (into <sweep dir>/report).
 An experiment (or nothing: `tracking.experiment`) means its newest sweep, a sweep name its newest
 launch. The files are also logged to the parent run under `report/`; statistics: docs/sweeps.md.
+`reference_log=<training.log>` (`--reference-log`) states the SEI of a log in the reference
+implementation's format, alone or drawn beside the sweep (docs/method.md §9).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ncn.analysis import sample_efficiency as se
 from ncn.analysis.statistics import delta_interval, mean_interval, mean_std
 from ncn.config import RunConfig, RunContext, TrackingConfig
 from ncn.errors import NCNConfigError
@@ -78,6 +82,8 @@ class RunResult:
     tokens_per_s: float
     curve: list[tuple[float, float]] = field(default_factory=list)  # (tokens seen, val loss)
     finals: dict[str, float] = field(default_factory=dict)
+    train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
+    tokens_per_step: float = math.nan
 
 
 def _extra(runs: Sequence[RunResult]) -> list[float]:
@@ -134,6 +140,8 @@ def collect(tracker: Tracker, parent: RunRecord) -> tuple[list[RunResult], list[
                 statistics.fmean(speed) if speed else math.nan,
                 curve,
                 {key: run.metrics[key] for _, key, _ in EXTRA_COLUMNS if key in run.metrics},
+                tracker.metric_history(run.run_id, "train/loss"),
+                per_step,
             )
         )
     order = _grid_order(grid, keys)
@@ -326,9 +334,192 @@ def plot(results: list[RunResult], labels: list[str], title: str, path: Path) ->
     return path
 
 
-def report(tracker: Tracker, parent: RunRecord, out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Write report.md, report.csv, val_loss.png into out_dir and log them to the parent run
-    under `report/`; returns (rows, paths)."""
+SE_FIELDS = [
+    "variant",
+    "seeds",
+    *(f"fit_{p}_{part}" for p in ("E", "A", "alpha", "rmse") for part in ("mean", "ci_low", "ci_high")),
+    *(
+        f"{side}_{part}"
+        for side in ("vs_baseline", "vs_iso")
+        for part in ("name", "tokens_to_target", "ratio_mean", "ratio_ci_low", "ratio_ci_high", "reached", "method")
+    ),
+    *(f"sei_{p}_{part}" for p in (95, 99) for part in ("mean", "ci_low", "ci_high", "settling_step_mean")),
+]
+
+
+def _fit(curve: list[tuple[float, float]]) -> se.PowerLawFit | None:
+    """The power-law fit of a val-loss curve, None when it has too few points (fewer than 3 past step 0)."""
+    try:
+        return se.fit_power_law(*zip(*curve, strict=True)) if curve else None
+    except (ValueError, RuntimeError):  # RuntimeError: scipy found no least-squares optimum
+        return None
+
+
+def _interval_of(values: list[float]) -> list[float]:
+    """[mean, low, high] of the finite `values` (NaN where there are none)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return list(mean_interval(finite)) if finite else [math.nan] * 3
+
+
+def _sei(run: RunResult, threshold: float) -> se.SEIResult | None:
+    if not run.train_curve or math.isnan(run.tokens_per_step):
+        return None
+    steps, losses = zip(*run.train_curve, strict=True)
+    return se.sei(steps, losses, run.tokens_per_step, threshold)
+
+
+def _ratio_cells(label: str, base: str | None, by_label: dict[str, dict[int, RunResult]]) -> list[Any]:
+    """name, mean tokens to target, ratio mean/low/high, reached ("k/n"), method: vs `base` (NaN where
+    undefined; method "baseline" on the baseline's own row)."""
+    if base == label:
+        return [label, math.nan, math.nan, math.nan, math.nan, "", "baseline"]
+    if base not in by_label or not by_label[base]:
+        return ["", math.nan, math.nan, math.nan, math.nan, "", ""]
+    ratio = se.efficiency_ratio(
+        {s: r.curve for s, r in by_label[label].items()}, {s: r.curve for s, r in by_label[base].items()}
+    )
+    reached = [t for t in ratio.variant_tokens.values() if not math.isnan(t)]
+    return [
+        base,
+        statistics.fmean(reached) if reached else math.nan,
+        ratio.mean,
+        ratio.low,
+        ratio.high,
+        f"{ratio.reached}/{len(ratio.ratios)}",
+        ratio.method,
+    ]
+
+
+def efficiency_table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per variant (SE_FIELDS): power-law fit parameters over seeds (mean, 95 % CI), the
+    efficiency ratio against the baseline and the iso-parameter baseline, and the reference's SEI
+    (on training loss) at 95 % and 99 % with its settling step."""
+    keys = [k for k in grid if k != "seed"] or ["ncn"]
+    by_label = {v: {r.seed: r for r in results if r.variant == v} for v in labels}
+    rows = []
+    for label in labels:
+        runs = list(by_label[label].values())
+        fits = [_fit(r.curve) for r in runs]
+        cells: list[Any] = [label, ",".join(str(s) for s in sorted(by_label[label]))]
+        for name in ("E", "A", "alpha", "rmse"):
+            cells += _interval_of([getattr(f, name) if f else math.nan for f in fits])
+        base = _baseline_of(label, keys, grid, labels)
+        cells += _ratio_cells(label, base, by_label)
+        cells += _ratio_cells(label, _iso_baseline_of(label, keys, base), by_label)
+        for threshold in (0.95, 0.99):
+            seis = [_sei(r, threshold) for r in runs]
+            cells += _interval_of([x.sei if x else math.nan for x in seis])
+            settled = [x.settling_step for x in seis if x]
+            cells.append(statistics.fmean(settled) if settled else math.nan)
+        rows.append(dict(zip(SE_FIELDS, cells, strict=True)))
+    return rows
+
+
+def _ci(r: dict[str, Any], name: str, fmt: str) -> str:
+    """ "0.1234 [0.1000, 0.1468]": mean and 95 % interval of an SE_FIELDS triple ("n/a" where undefined)."""
+    if math.isnan(r[f"{name}_mean"]):
+        return "n/a"
+    return f"{r[f'{name}_mean']:{fmt}} [{_num(r[f'{name}_ci_low'], fmt)}, {_num(r[f'{name}_ci_high'], fmt)}]"
+
+
+def _ratio(r: dict[str, Any], side: str) -> str:
+    if r[f"{side}_method"] == "baseline":
+        return "baseline"
+    if not r[f"{side}_name"]:
+        return "n/a"
+    if math.isnan(r[f"{side}_ratio_mean"]):
+        return f"not reached ({r[f'{side}_reached']} seeds)"
+    text = f"{r[f'{side}_ratio_mean']:.3f} [{_num(r[f'{side}_ratio_ci_low'], '.3f')}, "
+    return text + f"{_num(r[f'{side}_ratio_ci_high'], '.3f')}] ({r[f'{side}_reached']} reached)"
+
+
+def reference_summary(log: se.ReferenceLog) -> list[se.SEIResult]:
+    """The reference's SEI of `log` at 95 % and 99 %."""
+    return [se.sei(log.steps, log.losses, log.tokens_per_step, p) for p in se.THRESHOLDS]
+
+
+def reference_markdown(log: se.ReferenceLog, name: str) -> str:
+    """The SEI of a reference log at 95 % and 99 % with its settling steps, as Markdown lines."""
+    lines = [
+        f"Reference log {name}: {len(log.steps)} rows, steps {log.steps[0]}–{log.steps[-1]}, "
+        f"{log.tokens_per_step:,} tokens per step (training loss, the reference's own tokens)",
+        "",
+        "| threshold | SEI | settling step | settling tokens | converged |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for x in reference_summary(log):
+        lines.append(
+            f"| {x.threshold:.0%} ({se.THRESHOLDS[x.threshold]}) | {x.sei:.4f} | {x.settling_step:,} | "
+            f"{x.settling_tokens:,.0f} | {'yes' if x.converged else 'no (still converging)'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def efficiency_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The sample-efficiency table as Markdown (tokens in tokens of the sweep's tokenizer)."""
+    iso = any(r["vs_iso_name"] for r in rows)
+    base = next((r["vs_baseline_name"] for r in rows if r["vs_baseline_name"]), "baseline")
+    header = ["variant", "seeds", "E [95 % CI]", "A", "α [95 % CI]", "fit RMSE", f"tokens to {base}'s final val loss"]
+    header.append(f"efficiency ratio vs {base} [95 % CI]")
+    if iso:
+        header.append(f"efficiency ratio vs {ISO_BASELINE} [95 % CI]")
+    header += ["SEI 95 % [95 % CI] (settling step)", "SEI 99 % [95 % CI] (settling step)"]
+    lines = [f"### Sample efficiency: {title}", "", f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            r["variant"],
+            r["seeds"],
+            _ci(r, "fit_E", ".4f"),
+            _num(r["fit_A_mean"], ".4g"),
+            _ci(r, "fit_alpha", ".4f"),
+            _num(r["fit_rmse_mean"], ".4f"),
+            _num(r["vs_baseline_tokens_to_target"], ",.0f"),
+            _ratio(r, "vs_baseline"),
+        ]
+        if iso:
+            cells.append(_ratio(r, "vs_iso"))
+        for p in (95, 99):
+            cells.append(f"{_ci(r, f'sei_{p}', '.4f')} ({_num(r[f'sei_{p}_settling_step_mean'], ',.0f')})")
+        lines.append(f"| {' | '.join(str(c) for c in cells)} |")
+    lines += [
+        "",
+        "Fit: L(D) = E + A·D^(−α) on each seed's val loss vs tokens (step 0 left out), mean over seeds. "
+        "Efficiency ratio: baseline tokens / variant tokens to the baseline's final val loss, paired by seed "
+        "(> 1: the variant learns faster; a seed that never reaches the target counts as not reached). "
+        "SEI: the reference's index on training loss (no baseline, no uncertainty; docs/method.md §9).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def efficiency_plot(
+    results: list[RunResult], labels: list[str], title: str, path: Path, reference: tuple[se.ReferenceLog, str] | None
+) -> Path:
+    """PNG of val loss vs tokens, log–log: mean over seeds with ± 1 std band and a power-law fit per
+    variant; the reference log's EWM-smoothed training loss in grey when given."""
+    import pandas as pd
+
+    from ncn.analysis.plots import sample_efficiency_figure  # matplotlib loads only for a report
+
+    curves = {label: [r.curve for r in results if r.variant == label] for label in labels}
+    fits = {}
+    for label, runs in curves.items():
+        if fit := _fit(se.mean_curve(runs)):
+            fits[label] = fit
+    drawn = None
+    if reference is not None:
+        log, name = reference
+        smooth = pd.Series(log.losses).ewm(span=se.EWM_SPAN, adjust=False).mean().to_numpy()
+        drawn = (log.tokens, smooth, f"reference {name}: training loss, EWM span {se.EWM_SPAN} (its tokens)")
+    sample_efficiency_figure(curves, fits, f"sample efficiency: {title}", drawn).savefig(path, dpi=120)
+    return path
+
+
+def report(
+    tracker: Tracker, parent: RunRecord, out_dir: Path, reference: tuple[se.ReferenceLog, str] | None = None
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Write report.md, report.csv, val_loss.png and sample_efficiency.md/.csv/.png into out_dir
+    and log them to the parent run under `report/`; returns (rows, paths). reference: a log in the
+    reference's format and its name, whose SEI the sample-efficiency files state and draw."""
     results, labels, failed = collect(tracker, parent)
     if not results:
         raise NCNConfigError(
@@ -346,38 +537,81 @@ def report(tracker: Tracker, parent: RunRecord, out_dir: Path) -> tuple[list[dic
         writer.writeheader()
         writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows)
     paths = [md, out_dir / "report.csv", plot(results, labels, title, out_dir / "val_loss.png")]
+    se_rows = efficiency_table(results, labels, grid)
+    se_md = out_dir / "sample_efficiency.md"
+    text = efficiency_markdown(se_rows, title)
+    if reference is not None:
+        text += "\n" + reference_markdown(*reference)
+    se_md.write_text(text)
+    with (out_dir / "sample_efficiency.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, SE_FIELDS)
+        writer.writeheader()
+        writer.writerows(
+            {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in se_rows
+        )
+    paths += [
+        se_md,
+        out_dir / "sample_efficiency.csv",
+        efficiency_plot(results, labels, title, out_dir / "sample_efficiency.png", reference),
+    ]
     for path in paths:
         tracker.log_artifact(path, "report", run_id=parent.run_id)
     return rows, paths
 
 
-def _write(tracker: Tracker, sweep_run: str | None, out: Path | None) -> None:
+def load_reference(path: str | Path) -> tuple[se.ReferenceLog, str]:
+    """A training log in the reference's text format and its name, for `reference_log=`.
+
+    Raises:
+        NCNConfigError: no such file, or a file without `Step: N ... Loss: x` lines.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise NCNConfigError(f"reference_log={path} is not a file: pass the path of the reference's training.log")
+    try:
+        return se.parse_reference_log(file.read_text(encoding="utf-8", errors="replace")), file.name
+    except ValueError as exc:
+        raise NCNConfigError(f"reference_log={path}: {exc} (pass the reference's training.log)") from None
+
+
+def _write(tracker: Tracker, sweep_run: str | None, out: Path | None, reference_log: str | None) -> None:
+    reference = load_reference(reference_log) if reference_log else None
     tracker.check()
     parent = tracker.find_sweep(sweep_run)
     out = out or Path(parent.tags.get("ncn.sweep.dir", ".")) / "report"
-    _, paths = report(tracker, parent, out)
-    print(paths[0].read_text() + f"\nwritten: {', '.join(str(p) for p in paths)} (and to run {parent.run_id})")
+    _, paths = report(tracker, parent, out, reference)
+    print(paths[0].read_text() + "\n" + paths[3].read_text())
+    print(f"written: {', '.join(str(p) for p in paths)} (and to run {parent.run_id})")
 
 
 def main(cfg: RunConfig, ctx: RunContext) -> None:
-    """`python run.py task=report sweep_run=<id | experiment | sweep name>`: report into the run dir.
+    """`python run.py task=report sweep_run=<id | experiment | sweep name> [reference_log=<path>]`:
+    report into the run dir; `reference_log=<path>` alone prints that log's SEI.
 
     Raises:
-        NCNConfigError: tracking=none, or no such sweep (see `Tracker.find_sweep`).
+        NCNConfigError: tracking=none, no such sweep (see `Tracker.find_sweep`), or an unreadable
+            reference log.
     """
-    _write(open_tracker(cfg.tracking, ctx.launch_dir), cfg.sweep_run, ctx.run_dir / "report")
+    if cfg.reference_log is not None and cfg.sweep_run is None:  # a reference log alone: nothing read from a store
+        print(reference_markdown(*load_reference(cfg.reference_log)))
+        return
+    _write(open_tracker(cfg.tracking, ctx.launch_dir), cfg.sweep_run, ctx.run_dir / "report", cfg.reference_log)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """`python -m ncn.tasks.report [SWEEP_RUN] [--uri URI] [--experiment NAME] [--out DIR]`."""
+    """`python -m ncn.tasks.report [SWEEP_RUN] [--uri URI] [--experiment NAME] [--out DIR] [--reference-log PATH]`."""
     parser = argparse.ArgumentParser(prog="python -m ncn.tasks.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_run", nargs="?", help="parent run id, experiment or sweep name (default: newest sweep)")
     parser.add_argument("--uri", help="tracking URI (default: sqlite:///<cwd>/mlflow.db)")
     parser.add_argument("--experiment", default="ncn", help="experiment searched when sweep_run is not given")
     parser.add_argument("--out", type=Path, help="output folder (default: <sweep dir>/report)")
+    parser.add_argument("--reference-log", help="a training log in the reference's format: its SEI (drawn beside)")
     args = parser.parse_args(argv)
     tracking = TrackingConfig(uri=args.uri, experiment=args.experiment)
-    _write(open_tracker(tracking, Path.cwd()), args.sweep_run, args.out)
+    if args.reference_log is not None and args.sweep_run is None:
+        print(reference_markdown(*load_reference(args.reference_log)))
+        return
+    _write(open_tracker(tracking, Path.cwd()), args.sweep_run, args.out, args.reference_log)
 
 
 if __name__ == "__main__":

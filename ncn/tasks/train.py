@@ -179,6 +179,16 @@ def _interrupted(step: int, job: Job, cfg: RunConfig, ctx: RunContext) -> str:
     return f"interrupted at step {step}, before this run's first checkpoint: rerun to start over"
 
 
+def _log_sample_efficiency(tracker: Tracker, tokens_per_step: int, step: int) -> None:
+    """Log the run's SEI (training loss) and power-law fit (val loss) at its last step (docs/method.md §9)."""
+    from ncn.analysis.sample_efficiency import run_summary  # pandas and scipy load only at the end
+
+    train = tracker.metric_history(tracker.run_id, "train/loss")
+    val = tracker.metric_history(tracker.run_id, "val/loss")
+    if summary := run_summary(train, val, tokens_per_step):
+        tracker.log_metrics(summary, step)
+
+
 def main(cfg: RunConfig, ctx: RunContext) -> float:
     """Train as `cfg` says; returns the final val loss (the objective for sweepers).
 
@@ -233,6 +243,8 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             if rank == 0:
                 (ctx.run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
                 tracker.log_artifact(ctx.run_dir / "metrics.json")
+                if tracker.enabled:  # the whole history lives in the store (a resumed run included)
+                    _log_sample_efficiency(tracker, job.tokens_per_step, state.step)
         except KeyboardInterrupt as exc:
             tracker.end("KILLED")
             raise KeyboardInterrupt(_interrupted(state.step, job, cfg, ctx)) from exc

@@ -32,6 +32,7 @@ RUNTIME_KEYS = frozenset(
         "temperature",
         "top_k",
         "sweep_run",
+        "reference_log",
         "trainer.resume",
         "trainer.progress",
         "trainer.threads",
