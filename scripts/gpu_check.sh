@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 12.3) as one command: bash scripts/gpu_check.sh [OUT_DIR] [--quick]
+# The GPU check as one command: bash scripts/gpu_check.sh [OUT_DIR] [--quick]
 #
 # Parts, each run to the end whatever the others did, its exit status and log recorded:
 #   env    carried wheels (.whl/, only if hydra/omegaconf/datasets are missing), versions, GPU

@@ -1,4 +1,4 @@
-"""Byte-level data end to end through run.py: prepare, train, eval, generate, analyze (issue 14.2).
+"""Byte-level data end to end through run.py: prepare, train, eval, generate, analyze.
 
 The byte tokenizer has one id per UTF-8 byte, so the val loss in bits per token is the bits per
 byte up to the end-of-text token between documents: `val/bpb` must equal `val/loss / ln 2 ×

@@ -25,7 +25,7 @@ from ncn.config import RunConfig
 from ncn.errors import CheckpointError
 from ncn.training import checkpoint as ckpt
 
-from conftest import REPO
+from conftest import REPO, time_left
 
 TINY = {"vocab_size": 128, "block_size": 16, "d_model": 32, "n_layer": 2, "n_head": 2}
 CONFIG = dataclasses.asdict(RunConfig(model=ModelConfig(**TINY), run_name="tiny-run"))
@@ -141,7 +141,7 @@ t._save(Path({directory!r}), 2, model)
 def test_crash_between_write_and_rename_keeps_previous(tmp_path: Path) -> None:
     directory = tmp_path / "checkpoints"
     script = CRASH_SCRIPT.format(tests=str(REPO / "tests"), directory=str(directory))
-    done = subprocess.run([sys.executable, "-c", script], timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], timeout=time_left())
     assert done.returncode == 70  # tests/faults.py CRASH_EXIT_CODE
     assert (directory / "latest").read_text().strip() == "step_000001"
     assert [p.name for p in directory.glob(".tmp-step_000002-*")]  # fully written, never renamed

@@ -158,7 +158,6 @@ def test_resume_from_a_bad_checkpoint_fails_cleanly(
             f"hydra.run.dir={tmp_path / 'outputs' / 'run'}",
         ],
         cwd=tmp_path,
-        timeout=180,
     )
     last = _last_line(done)
     assert last.startswith(f"error: {folder if damage.names_folder else file} ")  # names the culprit first
@@ -174,7 +173,6 @@ def test_generate_from_a_bad_checkpoint_fails_cleanly(damage: Damage, trained: T
     done = run_cli(
         ["task=generate", f"checkpoint={folder}", "max_new_tokens=2", f"hydra.run.dir={tmp_path / 'gen'}"],
         cwd=tmp_path,
-        timeout=180,
     )
     last = _last_line(done)
     assert last.startswith(f"error: {file} ") and damage.expect[0] in last

@@ -22,7 +22,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, time_left
 from tiny_checkpoint import TinyRun, tiny_run
 
 WORDS = [
@@ -285,7 +285,7 @@ def test_bad_input_fails_with_one_clear_line(
     args.append(f"tracking.uri={case.uri.format(**paths)}")
 
     started = time.monotonic()
-    done = run_cli(args, cwd=tmp_path, env={"NCN_CACHE_DIR": str(cache)}, timeout=180)
+    done = run_cli(args, cwd=tmp_path, env={"NCN_CACHE_DIR": str(cache)})
     seconds = time.monotonic() - started
 
     assert done.returncode == 2, done.stderr[-3000:]
@@ -322,7 +322,7 @@ def test_a_rejected_override_suggests_a_quoting_that_works(tmp_path: Path, value
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=time_left(),
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert yaml.safe_load(shown.stdout)["prompt"] == value
@@ -341,7 +341,6 @@ def test_generate_crops_a_prompt_longer_than_block_size(tmp_path: Path, trained:
             f"hydra.run.dir={tmp_path / 'gen'}",
         ],
         cwd=tmp_path,
-        timeout=180,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "prompt of 50 tokens is longer than block_size=32: using its last 32 tokens" in done.stderr

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 
 from ncn.training.runtime import MASTER_PORT_BASE, DistributedEnv, distributed_env, first_host, tasks_on_node
 
-from conftest import REPO
+from conftest import REPO, time_left
 
 # One CPU thread per process: bitwise-reproducible, and fast on a busy 2-core machine.
 DROPOUT = ["model=tiny", "model.dropout=0.1", "trainer=smoke", "trainer.probe_tokens=0", "tracking=none"]
@@ -48,7 +48,12 @@ def test_two_process_gloo_run(tmp_path: Path, mlflow_store) -> None:
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     done = subprocess.run(
-        cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+        cmd,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=time_left(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     # rank 1 ran in the launch dir without a Hydra output dir: nothing but rank 0's files exist
@@ -103,7 +108,7 @@ def torchrun_dropout(tmp_path_factory: pytest.TempPathFactory) -> Path:
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=time_left(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(_losses(tmp / "run")) == [1, 2, 3, 4, 5, 6]
@@ -161,7 +166,7 @@ def test_srun_tasks_train_like_torchrun(torchrun_dropout: Path, tmp_path: Path) 
         )
         for rank in (0, 1)
     ]
-    outputs = [task.communicate(timeout=300) for task in tasks]
+    outputs = [task.communicate(timeout=time_left()) for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], [err[-2000:] for _, err in outputs]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # task 1 made no run dir of its own
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_000006" / "train_state.json").read_text())
@@ -180,7 +185,7 @@ def test_two_ranks_equal_one_rank_accumulating_two_micro_batches(torchrun_dropou
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=time_left(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     accumulated, ddp = _losses(tmp_path / "run"), _losses(torchrun_dropout)
@@ -202,7 +207,7 @@ def test_two_ranks_equal_one_rank_accumulating_two_micro_batches(torchrun_dropou
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=time_left(),
     )
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert abs(_losses(tmp_path / "plain")[1] - ddp[1]) > 1e-4

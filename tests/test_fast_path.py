@@ -11,7 +11,6 @@ import re
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, time_left
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import train_step  # noqa: E402  (benchmarks/train_step.py)
@@ -46,7 +46,13 @@ def _faults(mode: str) -> int:
     glibc still re-faults a block now and then, e.g. when a thread arena served it)."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     out = subprocess.run(
-        [sys.executable, "-c", FAULTS, mode], cwd=REPO, env=env, capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", FAULTS, mode],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=time_left(),
     )
     return min(int(n) for n in out.stdout.split()[-6:])
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, time_left
 
 PACKAGE = REPO / "ncn"
 ENTRY = {"ncn.cli", "ncn.schema"}  # the entry point's side of Hydra
@@ -125,7 +125,7 @@ def test_a_subpackage_imports_only_what_its_concern_allows(module: str) -> None:
 def test_the_shared_floor_imports_no_subpackage_and_the_rules_hold_as_stated() -> None:
     assert imports("ncn.config") <= {"ncn.errors"}
     assert imports("ncn.errors") == set()
-    # the rules of the layout, as the issue and the __init__ docstrings state them
+    # the rules of the layout, as the __init__ docstrings state them
     assert "model" not in MAY_IMPORT["data"] and not {"data", "training", "tracking"} & MAY_IMPORT["model"]
     assert not {"model", "data"} & MAY_IMPORT["tracking"]
 
@@ -162,7 +162,7 @@ def _modules_after(code: str) -> set[str]:
         capture_output=True,
         text=True,
         check=True,
-        timeout=120,
+        timeout=time_left(),
     )
     return {m.split(".")[0] for m in out.stdout.split()}
 

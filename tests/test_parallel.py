@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, time_left
 
 ARGS = [
     "model=tiny",
@@ -51,7 +51,7 @@ def test_two_jobs_share_a_cold_cache_and_a_fresh_store(tmp_path: Path) -> None:
         )
         for i in range(2)
     ]
-    outputs = [job.communicate(timeout=280) for job in jobs]
+    outputs = [job.communicate(timeout=time_left()) for job in jobs]
     for job, (_, err) in zip(jobs, outputs, strict=True):
         assert job.returncode == 0, err[-3000:]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, time_left
 
 # (README text, what runs instead, why). Applied to each command in this order.
 SUBSTITUTIONS = [
@@ -87,8 +87,12 @@ def prepared(command: str, cwd: Path) -> list[str]:
     return words
 
 
-def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> str:
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+) -> str:
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=time_left())
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{shlex.join(argv)} exited {proc.returncode}:\n{out[-3000:]}"
     return out
@@ -100,7 +104,7 @@ def _serve_until_healthy(argv: list[str], cwd: Path, env: dict[str, str]) -> int
         argv, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + time_left()
         while time.monotonic() < deadline and server.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:

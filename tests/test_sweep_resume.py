@@ -106,7 +106,7 @@ def _sweep_dir(tmp: Path) -> Path:
 def reference(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     """Sweep folder of the uninterrupted sweep of the same grid (tracking=none: only its files are compared)."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    done = run_cli(_args(corpus, tmp, tracked=False), cwd=tmp, timeout=400)
+    done = run_cli(_args(corpus, tmp, tracked=False), cwd=tmp)
     assert done.returncode == 0, done.stderr[-3000:]
     return _sweep_dir(tmp)
 
@@ -114,7 +114,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
 @pytest.mark.slow
 def test_sigkilled_sweep_resumes_exactly(reference: Path, corpus: Path, tmp_path: Path, mlflow_store) -> None:
     uri = mlflow_store(tmp_path / "mlflow.db")
-    killed = run_cli(_args(corpus, tmp_path), cwd=tmp_path, timeout=400, faults=["--sigkill-at", "2:4"])
+    killed = run_cli(_args(corpus, tmp_path), cwd=tmp_path, faults=["--sigkill-at", "2:4"])
     assert killed.returncode == -9, killed.stderr[-3000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ncn").experiment_id
@@ -128,7 +128,7 @@ def test_sigkilled_sweep_resumes_exactly(reference: Path, corpus: Path, tmp_path
     first = _files(folder / "0")
     ids = {Path(d).name: r.info.run_id for d, r in children.items()}
 
-    resumed = run_cli(_args(corpus, tmp_path, f"sweep_resume={parent.info.run_id}"), cwd=tmp_path, timeout=400)
+    resumed = run_cli(_args(corpus, tmp_path, f"sweep_resume={parent.info.run_id}"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "sweep job 0 already finished" in resumed.stderr + resumed.stdout
     runs = client.search_runs([exp])
@@ -158,7 +158,7 @@ def test_sigkilled_sweep_resumes_exactly(reference: Path, corpus: Path, tmp_path
     # tracking=none: no parent run, the folder alone says what ran; the uninterrupted sweep, resumed, skips all
     files = {job: _files(reference / job) for job in ("0", "1", "2")}
     launch = reference.parents[3]
-    done = run_cli(_args(corpus, launch, f"sweep_resume={reference}", tracked=False), cwd=launch, timeout=400)
+    done = run_cli(_args(corpus, launch, f"sweep_resume={reference}", tracked=False), cwd=launch)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (done.stderr + done.stdout).count("already finished") == 3
     assert all(files[job] == _files(reference / job) for job in files)
@@ -173,7 +173,7 @@ def test_joblib_resume_by_folder_skips_finished_jobs(corpus: Path, tmp_path: Pat
     uri = mlflow_store(tmp_path / "mlflow.db")
     joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     grid = ["ncn=full", "seed=0,1"]
-    first = run_cli(_args(corpus, tmp_path, *joblib, grid=grid), cwd=tmp_path, timeout=400)
+    first = run_cli(_args(corpus, tmp_path, *joblib, grid=grid), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ncn").experiment_id
@@ -183,7 +183,7 @@ def test_joblib_resume_by_folder_skips_finished_jobs(corpus: Path, tmp_path: Pat
     [parent] = [r for r in before.values() if "ncn.sweep" in r.data.tags]
 
     resume = f"sweep_resume={folder.relative_to(tmp_path)}"
-    again = run_cli(_args(corpus, tmp_path, *joblib, resume, grid=grid), cwd=tmp_path, timeout=400)
+    again = run_cli(_args(corpus, tmp_path, *joblib, resume, grid=grid), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     after = {r.info.run_id: r for r in client.search_runs([exp])}
     assert after.keys() == before.keys()  # no new child run
@@ -197,7 +197,7 @@ def test_joblib_resume_by_folder_skips_finished_jobs(corpus: Path, tmp_path: Pat
     assert (parent.info.status, parent.data.tags["ncn.sweep.resumes"]) == ("FINISHED", "1")
     assert sorted(p.name for p in folder.glob("multirun*.yaml")) == ["multirun.before_resume_1.yaml", "multirun.yaml"]
 
-    other = run_cli(_args(corpus, tmp_path, resume, grid=["ncn=full", "seed=0,1,2"]), cwd=tmp_path, timeout=400)
+    other = run_cli(_args(corpus, tmp_path, resume, grid=["ncn=full", "seed=0,1,2"]), cwd=tmp_path)
     assert other.returncode == 2
     assert other.stderr.strip().splitlines()[-1] == (
         f'error: {resume} is sweep ablation with grid {{"seed": ["0", "1"]}}, this launch is ablation with '

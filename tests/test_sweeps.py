@@ -32,7 +32,7 @@ from ncn.tasks.report import report
 from ncn.tasks.sweep import hydra_quoted, sweep_grid
 from ncn.tracking import MLflowTracker
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, time_left
 
 SWEEPS = {
     "ablation": {"ncn": "none,none_iso,temperature_only,gain_only,activation_only,full", "seed": "0,1,2"},
@@ -185,7 +185,7 @@ def _sweep(
         ],
         cwd=tmp,
         env=env,
-        timeout=400,
+        timeout=time_left(),
         faults=faults,
     )
     client = MlflowClient(uri)
@@ -344,7 +344,7 @@ def test_mlflow_ui_compare_view_renders_the_sweep(two_variant) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=time_left(),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "table view of 2 runs of sweep ablation" in done.stdout and "ncn.targets" in done.stdout

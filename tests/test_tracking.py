@@ -30,7 +30,7 @@ from ncn.tasks.sweep import SweepCallback
 from ncn.tasks.train import _interrupted
 from ncn.tracking import EXPERIMENT_KIND, MLflowTracker
 
-from conftest import REPO
+from conftest import REPO, time_left
 from tiny_checkpoint import tiny_run
 
 KIND = EXPERIMENT_KIND["mlflow.experimentKind"]
@@ -38,10 +38,10 @@ ODD = 'it\'s a "quoted" dir'  # a folder name that breaks unquoted and naively q
 BASH_ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
-def _bash(command: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def _bash(command: str, cwd: Path) -> subprocess.CompletedProcess:
     """`command` pasted into bash in `cwd`, with this interpreter's `python` and `mlflow` first on PATH."""
     return subprocess.run(
-        ["bash", "-c", command], cwd=cwd, env=BASH_ENV, capture_output=True, text=True, timeout=timeout
+        ["bash", "-c", command], cwd=cwd, env=BASH_ENV, capture_output=True, text=True, timeout=time_left()
     )
 
 
@@ -225,7 +225,7 @@ def test_preflight_refusals_end_run_py_before_any_data_work(
             text=True,
         )
     for i, (name, (_, expected)) in enumerate(cases.items()):
-        stderr = procs[name].communicate(timeout=300)[1]
+        stderr = procs[name].communicate(timeout=time_left())[1]
         last = stderr.strip().splitlines()[-1]
         assert procs[name].returncode == 2, (name, stderr[-2000:])
         assert last == f"error: {expected}" and "Traceback" not in stderr, (name, last)
@@ -248,7 +248,9 @@ def test_ctrl_c_while_creating_a_store_leaves_no_store(tmp_path: Path) -> None:
         "from ncn.tracking import MLflowTracker\n"
         f"MLflowTracker({f'sqlite:///{db}'!r}).check()"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=time_left()
+    )
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
     assert not creating.exists()
     assert sorted(p.name for p in folder.iterdir()) == ["mlflow.db.lock"]  # no store, no half-made file

@@ -29,7 +29,7 @@ from ncn.training.checkpoint import TrainState
 from ncn.training.loop import total_steps
 from ncn.training.optim import lr_at
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, time_left
 from faults import CRASH_EXIT_CODE
 
 SMOKE = ["model=tiny", "trainer=smoke"]
@@ -241,7 +241,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
         # as from a terminal: Ctrl-C's default action, whatever another test left in this worker
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + time_left(margin=120)  # leaves time for the two waits below
     for line in proc.stdout:  # wait until training is under way
         if "step 2/10000" in line or time.monotonic() > deadline:
             break
@@ -250,7 +250,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
         _, stderr = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:  # a user whose first Ctrl-C seems lost presses it again
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=time_left())
     assert proc.returncode == 130, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]  # where it stopped and how to resume
     checkpoints = re.escape(str(tmp_path / "run" / "checkpoints"))
