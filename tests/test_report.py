@@ -399,7 +399,7 @@ def test_sample_efficiency_figure_is_log_log_with_a_fit_per_variant_and_the_refe
     assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
     assert "tokens" in ax.get_xlabel() and "nats/token" in ax.get_ylabel()
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["none (mean of 2)", "none: power-law fit", "reference"]
+    assert labels == ["none: val loss, mean of 2", "none: power-law fit", "reference"]
     assert list(ax.lines[0].get_xdata()) == [100.0, 200.0, 400.0]  # step 0 is not on a log axis
 
 

@@ -178,7 +178,7 @@ def sample_efficiency_figure(
             continue
         values = np.array([[dict(c)[x] for x in xs] for c in runs])  # (seeds, points)
         mean = values.mean(axis=0)
-        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=f"{label} (mean of {len(runs)})")
+        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=f"{label}: val loss, mean of {len(runs)}")
         if len(runs) > 1:
             std = values.std(axis=0, ddof=1)
             ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
