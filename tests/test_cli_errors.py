@@ -182,6 +182,16 @@ CASES = [
         ("trainer.max_steps, trainer.epochs and trainer.max_tokens are all null", "trainer.max_steps=300"),
     ),
     Case("unknown_task", ("task=fit",), ("task=fit is unknown", "choose one of train, prepare, generate")),
+    Case(
+        "reference_log_missing",
+        ("task=report", "reference_log={tmp}/nope.log"),
+        ("reference_log={tmp}/nope.log is not a file", "pass the path of the reference's training.log"),
+    ),
+    Case(
+        "reference_log_not_a_log",
+        ("task=report", "reference_log={blocker}"),
+        ("no 'Step: N ... Loss: x' line", "pass the reference's training.log"),
+    ),
     Case("seed_not_int", ("seed=abc",), ("seed=abc is invalid", "could not be converted to Integer", "seed=0")),
     Case(
         "max_new_tokens_not_int",
