@@ -113,6 +113,19 @@ def grid_without_multirun(override: str) -> str:
     return f"{message}; for one value that holds a comma, quote it, e.g. {shell_quote_override(override)}"
 
 
+def _config_dir_not_found(folder: str) -> str:
+    """The message for `-cd <folder>` that does not exist: a relative -cd is read from the folder
+    `run.py` was started in, so from outside the clone `-cd sweeps` misses the repository's sweeps/."""
+    sweeps = Path(conf_dir()).parent / "sweeps"
+    names = ", ".join(sorted(p.stem for p in sweeps.glob("*.yaml")))
+    script = shlex.quote(str(Path(sys.argv[0]).resolve()))
+    return (
+        f"config folder {folder} (-cd) not found: a relative -cd is read from the folder you run in "
+        f"({Path.cwd()}); give the sweeps' folder by its path, e.g. python {script} -cd {shlex.quote(str(sweeps))} "
+        f"-cn <sweep> (sweeps: {names})"
+    )
+
+
 def typed_override(fragment: str, argv: list[str]) -> str:
     """The override as the user meant it: `fragment` (what Hydra could not parse) joined with the
     shell words around it that belong to the same `key=value`, e.g. "prompt=To be, or not" for
@@ -147,6 +160,8 @@ def one_line(exc: BaseException) -> str:
             elif reason in meant:
                 reason = "a character in it is reserved by Hydra's override grammar"
             return f"cannot parse the override {meant} ({reason}): quote its value, e.g. {shell_quote_override(meant)}"
+        if line.startswith("Additional config directory") and line.endswith("not found"):  # -cd <relative dir>
+            return _config_dir_not_found(line.split("'")[1])
         if line.startswith(("Ambiguous value for argument", "Sweep parameters")):  # a,b / range(3) without -m
             return grid_without_multirun(line.split("'", 1)[1].rsplit("'", 1)[0] if "'" in line else line)
         if isinstance(e, MissingMandatoryValue) and e.full_key:  # a `???` left in the config

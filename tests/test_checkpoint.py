@@ -226,6 +226,27 @@ def test_resume_config_takes_the_checkpoints_settings_and_refuses_contradictions
         ckpt.resume_config(current, loaded, frozenset({"seed"}))
 
 
+def test_a_refused_resume_names_the_key_typed_not_the_one_it_derives(saved: Path) -> None:
+    """`model=tiny data.tokenizer=bytes` over a gpt2 checkpoint: model.vocab_size differs too (it follows the
+    tokenizer, and the model group was set), but the message blames data.tokenizer, the key the user typed."""
+    loaded = ckpt.load(saved)
+    assert (loaded.config.data.tokenizer, loaded.config.model.vocab_size) == ("gpt2", TINY["vocab_size"])
+    current = dataclasses.replace(
+        loaded.config,
+        model=dataclasses.replace(loaded.config.model, vocab_size=320),
+        data=dataclasses.replace(loaded.config.data, tokenizer="bytes"),
+    )
+    with pytest.raises(CheckpointError) as info:
+        ckpt.resume_config(current, loaded, frozenset({"model", "data.tokenizer", "trainer.resume"}))
+    assert str(info.value) == (
+        f"data.tokenizer=bytes differs from the checkpoint's data.tokenizer=gpt2 ({saved}) (and with it "
+        "model.vocab_size): a resume continues the checkpoint's model, ncn and data settings; drop the override, "
+        "or start a new run"
+    )
+    with pytest.raises(CheckpointError, match=r"^model\.vocab_size=320 differs .* \(and with it data\.tokenizer\)"):
+        ckpt.resume_config(current, loaded, frozenset({"model", "data"}))  # nothing typed: the first key
+
+
 def test_load_model_rebuilds_from_saved_config(saved: Path) -> None:
     loaded = ckpt.load(ckpt.resolve(saved.parent.parent))  # a run dir works too
     model = ckpt.load_model(loaded)

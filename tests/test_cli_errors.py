@@ -92,7 +92,7 @@ CASES = [
     Case(
         "not_utf8",
         (),
-        ("{latin1}/play.txt is not UTF-8 (byte 3", "re-encode it (e.g. iconv -t UTF-8)"),
+        ("{latin1}/play.txt is not UTF-8 (byte 3", "re-encode it (e.g. iconv -f LATIN1 -t UTF-8 "),
         data="{latin1}",
     ),
     Case(

@@ -280,8 +280,48 @@ def test_non_utf8_file_error_names_the_file(tmp_path):
     (tmp_path / "good.txt").write_text("fine text\n", encoding="utf-8")
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     dm = _dm(source="text_files", path=str(tmp_path), cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(NCNConfigError, match=r"latin1.txt is not UTF-8 \(byte 3 of 13 is 0xe9\)"):
+    with pytest.raises(NCNConfigError, match=r"latin1.txt is not UTF-8 \(byte 3 of 13 is 0xe9; likely LATIN1\)"):
         dm.prepare()
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding", "named"),
+    [
+        ("caf\u00e9 au lait\n", "latin-1", "LATIN1"),
+        ("na\u00efve \u201cquotes\u201d \u2014 caf\u00e9\n", "cp1252", "CP1252"),  # quotes and dash in 0x80-0x9f
+        ("caf\u00e9 \u4e2d\u6587\n", "utf-16", "UTF-16"),  # with its byte-order mark
+        ("caf\u00e9\n", "utf-32", "UTF-32"),
+    ],
+)
+def test_the_re_encoding_hint_is_a_command_that_works(tmp_path, text: str, encoding: str, named: str) -> None:
+    """The suggested iconv command, run as printed, turns the file into UTF-8 text equal to the original."""
+    folder = tmp_path / "it's a corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(text.encode(encoding))
+    dm = _dm(source="text_files", path=str(folder), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(NCNConfigError) as refused:
+        dm.prepare()
+    command = re.search(r"e\.g\. (iconv .*) > <new file>\.txt", str(refused.value)).group(1)
+    assert command.startswith(f"iconv -f {named} -t UTF-8 ")
+    converted = subprocess.run(["bash", "-c", command], capture_output=True, check=True).stdout
+    assert converted.decode("utf-8").lstrip("\ufeff") == text
+
+
+def test_an_unwritable_cache_folder_names_the_cache_settings(tmp_path) -> None:
+    """A cache folder that cannot be made (a file in its path; /sys is read-only) names data.cache_dir and
+    NCN_CACHE_DIR, not the run folder."""
+    (tmp_path / "doc.txt").write_text("some text " * 200, encoding="utf-8")
+    (tmp_path / "a_file").write_text("")
+    for cache, why in ((tmp_path / "a_file" / "cache", "Not a directory"), (Path("/sys/ncn_cache"), None)):
+        dm = _dm(source="text_files", path=str(tmp_path / "doc.txt"), cache_dir=str(cache))
+        with pytest.raises(NCNConfigError) as refused:
+            dm.prepare()
+        message = str(refused.value)
+        assert message.startswith(f"cannot write the token cache in {cache} (")
+        assert message.endswith(
+            "): point data.cache_dir=<writable folder> (or the environment's NCN_CACHE_DIR) at a folder you can write"
+        )
+        assert why is None or f"({why}: {cache})" in message
 
 
 def test_corpus_shorter_than_a_block_error(tmp_path):

@@ -191,3 +191,16 @@ def test_the_summary_names_each_failed_job_the_parent_and_the_report(tmp_path: P
         "parent's ncn.sweep.failed.* tags); parent run "
     )
     assert callback.summary(1, 2, {}).startswith("1 of 2 jobs failed; parent run ")  # a job that went missing
+
+
+def test_a_sweeps_folder_given_relative_to_another_folder_names_the_real_one(tmp_path: Path) -> None:
+    """`-cd sweeps` outside the clone: the message gives the repository's sweeps folder, and that command works."""
+    done = run_cli(["-cd", "sweeps", "-cn", "ablation", "model=tiny"], cwd=tmp_path)
+    names = "ablation, homeostasis, leave_one_out, lr_search, pooling, scale"
+    assert done.returncode == 2 and _last(done) == (
+        f"error: config folder {tmp_path / 'sweeps'} (-cd) not found: a relative -cd is read from the folder you run "
+        f"in ({tmp_path}); give the sweeps' folder by its path, e.g. python {REPO / 'run.py'} -cd {REPO / 'sweeps'} "
+        f"-cn <sweep> (sweeps: {names})"
+    ), done.stderr[-2000:]
+    fixed = run_cli(["-cd", str(REPO / "sweeps"), "-cn", "ablation", "model=tiny", "--cfg", "job"], cwd=tmp_path)
+    assert fixed.returncode == 0 and "d_model: 32" in fixed.stdout, fixed.stderr[-2000:]

@@ -8,6 +8,7 @@ only where batches are made, so `task=prepare` on a warm cache imports neither t
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from collections.abc import Iterator
@@ -22,6 +23,9 @@ from ncn.data.sources import make_source
 from ncn.data.token_cache import TOKEN_DTYPE, PreparedData
 from ncn.data.tokenizer import get_encoding
 from ncn.errors import NCNConfigError
+
+# errors of a folder the user cannot write: a permission, a read-only filesystem, a file in the path
+UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST})
 
 if TYPE_CHECKING:
     import tiktoken
@@ -202,13 +206,27 @@ class DataModule:
         """Build or verify the token cache; print the one-line summary on first call.
 
         Raises:
-            NCNConfigError: the source cannot be loaded, or `total_tokens` disagrees with it.
+            NCNConfigError: the source cannot be loaded, `total_tokens` disagrees with it, or the
+                cache folder cannot be written (read-only, not a folder, no permission).
         """
         if self._prepared is None:
             num_proc = None if self.cfg.num_proc == "auto" else self.cfg.num_proc
-            info = token_cache.prepare(
-                self.source, self.cache_dir, self.cfg.tokenizer, self.cfg.val_fraction, self.cfg.split_seed, num_proc
-            )
+            try:
+                info = token_cache.prepare(
+                    self.source,
+                    self.cache_dir,
+                    self.cfg.tokenizer,
+                    self.cfg.val_fraction,
+                    self.cfg.split_seed,
+                    num_proc,
+                )
+            except OSError as exc:
+                if exc.errno not in UNWRITABLE:
+                    raise
+                raise NCNConfigError(
+                    f"cannot write the token cache in {self.cache_dir} ({exc.strerror}: {exc.filename}): point "
+                    "data.cache_dir=<writable folder> (or the environment's NCN_CACHE_DIR) at a folder you can write"
+                ) from None
             counted = info.train_tokens + info.val_tokens
             if self.cfg.total_tokens is not None and self.cfg.total_tokens != counted:
                 raise NCNConfigError(

@@ -15,6 +15,7 @@ entries as patterns) or, for a local dataset folder, a folder of links without s
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import hashlib
@@ -22,6 +23,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import socket
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
@@ -81,6 +83,18 @@ def expand(path: str | os.PathLike, base: Path | None = None, suffix: str | None
     else:
         found = (Path(f) for f in glob.glob(str(p), recursive=True) if suffix is None or f.endswith(suffix))
     return sorted(f for f in found if f.is_file())
+
+
+def likely_encoding(data: bytes) -> str:
+    """iconv's name of the encoding text `data` that is not UTF-8 most likely has: UTF-16/UTF-32 by
+    their byte-order mark, else CP1252 (Windows) when bytes 0x80-0x9F occur (its curly quotes and
+    dashes; control characters in Latin-1), else LATIN1, which decodes any byte (iconv never fails
+    on it, though text of another script comes out wrong)."""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: its LE mark starts alike
+        return "UTF-32"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "UTF-16"
+    return "CP1252" if any(0x80 <= b <= 0x9F for b in data) else "LATIN1"
 
 
 def escaped(files: Sequence[Path]) -> list[str]:
@@ -225,9 +239,11 @@ class TextFiles:
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError as e:
+                encoding = likely_encoding(data)
                 raise NCNConfigError(
-                    f"{f} is not UTF-8 (byte {e.start} of {len(data)} is 0x{data[e.start]:02x}): "
-                    "re-encode it (e.g. iconv -t UTF-8) or remove it from data.path"
+                    f"{f} is not UTF-8 (byte {e.start} of {len(data)} is 0x{data[e.start]:02x}; likely {encoding}): "
+                    f"re-encode it (e.g. iconv -f {encoding} -t UTF-8 {shlex.quote(str(f))} > <new file>.txt, "
+                    "or another source encoding after -f: iconv -l lists them) or remove it from data.path"
                 ) from None
         with _offline_mode():
             dataset = datasets.load_dataset(

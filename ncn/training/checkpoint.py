@@ -436,21 +436,29 @@ def resume_config(cfg: RunConfig, ckpt: Checkpoint, overridden: frozenset[str]) 
     refused. Everything else (trainer, optim, tracking, ...) may change.
 
     Raises:
-        CheckpointError: naming the first such key, the checkpoint's value and the new one.
+        CheckpointError: naming such a key, the checkpoint's value and the new one: the first one
+            typed on the command line (`data.tokenizer=bytes`), else the first one set by a group
+            or derived from another key (`model.vocab_size`, which follows the tokenizer), then
+            the other keys that differ.
     """
     current, saved = _flat(asdict(cfg)), _flat(asdict(ckpt.config))
-    merged = {}
+    merged, refused = {}, []
     for key in current:
         fixed = key.split(".")[0] in RESUME_FIXED_GROUPS or key == "seed"
         if not _overridden(key, overridden) or key == "task":
             merged[key] = saved.get(key, current[key])
             continue
         if fixed and key not in RESUME_MUTABLE and current[key] != saved.get(key, current[key]):
-            raise CheckpointError(
-                f"{key}={current[key]} differs from the checkpoint's {key}={saved[key]} ({ckpt.path}): a resume "
-                "continues the checkpoint's model, ncn and data settings; drop the override, or start a new run"
-            )
+            refused.append(key)
         merged[key] = current[key]
+    if refused:  # name the key the user typed (data.tokenizer), not one only its group or a derived value set
+        key = next((k for k in refused if k in overridden), refused[0])
+        also = ", ".join(k for k in refused if k != key)
+        raise CheckpointError(
+            f"{key}={current[key]} differs from the checkpoint's {key}={saved[key]} ({ckpt.path})"
+            f"{f' (and with it {also})' if also else ''}: a resume continues the checkpoint's model, ncn "
+            "and data settings; drop the override, or start a new run"
+        )
     nested: dict[str, Any] = {}
     for key, value in merged.items():
         *groups, leaf = key.split(".")
