@@ -448,10 +448,14 @@ class RunConfig:
     draws beside the sweep's curves, docs/method.md §9). sweep_resume: a
     multirun continues this earlier sweep (its MLflow parent run id or its sweep folder):
     finished jobs are skipped, interrupted ones resume from their latest checkpoint
-    (docs/sweeps.md "Resuming a sweep").
+    (docs/sweeps.md "Resuming a sweep"). skip_threshold τ in [0, 1]: eval, generate and analyze
+    skip every FFN, head and block whose gate is below τ (0 = dense). skip_grid: thresholds in
+    (0, 1] at which eval (and train, after its last step) measures the FLOPs skipped and Δ val
+    loss against random skipping at the same rate, with skip_draws >= 1 random draws
+    (NCN paper §6.1, §8; docs/compute.md).
 
     Raises:
-        NCNConfigError: an unknown task.
+        NCNConfigError: an unknown task, a threshold out of range, skip_draws < 1.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -471,9 +475,23 @@ class RunConfig:
     sweep_run: str | None = None
     reference_log: str | None = None
     sweep_resume: str | None = None
+    skip_threshold: float = 0.0
+    skip_grid: list[float] = field(default_factory=list)
+    skip_draws: int = 3
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
+        if not 0.0 <= self.skip_threshold <= 1.0:
+            raise NCNConfigError(
+                f"skip_threshold={self.skip_threshold} is outside [0, 1]: use 0 (dense) or a gate value such as 0.5"
+            )
+        for tau in self.skip_grid:
+            if not 0.0 < tau <= 1.0:
+                raise NCNConfigError(
+                    f"skip_grid contains {tau}, outside (0, 1]: list gate thresholds, e.g. skip_grid=[0.1,0.3,0.5]"
+                )
+        if isinstance(self.skip_draws, bool) or not isinstance(self.skip_draws, int) or self.skip_draws < 1:
+            raise NCNConfigError(f"skip_draws={self.skip_draws!r} must be an integer >= 1: e.g. skip_draws=3")
 
 
 @dataclass(frozen=True)

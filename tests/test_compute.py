@@ -3,13 +3,25 @@
 Tiny CPU models (vocab 97, d_model 32, 2 layers, 4 heads). `python -m pytest -q tests/test_compute.py`.
 """
 
+import csv
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
+from ncn.analysis.compute import REPORT_TAU, compute_curve
+from ncn.errors import NCNConfigError
 from ncn.model.blocks import Block, BlockSkip, CausalSelfAttention
 from ncn.model.compute import SkipMasks, SkipPlan, compute_cost, count_flops, random_like, threshold_masks
 from ncn.model.signals import homeostatic_loss
+from ncn.tasks.report import RunResult, markdown, table
+
+from conftest import run_cli
+
+T_975_DF1 = 12.706204736174698  # Student t quantile 0.975 with 1 degree of freedom
 
 TINY = ModelConfig(vocab_size=97, block_size=32, d_model=32, n_layer=2, n_head=4)
 GATED = ["temperature", "gain", "activation", "head_gate", "layer_gate"]
@@ -285,3 +297,123 @@ def test_compute_lambda_adds_the_cost_and_frees_the_gates_from_homeostasis():
     assert b.reg_loss.item() == pytest.approx(homeostatic_loss(kept, 0.01).item(), rel=1e-6)
     assert a.reg_loss.item() == pytest.approx(homeostatic_loss(a.signals, 0.01).item(), rel=1e-6)
     assert a.reg_loss.item() > b.reg_loss.item()
+
+
+def test_compute_curve_pins_its_ends_and_matches_the_counter():
+    model = tiny(["activation"])  # one FFN gate per token and layer
+    batches = [(tokens(seed=s), torch.roll(tokens(seed=s), -1, 1)) for s in (0, 1)]
+    dense, (nothing, some, everything) = compute_curve(model, batches, torch.device("cpu"), [1e-9, TAU, 1.0], draws=3)
+    with torch.no_grad():
+        ce = [
+            torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), reduction="sum")
+            for x, y in batches
+        ]
+    assert dense == pytest.approx(float(sum(ce)) / (2 * 3 * 24), rel=1e-6)
+    assert (nothing.ffn_skipped, nothing.delta_loss, nothing.random_delta_loss, nothing.random_delta_std) == (
+        0,
+        0,
+        0,
+        0,
+    )
+    # τ = 1: every FFN is skipped, by the gates and by every random draw alike
+    assert everything.ffn_skipped == 1.0 == everything.random_ffn_skipped
+    assert everything.random_delta_loss == pytest.approx(everything.delta_loss, abs=1e-6)
+    assert everything.random_delta_std == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        masks = [model(x, skip=SkipPlan(TAU)).skipped for x, _ in batches]
+    counted = sum(
+        (count_flops(TINY, model.modulation_config, 3, 24, m) for m in masks[1:]),
+        count_flops(TINY, model.modulation_config, 3, 24, masks[0]),
+    )
+    assert some.ffn_skipped == pytest.approx(counted.ffn_fraction) and 0 < some.ffn_skipped < 1
+    assert some.total_skipped == pytest.approx(counted.total_fraction)
+    assert some.random_ffn_skipped == pytest.approx(some.ffn_skipped)  # same count per layer, FFN cost per token fixed
+    assert some.delta_loss == pytest.approx(some.val_loss - dense) and some.random_delta_std > 0
+    again = compute_curve(model, batches, torch.device("cpu"), [TAU], draws=3)[1][0]
+    assert again.random_delta_loss == some.random_delta_loss  # seeded draws: a rerun gives the same numbers
+
+
+def test_compute_curve_refuses_a_model_without_gates():
+    with pytest.raises(NCNConfigError, match=r"skip_grid needs a model with gates: ncn.targets=\['temperature'\]"):
+        compute_curve(tiny(["temperature"]), [(tokens(), tokens())], torch.device("cpu"), [0.5])
+
+
+def test_report_shows_the_compute_columns_at_the_report_threshold():
+    keys = {name: f"val/compute/t{REPORT_TAU:g}/{name}" for name in ("ffn_skipped", "total_skipped", "delta_loss")}
+    random_key = f"val/compute/t{REPORT_TAU:g}/random_delta_loss"
+    results = [
+        RunResult(
+            "sparse",
+            s,
+            1,
+            0.0,
+            2.0,
+            1.0,
+            [],
+            {keys["ffn_skipped"]: f, keys["total_skipped"]: f / 2, keys["delta_loss"]: d, random_key: r},
+        )
+        for s, (f, d, r) in enumerate([(0.30, 0.01, 0.05), (0.34, 0.03, 0.07)])
+    ]
+    text = markdown(table(results, ["sparse"], {"ncn": ["sparse"]}), "compute", [])
+    assert f"| FFN FLOPs skipped at τ={REPORT_TAU:g} (%) | forward FLOPs skipped (%) |" in text
+    half = T_975_DF1 * 0.01  # sample std of (0.01, 0.03) is 0.01·√2, over √2 runs
+    assert f"| 32.0 ± 2.8 | 16.0 ± 1.4 | {0.02:+.4f} [{0.02 - half:+.4f}, {0.02 + half:+.4f}] |" in text
+    assert f"{0.06:+.4f} [{0.06 - half:+.4f}, {0.06 + half:+.4f}]" in text
+    plain = [RunResult("full", 0, 1, 0.0, 2.0, 1.0)]
+    assert "FLOPs skipped" not in markdown(table(plain, ["full"], {"ncn": ["full"]}), "ablation", [])
+
+
+@pytest.mark.slow
+def test_sparse_trains_measures_and_skips_through_run_py(tmp_path: Path, mlflow_store) -> None:
+    """ncn=sparse trains with the cost logged apart, measures its τ grid at the end, and eval, generate and
+    analyze take skip_threshold; a fresh model's gates (≈ 0.95) are all below τ = 1, none below 0.5."""
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    run_dir = tmp_path / "run"
+    base = ["model=tiny", "data.tokenizer=bytes", f"tracking.uri={uri}"]
+    done = run_cli([*base, "trainer=smoke", "ncn=sparse", "skip_grid=[0.5]", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    costs = [m["train/compute_loss"] for m in logged if "train/compute_loss" in m]
+    assert len(costs) == 6 and all(abs(c - 0.2 * 0.9526) < 0.005 for c in costs)  # λ · cost, gates at sigmoid(3)
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert final["val/compute/t0.5/ffn_skipped"] == 0.0 == final["val/compute/t0.5/delta_loss"]
+
+    ckpt = f"checkpoint={run_dir / 'checkpoints' / 'step_000006'}"
+    evaluated = run_cli(
+        [
+            "task=eval",
+            ckpt,
+            "skip_threshold=1.0",
+            "skip_grid=[0.5,1.0]",
+            "skip_draws=2",
+            f"hydra.run.dir={tmp_path / 'e'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "skip_threshold 1: 100.0 % of FFN FLOPs and" in evaluated.stdout
+    rows = list(csv.DictReader((tmp_path / "e" / "compute.csv").open()))
+    assert [float(r["tau"]) for r in rows] == [0.5, 1.0]
+    assert float(rows[1]["ffn_skipped"]) == 1.0 == float(rows[1]["random_ffn_skipped"])
+    assert float(rows[0]["total_skipped"]) == 0.0 < float(rows[1]["total_skipped"]) < 1.0  # K/V, head, controller stay
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("ncn").experiment_id])[0]
+    assert run.data.metrics["val/compute/t1/ffn_skipped"] == 1.0 and run.info.status == "FINISHED"
+
+    args = ["task=generate", ckpt, "prompt=ROMEO:", "max_new_tokens=16", "seed=0"]
+    dense = run_cli([*args, f"hydra.run.dir={tmp_path / 'g0'}"], cwd=tmp_path)
+    tiny_tau = run_cli([*args, "skip_threshold=1e-9", f"hydra.run.dir={tmp_path / 'g1'}"], cwd=tmp_path)
+    assert dense.returncode == 0 == tiny_tau.returncode and dense.stdout == tiny_tau.stdout  # nothing below τ
+
+    analyzed = run_cli(["task=analyze", ckpt, "skip_threshold=1.0", f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path)
+    assert analyzed.returncode == 0, analyzed.stderr[-3000:]
+    stats = json.loads((tmp_path / "a" / "analysis" / "summary.json").read_text())["statistics"]
+    assert stats["layer_gate/L0/skipped"] == 1.0 == stats["head_gate/L1/skipped"]
+
+
+def test_a_threshold_outside_its_range_is_one_error_line(tmp_path: Path) -> None:
+    done = run_cli(["task=eval", "skip_grid=[0.5,1.5]"], cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: skip_grid contains 1.5, outside (0, 1]: list gate thresholds, e.g. skip_grid=[0.1,0.3,0.5]"
+    )

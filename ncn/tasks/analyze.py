@@ -22,6 +22,7 @@ from ncn.config import RunConfig, RunContext
 from ncn.data.loader import DataModule
 from ncn.data.tokenizer import encode_prompt, get_encoding, token_labels
 from ncn.errors import NCNConfigError
+from ncn.model.signals import GATES
 from ncn.tracking import open_tracker
 from ncn.training.checkpoint import load_model, open_checkpoint
 from ncn.training.evaluation import run_signals
@@ -62,12 +63,14 @@ def signal_table(signals: dict[str, torch.Tensor], tokens: Sequence[str], index:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
-def signal_summary(signals: dict[str, torch.Tensor], index: int = 0) -> dict[str, float]:
+def signal_summary(signals: dict[str, torch.Tensor], index: int = 0, skip_threshold: float = 0.0) -> dict[str, float]:
     """Per-layer statistics of each signal over the tokens (and heads) of one sequence.
 
     Keys are ``<signal>/L<layer>/<stat>`` (the tracking namespace, e.g. ``precision/L3/min``):
     mean, std (population, ddof=0), min, max for every signal, and for ffn_gate also
-    ``frac_below_0.5``, the fraction of tokens whose gate is < 0.5 (FFN mostly off).
+    ``frac_below_0.5``, the fraction of tokens whose gate is < 0.5 (FFN mostly off). With
+    skip_threshold τ > 0, every gate (ffn_gate, head_gate, layer_gate) also gets ``skipped``:
+    the fraction of its units (tokens, and heads) that inference at τ skips.
     """
     summary = {}
     for name, values in signal_rows(signals, index).items():
@@ -80,6 +83,8 @@ def signal_summary(signals: dict[str, torch.Tensor], index: int = 0) -> dict[str
             summary[f"{prefix}/max"] = float(v.max())
             if name == "ffn_gate":
                 summary[f"{prefix}/frac_below_{GATE_THRESHOLD:g}"] = float((v < GATE_THRESHOLD).mean())
+            if skip_threshold > 0 and name in GATES:
+                summary[f"{prefix}/skipped"] = float((v < skip_threshold).mean())
     return summary
 
 
@@ -89,7 +94,8 @@ def summary_table(summary: dict[str, float]) -> pd.DataFrame:
     layer = keys[1].str[1:].astype(int)  # "L10" after "L9", not after "L1"
     table = pd.DataFrame({"signal": keys[0], "layer": layer, "stat": keys[2], "value": list(summary.values())})
     wide = table.pivot(index=["signal", "layer"], columns="stat", values="value")
-    return wide[[c for c in ("mean", "std", "min", "max", f"frac_below_{GATE_THRESHOLD:g}") if c in wide.columns]]
+    stats = ("mean", "std", "min", "max", f"frac_below_{GATE_THRESHOLD:g}", "skipped")
+    return wide[[c for c in stats if c in wide.columns]]
 
 
 def main(cfg: RunConfig, ctx: RunContext) -> None:
@@ -100,6 +106,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
     to the checkpoint's MLflow run under `analysis/<run dir name>/` (its status is unchanged) when
     tracking is on and the run is in the store (the checkpoint's store unless `tracking` is
     overridden). A prompt longer than block_size is cropped from the left with a warning.
+    skip_threshold τ > 0 adds to the summary the fraction of each gate's units inference at τ skips.
 
     Raises:
         CheckpointError: unusable checkpoint; NCNConfigError: a plain-Transformer checkpoint
@@ -136,7 +143,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
     title = f"{name}, step {ckpt.state.step}: {len(ids)} tokens of the {what}"
     signal_heatmaps(signals, labels, title=title).savefig(files[0], dpi=120)
     signal_table(signals, labels).to_csv(files[1], index=False)
-    summary = signal_summary(signals)
+    summary = signal_summary(signals, skip_threshold=cfg.skip_threshold)
     files[2].write_text(
         json.dumps(
             {

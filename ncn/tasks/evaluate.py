@@ -5,16 +5,28 @@ own data config unless `data` is overridden on the command line) and prints CE l
 = exp(CE) (NCN paper §4) and bits per byte; for a checkpoint trained with `global` salience
 pooling also the leak audit (the same weights under causal pooling, NCN paper §5).
 `ncn.pooling=causal` makes the causal evaluation of such a checkpoint the headline number.
+`skip_threshold=τ` evaluates with every FFN, head and block whose gate is below τ skipped;
+`skip_grid=[τ, ...]` measures the quality–compute trade against random skipping
+(`ncn.analysis.compute`, NCN paper §6.1, §8), prints it, writes compute.csv and logs it.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import sys
 
+import torch
+
+from ncn.analysis.compute import FIELDS, compute_curve, has_gates
+from ncn.analysis.compute import metrics as compute_metrics
+from ncn.analysis.compute import table as compute_table
 from ncn.config import RunConfig, RunContext
 from ncn.data.loader import DataModule
 from ncn.errors import CheckpointError, NCNConfigError
+from ncn.model.compute import FlopCount, SkipPlan, count_flops
+from ncn.model.gpt import ModulatedGPT
+from ncn.tracking import open_tracker
 from ncn.training.checkpoint import Checkpoint, load_model, open_checkpoint
 from ncn.training.evaluation import (
     EARLY_POSITIONS,
@@ -89,8 +101,16 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             f"data.tokenizer={ckpt.config.data.tokenizer}: evaluate on data tokenized the same way "
             f"(data.tokenizer={ckpt.config.data.tokenizer})"
         )
+    if (cfg.skip_threshold > 0 or cfg.skip_grid) and not has_gates(model):
+        raise NCNConfigError(
+            f"skip_threshold/skip_grid need a model with gates, and {ckpt.path} has none "
+            f"(ncn.targets={model.modulation_config.targets}): evaluate a checkpoint trained with ncn=sparse, "
+            "ncn.targets with head_gate or layer_gate, or a gating activation target"
+        )
     batches = data.val_batches(cfg.trainer.batch_size, model.config.block_size, cfg.trainer.eval_batches)
-    metrics = evaluate(model, batches, next(model.parameters()).device, bits_per_byte=data.bits_per_byte)
+    device = next(model.parameters()).device
+    skip = SkipPlan(cfg.skip_threshold) if cfg.skip_threshold > 0 else None
+    metrics = evaluate(model, batches, device, bits_per_byte=data.bits_per_byte, skip=skip)
     loss = metrics[VAL_LOSS_CAUSAL] if causal else metrics["val/loss"]
     tokens = sum(y.numel() for _, y in batches)
     pooling = "ncn.pooling=causal (trained: global) | " if causal else ""
@@ -102,7 +122,57 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     )
     if uses_future(model):
         print(_audit_line(metrics, model.config.block_size), flush=True)
+    if skip is not None:
+        flops = _skipped(model, batches, skip)
+        print(
+            f"skip_threshold {cfg.skip_threshold:g}: {100 * flops.ffn_fraction:.1f} % of FFN FLOPs and "
+            f"{100 * flops.total_fraction:.1f} % of forward FLOPs skipped",
+            flush=True,
+        )
+    if cfg.skip_grid:
+        _measure_grid(cfg, ctx, ckpt, model, batches)
     return loss
+
+
+def _skipped(model: ModulatedGPT, batches: list, skip: SkipPlan) -> FlopCount:
+    """FLOPs (counted, `count_flops`) that `skip` skips over `batches`."""
+    device = next(model.parameters()).device
+    total = FlopCount(0.0, 0.0, 0.0, 0.0)
+    with torch.no_grad():
+        for x, _ in batches:
+            masks = model(x.to(device), skip=skip).skipped
+            total = total + count_flops(model.config, model.modulation_config, *x.shape, masks)
+    return total
+
+
+def _measure_grid(cfg: RunConfig, ctx: RunContext, ckpt: Checkpoint, model: ModulatedGPT, batches: list) -> None:
+    """The τ grid against random skipping: printed, written to <run dir>/compute.csv, logged to the checkpoint's run.
+
+    Metrics `val/compute/t<τ>/<field>` go to the checkpoint's MLflow run at its step (when
+    tracking is on and the run is in the store), with compute.csv as an artifact under
+    `compute/<run dir name>/`.
+    """
+    device = next(model.parameters()).device
+    dense, rows = compute_curve(model, batches, device, list(cfg.skip_grid), cfg.skip_draws, cfg.seed)
+    print(compute_table(dense, rows), flush=True)
+    path = ctx.run_dir / "compute.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["dense_val_loss", *FIELDS])
+        writer.writeheader()
+        writer.writerows({"dense_val_loss": dense, **r.as_dict()} for r in rows)
+    print(f"wrote {path}", flush=True)
+    tracking_overridden = any(k.split(".")[0] == "tracking" for k in ctx.overridden)
+    tracker = open_tracker(cfg.tracking if tracking_overridden else ckpt.config.tracking, ctx.launch_dir)
+    run_id = ckpt.state.mlflow_run_id
+    if not (tracker.enabled and run_id):
+        return
+    tracker.check()
+    if tracker.get_run(run_id) is None:
+        print(f"warning: MLflow run {run_id} is not in {tracker.uri}: results are only local", file=sys.stderr)
+        return
+    tracker.log_metrics(compute_metrics(rows), step=ckpt.state.step, run_id=run_id)
+    tracker.log_artifact(path, f"compute/{ctx.run_dir.name}", run_id=run_id)
+    print(f"logged to MLflow run {run_id} ({tracker.uri}): val/compute/t<τ>/*", flush=True)
 
 
 def _audit_line(metrics: dict[str, float], block_size: int) -> str:

@@ -50,7 +50,9 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
         )
 
     # stream() checks its arguments when called, so a bad setting fails before any output.
-    new_tokens = model.stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache)
+    new_tokens = model.stream(
+        idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache, cfg.skip_threshold
+    )
     count = 0
 
     def counted() -> Iterator[int]:

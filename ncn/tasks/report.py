@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ncn.analysis import sample_efficiency as se
+from ncn.analysis.compute import REPORT_TAU
 from ncn.analysis.statistics import delta_interval, mean_interval, mean_std
 from ncn.config import RunConfig, RunContext, TrackingConfig
 from ncn.errors import NCNConfigError
@@ -37,6 +38,10 @@ EXTRA_COLUMNS = (
     ("leak", VAL_LEAK, "ci"),
     ("leak_early", VAL_LEAK_EARLY, "ci"),
     ("leak_late", VAL_LEAK_LATE, "ci"),
+    ("ffn_skipped", f"val/compute/t{REPORT_TAU:g}/ffn_skipped", "std"),
+    ("total_skipped", f"val/compute/t{REPORT_TAU:g}/total_skipped", "std"),
+    ("compute_delta", f"val/compute/t{REPORT_TAU:g}/delta_loss", "ci"),
+    ("compute_random_delta", f"val/compute/t{REPORT_TAU:g}/random_delta_loss", "ci"),
 )
 
 SPREAD = {"std": ("std",), "ci": ("ci_low", "ci_high"), "std+ci": ("std", "ci_low", "ci_high")}
@@ -256,6 +261,13 @@ def _spread(r: dict[str, Any], name: str, fmt: str) -> str:
     return text
 
 
+def _percent(r: dict[str, Any], name: str) -> str:
+    """ "31.2 ± 0.4": a fraction column's mean ± sample std in percent ("n/a" where no run logged it)."""
+    if math.isnan(r[f"{name}_mean"]):
+        return "n/a"
+    return f"{100 * r[f'{name}_mean']:.1f} ± {_num(100 * r[f'{name}_std'], '.1f')}"
+
+
 def _delta(r: dict[str, Any], name: str) -> str:
     """ "-0.0123 [-0.0200, -0.0046]": a Δ column with its 95 % interval ("n/a" where undefined)."""
     if math.isnan(r[f"{name}_val_loss"]):
@@ -267,9 +279,11 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
     """The table as Markdown (losses in nats/token, Δ < 0 = better than the baseline).
 
     A val bpb column appears when any run logged bits per byte; the leak audit's columns when
-    any variant's mean leak is non-zero (a sweep with `global` salience pooling).
+    any variant's mean leak is non-zero (a sweep with `global` salience pooling); the
+    conditional-compute columns when any run measured skipping at τ = `REPORT_TAU` (skip_grid).
     """
     bpb, leak = _has(rows, "val_bpb_mean"), _has(rows, "leak_mean", nonzero=True)
+    compute = _has(rows, "ffn_skipped_mean")
     iso = _has(rows, "delta_iso_val_loss")
     header = ["variant", "seeds", "params", "controller %", "val loss ± std [95 % CI]", "val ppl"]
     align = ["---", "---", "---:", "---:", "---", "---"]
@@ -284,6 +298,14 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
             "leak [95 % CI]",
             f"leak, positions < {EARLY_POSITIONS} [95 % CI]",
             f"leak, positions ≥ {EARLY_POSITIONS} [95 % CI]",
+        ]
+        align += ["---"] * 4
+    if compute:
+        header += [
+            f"FFN FLOPs skipped at τ={REPORT_TAU:g} (%)",
+            "forward FLOPs skipped (%)",
+            "Δ loss gated skipping [95 % CI]",
+            "Δ loss random skipping [95 % CI]",
         ]
         align += ["---"] * 4
     header, align = [*header, "tokens/s"], [*align, "---:"]
@@ -312,6 +334,9 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
         if leak:
             cells.append(_spread(r, "val_loss_causal", ".4f"))
             cells += [_interval(r, name) for name in ("leak", "leak_early", "leak_late")]
+        if compute:
+            cells += [_percent(r, "ffn_skipped"), _percent(r, "total_skipped")]
+            cells += [_interval(r, name) for name in ("compute_delta", "compute_random_delta")]
         cells.append(f"{r['tokens_per_s']:,.0f}")
         lines.append(f"| {' | '.join(str(c) for c in cells)} |")
     if leak:

@@ -19,6 +19,9 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ncn.analysis.compute import compute_curve, has_gates
+from ncn.analysis.compute import metrics as compute_metrics
+from ncn.analysis.compute import table as compute_table
 from ncn.config import RunConfig, RunContext, check_baseline_choice, python_command, shell_override
 from ncn.data.loader import DataModule
 from ncn.data.tokenizer import token_labels
@@ -189,6 +192,19 @@ def _log_sample_efficiency(tracker: Tracker, tokens_per_step: int, step: int) ->
         tracker.log_metrics(summary, step)
 
 
+def _measure_compute(job: Job, cfg: RunConfig, step: int) -> dict[str, float]:
+    """`skip_grid` after the last step: gated vs random skipping on the val batches, logged at `step`.
+
+    Raises:
+        NCNConfigError: the model has no gate (`compute_curve`).
+    """
+    dense, rows = compute_curve(job.model, job.val_batches, job.device, list(cfg.skip_grid), cfg.skip_draws, cfg.seed)
+    log.info("conditional compute at step %d (gated vs random skipping):\n%s", step, compute_table(dense, rows))
+    measured = compute_metrics(rows)
+    job.tracker.log_metrics(measured, step=step)
+    return measured
+
+
 def main(cfg: RunConfig, ctx: RunContext) -> float:
     """Train as `cfg` says; returns the final val loss (the objective for sweepers).
 
@@ -220,6 +236,11 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             f"{data.vocab_size}: use model.vocab_size={data.vocab_size}"
         )
     job = _build_job(cfg, ctx, data, tracker, device, rank, world_size)
+    if cfg.skip_grid and not has_gates(job.model):
+        raise NCNConfigError(
+            f"skip_grid={list(cfg.skip_grid)} needs a model with gates, and ncn.targets={cfg.ncn.targets} has none: "
+            "train ncn=sparse (or add head_gate / layer_gate to ncn.targets), or drop skip_grid"
+        )
     state = TrainState(run_name=run_name)
     if resumed is not None:
         state = checkpoint.restore(resumed, job.model, job.optimizer, cfg.optim, job.scaler, job.loader)
@@ -239,6 +260,8 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
         try:
             _record_start(job, state, ctx, data, resumed)
             metrics = train(job, state, cfg.trainer, last)
+            if cfg.skip_grid and rank == 0:
+                metrics.update(_measure_compute(job, cfg, state.step))
             final = {**metrics, "step": state.step, "tokens_seen": state.tokens_seen}
             if rank == 0:
                 (ctx.run_dir / "metrics.json").write_text(json.dumps(final, indent=2))

@@ -119,9 +119,12 @@ class Tracker:
     def log_params(self, params: Mapping[str, str]) -> None:
         """Record params (flattened, string values); see `flatten`."""
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Record metrics at optimizer step `step`; non-finite values only go to metrics.jsonl."""
-        if self.metrics_file is not None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, run_id: str | None = None) -> None:
+        """Record metrics at optimizer step `step`; non-finite values only go to metrics.jsonl.
+
+        run_id: record them on that run (whose status stays as it is) instead of this one.
+        """
+        if self.metrics_file is not None and run_id is None:
             with self.metrics_file.open("a") as f:
                 f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 

@@ -287,18 +287,20 @@ class MLflowTracker(Tracker):
             self.log_dict(changed, f"{where}/changed_params.json")
             self.set_tags({f"ncn.{where}": ", ".join(f"{k}={v['now']}" for k, v in changed.items())[:5000]})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, run_id: str | None = None) -> None:
         from mlflow.entities import Metric
 
-        super().log_metrics(metrics, step)
+        super().log_metrics(metrics, step, run_id)
         now = int(time.time() * 1000)
+        until = self._metric_until if run_id is None else {}
         items = [
             Metric(k, float(v), now, step)
             for k, v in metrics.items()
-            if math.isfinite(float(v)) and step > self._metric_until.get(k, -1)
+            if math.isfinite(float(v)) and step > until.get(k, -1)
         ]
+        client = self.client if run_id is None else self._ready()
         for i in range(0, len(items), 1000):  # MLflow's batch limit for metrics
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+            client.log_batch(run_id or self.run_id, metrics=items[i : i + 1000])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
         client, target = self._ready(), run_id or self.run_id

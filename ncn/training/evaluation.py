@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ncn.errors import NCNConfigError
+from ncn.model.compute import SkipPlan
 from ncn.model.gpt import ModulatedGPT
 from ncn.training.runtime import autocast
 
@@ -68,12 +69,18 @@ def with_pooling(model: ModulatedGPT, pooling: str) -> ModulatedGPT:
 
 @torch.no_grad()
 def _position_ce(
-    model: ModulatedGPT, batches: Batches, device: torch.device, precision: str, moments: dict | None = None
+    model: ModulatedGPT,
+    batches: Batches,
+    device: torch.device,
+    precision: str,
+    moments: dict | None = None,
+    skip: SkipPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position t of the block: (sum of next-token CE over all val rows, number of rows), both (T,) float64 on CPU.
 
     CE is computed under autocast as the model computes its training CE. When `moments` is a
     dict, it collects per signal the (L, 3) count, sum, sum of squares over tokens (and heads).
+    `skip`: evaluate with those gated units skipped (inference that skips, `ncn.model.compute`).
     Runs in eval mode and restores the module's train/eval mode afterwards.
     """
     was_training = model.training
@@ -83,7 +90,7 @@ def _position_ce(
         for x, y in batches:
             y = y.to(device)
             with autocast(device, precision):
-                out = model(x.to(device))
+                out = model(x.to(device), skip=skip)
                 ce = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)  # (B, T)
             batch = ce.double().sum(0).cpu()  # (T,)
             sums = batch if sums is None else sums + batch
@@ -111,6 +118,7 @@ def leak_audit(
     precision: str = "fp32",
     early: int = EARLY_POSITIONS,
     trained: tuple[torch.Tensor, torch.Tensor] | None = None,
+    skip: SkipPlan | None = None,
 ) -> dict[str, float]:
     """The val CE that `model`'s view of future tokens buys (NCN paper §5; the reference's `global` pooling).
 
@@ -124,7 +132,10 @@ def leak_audit(
     loss and every leak is exactly 0.0 (nothing is re-evaluated).
     """
     sums, counts = trained if trained is not None else _position_ce(model, batches, device, precision)
-    causal = _position_ce(with_pooling(model, "causal"), batches, device, precision)[0] if uses_future(model) else sums
+    if uses_future(model):
+        causal = _position_ce(with_pooling(model, "causal"), batches, device, precision, skip=skip)[0]
+    else:
+        causal = sums
     metrics = {VAL_LOSS_CAUSAL: float(causal.sum() / counts.sum())}
     for key, part in ((VAL_LEAK, slice(None)), (VAL_LEAK_EARLY, slice(0, early)), (VAL_LEAK_LATE, slice(early, None))):
         if counts[part].sum() > 0:
@@ -139,6 +150,7 @@ def evaluate(
     precision: str = "fp32",
     bits_per_byte: Callable[[float], float] | None = None,
     early: int = EARLY_POSITIONS,
+    skip: SkipPlan | None = None,
 ) -> dict[str, float]:
     """Validation metrics of `model` on `batches` of (x, y) int64 (B, T), under autocast `precision`.
 
@@ -147,15 +159,16 @@ def evaluate(
     (`DataModule.bits_per_byte`), the leak audit (`leak_audit`: `val/leak/causal_loss`, `val/leak/all`,
     `val/leak/early`, `val/leak/late`; leaks exactly 0.0 unless the model pools globally), and
     per signal and layer the mean and std over all val tokens (and heads):
-    `val/signals/<name>/L<i>/mean|std`. Restores the module's train/eval mode afterwards.
+    `val/signals/<name>/L<i>/mean|std`. `skip`: every number with those gated units skipped
+    (`ncn.model.compute.SkipPlan`). Restores the module's train/eval mode afterwards.
     """
     moments: dict[str, torch.Tensor] = {}  # name -> (L, 3): count, sum, sum of squares
-    sums, counts = _position_ce(model, batches, device, precision, moments)
+    sums, counts = _position_ce(model, batches, device, precision, moments, skip)
     loss = float(sums.sum() / counts.sum())
     metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0))}
     if bits_per_byte is not None:
         metrics[VAL_BPB] = bits_per_byte(loss)
-    metrics.update(leak_audit(model, batches, device, precision, early, trained=(sums, counts)))
+    metrics.update(leak_audit(model, batches, device, precision, early, trained=(sums, counts), skip=skip))
     for name, stats in moments.items():
         for layer, (count, total, squares) in enumerate(stats.tolist()):
             mean = total / count
