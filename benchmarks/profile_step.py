@@ -61,17 +61,15 @@ def profiled(variant, batch, steps: int, cuda: bool) -> tuple[dict[str, float], 
         wall = sum(timed_step(variant, batch)[0] for _ in range(steps))
     self_us: dict[str, float] = collections.defaultdict(float)
     calls = 0
-    for event in prof.key_averages():
-        if cuda:
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            time_us = event.self_device_time_total
-        else:
-            if not event.key.startswith("aten::"):
-                continue
+    for event in prof.events():
+        if cuda and event.device_type == torch.autograd.DeviceType.CUDA:
+            time_us = event.device_time_total  # a kernel: its own duration on the card
+        elif not cuda and event.name.startswith("aten::"):
             time_us = event.self_cpu_time_total
-        self_us[event.key] += time_us / steps
-        calls += event.count
+        else:
+            continue
+        self_us[event.name] += time_us / steps
+        calls += 1
     return dict(self_us), calls / steps, 1000.0 * wall / steps
 
 
