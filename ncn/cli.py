@@ -10,6 +10,7 @@ Hydra. `one_line(exc)` words any error that ends a run as one line for `error: <
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shlex
 import string
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
 import ncn.schema  # noqa: F401  (registers the resolvers and the schema before composition)
-from ncn.config import RunConfig, RunContext
+from ncn.config import SWEPT_ENV, RunConfig, RunContext
 from ncn.errors import NCNConfigError, RunFailedError
 from ncn.schema import conf_dir
 
@@ -60,6 +61,7 @@ def typed(cfg: DictConfig) -> tuple[RunConfig, RunContext]:
         config=resolved,
         command=" ".join(shlex.quote(a) for a in sys.argv),
         job=job_num,
+        swept=frozenset(k for k in os.environ.get(SWEPT_ENV, "").split(",") if k and job_num is not None),
     )
 
 

@@ -494,6 +494,9 @@ class RunConfig:
             raise NCNConfigError(f"skip_draws={self.skip_draws!r} must be an integer >= 1: e.g. skip_draws=3")
 
 
+SWEPT_ENV = "NCN_SWEPT_KEYS"  # comma-separated keys a sweep varies, set for its jobs (ncn.tasks.sweep)
+
+
 @dataclass(frozen=True)
 class RunContext:
     """Where and how a run was launched; built once by the entry point (run.py) from Hydra.
@@ -503,7 +506,9 @@ class RunContext:
     option of each config group ({"model": "small", "ncn": "full", ...}). overridden: config
     keys and groups set on the command line ({"model", "trainer.max_steps", ...}). config: the
     resolved composed config as plain containers (logged to MLflow, saved in checkpoints).
-    command: the command line. job: a sweep job's number, None outside a sweep.
+    command: the command line. job: a sweep job's number, None outside a sweep. swept: the keys
+    the sweep varies (`ncn.pooling`, `seed`, ...), which the job's run name shows; empty outside a
+    sweep (the sweep's callback exports them to its jobs as `SWEPT_ENV`).
     """
 
     run_dir: Path
@@ -513,6 +518,7 @@ class RunContext:
     config: dict[str, Any] = field(default_factory=dict)
     command: str = ""
     job: int | None = None
+    swept: frozenset[str] = frozenset()
 
     @classmethod
     def here(cls, config: dict[str, Any] | None = None) -> RunContext:

@@ -128,6 +128,21 @@ def test_resolve_a_run_name_or_mlflow_run_id_gives_that_runs_newest_checkpoint(t
         ckpt.resolve("no-such-run", tmp_path, key="trainer.resume")
 
 
+def test_a_run_name_several_runs_share_says_which_it_picked(tmp_path: Path) -> None:
+    """Two runs named small-full-s0 (the same command run twice): the one that checkpointed last is used, and a
+    warning names it and gives the folder and run id of the other."""
+    first, second = (tmp_path / "outputs" / "d" / t / "checkpoints" for t in ("first", "second"))
+    _save(first, 3, _model(), run_name="small-full-s0", run_id="a" * 32)
+    _save(second, 6, _model(), run_name="small-full-s0", run_id="b" * 32)
+    with pytest.warns(UserWarning) as caught:
+        assert ckpt.resolve("small-full-s0", tmp_path, key="trainer.resume") == second / "step_000006"
+    assert [str(w.message) for w in caught] == [
+        f"trainer.resume=small-full-s0 names 2 runs: using the newest, {second.parent} (MLflow run {'b' * 32}); to "
+        f"pick another, pass its folder or MLflow run id: trainer.resume={first.parent} (MLflow run {'a' * 32})"
+    ]
+    assert ckpt.resolve(str(first.parent), tmp_path) == first / "step_000003"  # the way to pick the other
+
+
 CRASH_SCRIPT = """
 import sys; from pathlib import Path; sys.path.insert(0, {tests!r})
 import faults, test_checkpoint as t

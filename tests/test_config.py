@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_config.py
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.config import DataConfig, OptimConfig, TrackingConfig, TrainerConfig
 from ncn.errors import NCNConfigError
-from ncn.tracking import MLflowTracker, NullTracker, default_run_name, open_tracker
+from ncn.tracking import MLflowTracker, NullTracker, default_run_name, name_overrides, open_tracker
 
 from conftest import REPO, run_cli
 
@@ -158,6 +159,35 @@ def test_run_names(compose_config) -> None:
     )
     cfg = compose_config(["ncn=gain_only", "seed=7"], hydra=True)
     assert default_run_name(OmegaConf.to_container(cfg.hydra.runtime.choices), cfg.seed) == "small-gain_only-s7"
+
+
+def _name(compose_config, overrides: list[str], swept: tuple[str, ...] = ()) -> str:
+    """The default run name of a command line, as the train task builds it."""
+    choices = OmegaConf.to_container(compose_config(overrides, hydra=True).hydra.runtime.choices)
+    cfg = compose_config(overrides)
+    typed = [o.split("=", 1)[0] for o in overrides]
+    return default_run_name(choices, cfg.seed, name_overrides(OmegaConf.to_container(cfg, resolve=True), typed, swept))
+
+
+def test_run_names_tell_runs_apart(compose_config) -> None:
+    """Architecture overrides and a sweep's varied keys are in the name; what does not change the model
+    (the budget, the seed, paths) is not; more than three named overrides become a short hash of them."""
+    assert _name(compose_config, []) == "small-full-s0"  # the default run keeps its name
+    assert _name(compose_config, ["model.d_model=96", "model.n_layer=2"]) == "small-full-d_model_96-n_layer_2-s0"
+    assert _name(compose_config, ["model=tiny", "trainer.max_steps=50", "seed=1"]) == "tiny-full-s1"
+    assert _name(compose_config, ["data.tokenizer=bytes"]) == "small-full-tokenizer_bytes-s0"
+    assert _name(compose_config, ["ncn.targets=[temperature,gain]"]) == "small-full-targets_temperature+gain-s0"
+    # the pooling sweep: its jobs differ in ncn.pooling only; an ad-hoc trainer grid is shown as swept
+    pooling = ["model=tiny", "ncn.pooling=global", "seed=2"]
+    assert _name(compose_config, pooling, swept=("ncn.pooling", "seed")) == "tiny-full-pooling_global-s2"
+    assert _name(compose_config, ["trainer.skip_nonfinite=5"], swept=("trainer.skip_nonfinite",)) == (
+        "small-full-skip_nonfinite_5-s0"
+    )
+    many = ["model.d_model=96", "model.n_layer=2", "model.n_head=2", "ncn.heads=1"]
+    hashed = _name(compose_config, many)
+    assert re.fullmatch(r"small-full-c[0-9a-f]{6}-s0", hashed)
+    assert hashed == _name(compose_config, list(reversed(many)))  # the same overrides in another order
+    assert hashed != _name(compose_config, [*many[:3], "ncn.heads=2"])  # one value differs
 
 
 def test_every_reference_flag_has_an_override(compose_config) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -503,3 +504,30 @@ def test_a_sweep_is_found_by_a_name_with_quotes(tmp_path: Path, mlflow_store) ->
     child = tracker.create_run("run", tags={"mlflow.parentRunId": parent})
     found = tracker.find_sweep('o\'brien "ü"')
     assert (found.run_id, [c.run_id for c in tracker.child_runs(found.run_id)]) == (parent, [child])
+
+
+def test_the_keys_a_sweep_varies_are_in_its_run_names(tmp_path: Path, corpus: Path) -> None:
+    """The pooling sweep varies ncn.pooling, which is no config group: each job's run name shows it."""
+    done = run_cli(
+        [
+            "-cd",
+            str(REPO / "sweeps"),
+            "-cn",
+            "pooling",
+            *FAST,
+            "trainer.max_steps=1",
+            "trainer.eval_every=1",
+            "data=text_files",
+            f"data.path={corpus}",
+            "data.val_fraction=0.2",
+            "tracking=none",
+            "ncn.pooling=causal,global",
+            "seed=0",
+        ],
+        cwd=tmp_path,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [folder] = (tmp_path / "multirun" / "pooling").glob("*/*")
+    names = [re.search(r"\] - (\S+): [\d,]+ params", (folder / job / "run.log").read_text()).group(1) for job in "01"]
+    assert names == ["tiny-full-text_files-pooling_causal-s0", "tiny-full-text_files-pooling_global-s0"]

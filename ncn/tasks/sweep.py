@@ -28,7 +28,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ncn.config import TrackingConfig, python_command, shell_override
+from ncn.config import SWEPT_ENV, TrackingConfig, python_command, shell_override
 from ncn.errors import USAGE_EXIT, NCNConfigError, exit_code
 from ncn.tracking import MLflowTracker, RunRecord, Tracker, git_commit, open_tracker
 from ncn.training.runtime import distributed_env
@@ -154,7 +154,8 @@ class SweepCallback(Callback):
         folder (`hydra.sweep.dir`), after checking that the sweep name and grid are the same;
         each job then continues its earlier attempt (`ncn.training.job_resume`).
     on_job_start (job process, any launcher): export NCN_PARENT_RUN_ID so the job's tracker
-        nests its run (`mlflow.parentRunId`) under the parent. A non-zero rank of a multi-task
+        nests its run (`mlflow.parentRunId`) under the parent, and NCN_SWEPT_KEYS (the keys the
+        sweep varies) so the job's run name shows them (`RunContext.swept`). A non-zero rank of a multi-task
         SLURM job (DDP) stops writing the job's log file: rank 0 logs.
     on_job_end (job process, rank 0): tag the job's run `ncn.sweep.job` (its overrides). A job
         run again in its folder may own several runs; the newest is its current one (see
@@ -210,6 +211,10 @@ class SweepCallback(Callback):
                 "from a SLURM login node, or run the sweep on this machine with hydra/launcher=basic (one job after "
                 "another) or hydra/launcher=joblib"
             )
+        sweeper = config.hydra.sweeper
+        params = OmegaConf.to_container(sweeper.params, resolve=True) if OmegaConf.select(sweeper, "params") else {}
+        grid = sweep_grid(params, list(config.hydra.overrides.task))
+        self.swept = [k for k, v in grid.items() if not isinstance(v, list) or len(v) > 1]
         tracking = TrackingConfig(**OmegaConf.to_container(config.tracking, resolve=True))
         resume = OmegaConf.select(config, "sweep_resume")
         if tracking.backend != "mlflow":  # tracking=none: nothing to group; a resume only reuses the folder
@@ -221,10 +226,6 @@ class SweepCallback(Callback):
         tracker.check()  # creates the sqlite store and the experiment once, before any job
         self.uri, self.experiment = tracker.uri, tracking.experiment
         self.sweep_name = "multirun" if config_name == "config" else config_name
-        sweeper = config.hydra.sweeper
-        params = OmegaConf.to_container(sweeper.params, resolve=True) if OmegaConf.select(sweeper, "params") else {}
-        grid = sweep_grid(params, list(config.hydra.overrides.task))
-        self.swept = [k for k, v in grid.items() if not isinstance(v, list) or len(v) > 1]
         # Optuna's sweeper says how many trials it runs; a grid sweeper runs every combination
         if OmegaConf.select(sweeper, "n_trials") is not None:
             self.expected_jobs = int(sweeper.n_trials)
@@ -306,6 +307,7 @@ class SweepCallback(Callback):
         return run_id
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ[SWEPT_ENV] = ",".join(self.swept)  # the job's run name shows the keys the sweep varies
         if self.parent_run_id is not None:
             os.environ[PARENT_ENV] = self.parent_run_id  # workers may predate on_multirun_start
         if distributed_env().rank > 0:  # one task of a multi-task SLURM job: rank 0 writes the job's log

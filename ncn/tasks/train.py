@@ -27,7 +27,7 @@ from ncn.data.loader import DataModule
 from ncn.data.tokenizer import token_labels
 from ncn.errors import NCNConfigError
 from ncn.model.gpt import ModulatedGPT
-from ncn.tracking import NullTracker, RunSource, Tracker, default_run_name, open_tracker
+from ncn.tracking import NullTracker, RunSource, Tracker, default_run_name, name_overrides, open_tracker
 from ncn.training import checkpoint, job_resume
 from ncn.training.checkpoint import Checkpoint, TrainState
 from ncn.training.loop import Job, total_steps, train
@@ -219,7 +219,9 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     cfg, resumed = _resume_source(cfg, ctx, attempt)
     if resumed is None:
         check_baseline_choice(ctx.choices, cfg.ncn.targets)
-    run_name = cfg.run_name or default_run_name(ctx.choices, cfg.seed)
+    run_name = cfg.run_name or default_run_name(
+        ctx.choices, cfg.seed, name_overrides(ctx.config, ctx.overridden, ctx.swept)
+    )
     cfg = dataclasses.replace(cfg, run_name=run_name)
     device, rank, world_size = setup_device(
         cfg.trainer.device, cfg.trainer.precision, cfg.trainer.threads, cfg.trainer.deterministic

@@ -22,6 +22,7 @@ from ncn.tracking.base import (
     default_run_name,
     flatten,
     git_commit,
+    name_overrides,
 )
 from ncn.tracking.mlflow_tracker import EXPERIMENT_KIND, MLflowTracker
 from ncn.tracking.store import default_uri
@@ -35,6 +36,7 @@ __all__ = [
     "RunSource",
     "Tracker",
     "default_run_name",
+    "name_overrides",
     "default_uri",
     "flatten",
     "git_commit",

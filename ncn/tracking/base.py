@@ -3,12 +3,15 @@
 `Tracker` appends metrics to a local `metrics.jsonl` and is a no-op for every store operation;
 `NullTracker` (`tracking=none`) is just that; `ncn.tracking.mlflow_tracker.MLflowTracker` records
 into MLflow. `RunRecord` is a run as a store holds it, `RunSource` where a training run comes
-from; `flatten` turns a nested config into MLflow params, `default_run_name` names a run.
+from; `flatten` turns a nested config into MLflow params, `default_run_name` names a run (with the
+overrides `name_overrides` picks).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
@@ -26,11 +29,41 @@ MAX_PARAM_VALUE = 6000  # MLflow silently truncates longer values
 NAME_DEFAULTS = {"data": "shakespeare", "optim": "adamw"}
 
 
-def default_run_name(choices: Mapping[str, str], seed: int) -> str:
-    """`<model>-<ncn>[-<data>][-<optim>]-s<seed>`; data/optim only when not the default option."""
+# Keys whose command-line value goes into a run's name: what the model is (its shape, its controller,
+# its tokenizer). A sweep's varied keys go in as well, whatever they are.
+NAME_KEY_PREFIXES = ("model.", "ncn.", "data.tokenizer")
+NAME_MAX_PARTS, NAME_MAX_CHARS = 3, 48  # more named overrides than this: a short hash of them instead
+
+
+def name_overrides(config: Mapping[str, Any], overridden: Iterable[str], swept: Iterable[str] = ()) -> dict[str, str]:
+    """{key: value} of the overrides a run's name shows: the keys of `overridden` (as typed on the command
+    line) that start with `NAME_KEY_PREFIXES`, and every key of `swept` (a sweep's varied keys), with their
+    values in the resolved `config`; config groups (`model=tiny`, in the name already) and `seed` left out."""
+    flat = flatten(config)
+    swept = set(swept)
+    keys = {k for k in overridden if k.startswith(NAME_KEY_PREFIXES)} | swept
+    return {k: flat[k] for k in sorted(keys) if k in flat and k != "seed"}
+
+
+def _name_part(key: str, value: str) -> str:
+    """`<leaf key>_<value>` with the value reduced to characters a shell and Hydra take unquoted, e.g.
+    model.d_model 96 -> d_model_96, ncn.targets [temperature, gain] -> targets_temperature+gain."""
+    text = re.sub(r"[^\w.+-]", "", value.replace(", ", "+"))
+    return f"{key.rsplit('.', 1)[-1]}_{text}"
+
+
+def default_run_name(choices: Mapping[str, str], seed: int, overrides: Mapping[str, str] | None = None) -> str:
+    """`<model>-<ncn>[-<data>][-<optim>][-<overrides>]-s<seed>`: data/optim only when not the default option;
+    `overrides` (`name_overrides`) as `<leaf key>_<value>` parts, e.g. small-full-d_model_96-n_layer_2-s0, or
+    as `c<6 hex digits>` (sha1 of the sorted overrides) when more than `NAME_MAX_PARTS` or longer than
+    `NAME_MAX_CHARS` characters, so runs with different overrides get different names."""
     parts = [choices.get("model", "model"), choices.get("ncn", "ncn")]
     parts += [choices[g] for g, default in NAME_DEFAULTS.items() if choices.get(g, default) != default]
-    return "-".join([*parts, f"s{seed}"])
+    named = [_name_part(k, v) for k, v in sorted((overrides or {}).items())]
+    if len(named) > NAME_MAX_PARTS or len("-".join(named)) > NAME_MAX_CHARS:
+        text = json.dumps(sorted((overrides or {}).items()))
+        named = [f"c{hashlib.sha1(text.encode('utf-8')).hexdigest()[:6]}"]
+    return "-".join([*parts, *named, f"s{seed}"])
 
 
 def git_commit(directory: Path) -> str | None:

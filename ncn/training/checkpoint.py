@@ -288,8 +288,12 @@ def _checkpoints_under(root: Path) -> list[Path]:
     return [p.parent for top in ("outputs", "multirun") for p in (root / top).glob(f"**/checkpoints/{POINTER}")]
 
 
-def _run_checkpoints(root: Path, spec: str) -> Path | None:
-    """The newest `checkpoints/` folder of the run named `spec` or with MLflow run id `spec`, or None."""
+def _run_checkpoints(root: Path, spec: str, key: str = "checkpoint") -> Path | None:
+    """The newest `checkpoints/` folder of the run named `spec` or with MLflow run id `spec`, or None.
+
+    A name that several runs share (the same command run twice) picks the run that checkpointed
+    last, with a warning that names it and how to pick each other one (its folder or run id).
+    """
     matches = []
     for folder in _checkpoints_under(root):
         try:
@@ -297,8 +301,18 @@ def _run_checkpoints(root: Path, spec: str) -> Path | None:
         except CheckpointError:
             continue
         if spec in (state.mlflow_run_id, state.run_name):
-            matches.append(folder)
-    return max(matches, key=lambda p: (p / POINTER).stat().st_mtime_ns) if matches else None
+            matches.append((folder, state.mlflow_run_id))
+    if not matches:
+        return None
+    matches.sort(key=lambda m: (m[0] / POINTER).stat().st_mtime_ns, reverse=True)
+    if len(matches) > 1:
+        others = "; ".join(f"{key}={folder.parent} (MLflow run {run_id})" for folder, run_id in matches[1:])
+        warnings.warn(
+            f"{key}={spec} names {len(matches)} runs: using the newest, {matches[0][0].parent} (MLflow run "
+            f"{matches[0][1]}); to pick another, pass its folder or MLflow run id: {others}",
+            stacklevel=2,
+        )
+    return matches[0][0]
 
 
 def resolve(spec: str | Path | None, search_root: Path | None = None, key: str = "checkpoint") -> Path:
@@ -338,7 +352,7 @@ def resolve(spec: str | Path | None, search_root: Path | None = None, key: str =
     for checkpoints in (path, path / "checkpoints"):
         if (checkpoints / POINTER).is_file():
             return read_pointer(checkpoints / POINTER)
-    if not path.exists() and "/" not in spec and (run := _run_checkpoints(root, spec)) is not None:
+    if not path.exists() and "/" not in spec and (run := _run_checkpoints(root, spec, key)) is not None:
         return read_pointer(run / POINTER)
     if not path.exists():
         what = "MLflow run id" if RUN_ID.match(spec) else "path or run name"
