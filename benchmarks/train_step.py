@@ -33,7 +33,7 @@ from ncn import ModulatedGPT, cli  # noqa: E402
 from ncn.config import RunConfig, TrainerConfig  # noqa: E402
 from ncn.tracking import NullTracker  # noqa: E402
 from ncn.training.loop import Job, optimizer_step  # noqa: E402
-from ncn.training.optim import build_optimizer, build_scheduler  # noqa: E402
+from ncn.training.optim import build_optimizer, build_scheduler, freeze_base  # noqa: E402
 from ncn.training.runtime import setup_device  # noqa: E402
 
 # Dense bf16 tensor-core peak, TFLOP/s (NVIDIA data sheets, SXM parts); first substring match wins.
@@ -71,14 +71,18 @@ def compose_config(args: argparse.Namespace, ncn: str, compiled: bool) -> RunCon
 
 
 def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> Variant:
-    """Model (seed 0), AdamW + schedule + scaler from conf/optim, wrapped as the train task does.
+    """Model (seed 0), AdamW + schedule + scaler from conf/optim, wrapped as the train task does
+    (`--override trainer.freeze=base`: the controller alone trains).
 
     name: a conf/ncn option, optionally suffixed "+compile".
     """
     ncn, compiled = name.removesuffix(COMPILED), name.endswith(COMPILED) or args.compile == "on"
     cfg = compose_config(args, ncn, compiled)
     torch.manual_seed(0)
-    model = ModulatedGPT(cfg.model, cfg.ncn).to(device)
+    model = ModulatedGPT(cfg.model, cfg.ncn)
+    if cfg.trainer.freeze == "base":
+        freeze_base(model)
+    model = model.to(device)
     model.activation_checkpointing = cfg.trainer.activation_checkpointing
     optimizer = build_optimizer(model, cfg.optim)
     job = Job(

@@ -26,10 +26,16 @@ PAPER_TARGETS = ("temperature", "gain", "activation")
 GATE_TARGETS = ("activation", "head_gate", "layer_gate")
 POOLINGS = ("causal", "global", "none")
 ACTIVATIONS = ("gate", "swish_beta")
+# Base-model choices (ModelConfig): the normalisation layer and the FFN nonlinearity.
+NORMS = ("rms", "layer")
+FFN_ACTIVATIONS = ("gelu", "gelu_tanh")
+# Signal parametrisations (ModulationConfig.parametrisation, docs/method.md §3).
+PARAMETRISATIONS = ("paper", "exact_neutral")
 SOURCES = ("shakespeare", "text_files", "hf")
 # Tokenizers a token cache can be built with, and their vocabulary sizes (end-of-text included).
 TOKENIZERS = {"gpt2": 50257, "bytes": 257}
 PRECISIONS = ("fp32", "bf16", "fp16")
+FREEZES = ("none", "base")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("mlflow", "none")
 TASKS = ("train", "prepare", "generate", "analyze", "eval", "report")
@@ -49,6 +55,9 @@ RESUME_MUTABLE = frozenset(
     }
 )
 RESUME_FIXED_GROUPS = ("model", "ncn", "data")
+# Keys outside those groups that a resume must keep as the checkpoint has them (the optimizer's
+# parameter set depends on trainer.freeze).
+RESUME_FIXED_KEYS = frozenset({"seed", "trainer.freeze"})
 
 
 def _default(cfg: object, name: str) -> Any:
@@ -84,9 +93,18 @@ class ModelConfig:
     d_ff: FFN hidden width; None means 4 * d_model.
     dropout: on embeddings, attention probabilities and both residual branches, in [0, 1).
     tie_weights: share the output head with the token embedding.
+    norm: "rms" (RMSNorm, no bias) or "layer" (LayerNorm, eps 1e-5, GPT-2's) before each
+        sublayer and before the head.
+    activation: FFN nonlinearity, "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation,
+        GPT-2's `gelu_new`).
+    bias: biases in the attention and FFN linears (and in LayerNorm); the head has none.
+    init_from: None, or a Hugging Face hub id (e.g. "gpt2") or a local folder of HF-format
+        GPT-2 weights (config.json + model.safetensors or pytorch_model.bin) that a fresh
+        training run loads into the base model (`ncn.integrations.pretrained`).
 
     Raises:
-        NCNConfigError: a non-positive size, d_model not divisible by n_head, dropout outside [0, 1).
+        NCNConfigError: a non-positive size, d_model not divisible by n_head, dropout outside
+            [0, 1), an unknown norm or activation, an empty init_from.
     """
 
     vocab_size: int = 50304
@@ -97,8 +115,18 @@ class ModelConfig:
     d_ff: int | None = None
     dropout: float = 0.0
     tie_weights: bool = True
+    norm: str = "rms"
+    activation: str = "gelu"
+    bias: bool = True
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
+        _choice("model.norm", self.norm, NORMS)
+        _choice("model.activation", self.activation, FFN_ACTIVATIONS)
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise NCNConfigError(
+                "model.init_from is empty: name a hub id (e.g. model.init_from=gpt2), a local folder, or null"
+            )
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head"):
             _positive(self, "model", name)
         _positive(self, "model", "d_ff", optional=True)
@@ -138,9 +166,14 @@ class ModulationConfig:
     compute_lambda: weight >= 0 of the compute cost, the FLOP-weighted mean of the gates
         (`ncn.model.compute.compute_loss`); 0 = off. When > 0 the homeostatic penalty leaves
         the gates (ffn_gate, head_gate, layer_gate) alone, so it does not pull them back to 1.
+    parametrisation: "paper" (the transforms and near-neutral init of NCN paper §3) or
+        "exact_neutral" (gain, precision and FFN gate exactly 1 at init, so a pretrained base
+        keeps its logits; docs/method.md §3). exact_neutral has no swish_beta, head_gate or
+        layer_gate.
 
     Raises:
-        NCNConfigError: unknown target/pooling/activation, repeated target, bad sizes or ranges.
+        NCNConfigError: unknown target/pooling/activation/parametrisation, repeated target, bad
+            sizes or ranges, exact_neutral with swish_beta, head_gate or layer_gate.
     """
 
     targets: list[str] = field(default_factory=lambda: list(PAPER_TARGETS))
@@ -152,6 +185,7 @@ class ModulationConfig:
     per_head_precision: bool = False
     activation: str = "gate"
     compute_lambda: float = 0.0
+    parametrisation: str = "paper"
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -166,6 +200,18 @@ class ModulationConfig:
             raise NCNConfigError(f"ncn.targets={self.targets} repeats a target: list each target once")
         _choice("ncn.pooling", self.pooling, POOLINGS)
         _choice("ncn.activation", self.activation, ACTIVATIONS)
+        _choice("ncn.parametrisation", self.parametrisation, PARAMETRISATIONS)
+        if self.parametrisation == "exact_neutral" and self.activation == "swish_beta" and "activation" in self.targets:
+            raise NCNConfigError(
+                "ncn.parametrisation=exact_neutral has no neutral Swish-β (x·sigmoid(1.702·x) only approximates GELU): "
+                "use ncn.activation=gate, or ncn.parametrisation=paper"
+            )
+        gates = [t for t in self.targets if t in ("head_gate", "layer_gate")]
+        if self.parametrisation == "exact_neutral" and gates:
+            raise NCNConfigError(
+                f"ncn.parametrisation=exact_neutral covers temperature, gain and activation, not {gates[0]}: "
+                "drop it from ncn.targets, or use ncn.parametrisation=paper"
+            )
         _positive(self, "ncn", "hidden_dim")
         _positive(self, "ncn", "heads")
         if not self.homeostatic_lambda >= 0.0:
@@ -351,10 +397,13 @@ class TrainerConfig:
     activation_checkpointing: recompute blocks in backward. threads: torch CPU threads per
     process (null = cores / local processes). deterministic: deterministic algorithms (exact
     resume on CPU). progress: tqdm bar on an interactive terminal. probe_tokens: at each eval,
-    log the signal heatmaps of the first N val tokens (0 = off; NCN paper §8).
+    log the signal heatmaps of the first N val tokens (0 = off; NCN paper §8). freeze: "none"
+    (train everything) or "base" (train the controller only, the base LM's weights stay as
+    initialised or loaded by model.init_from: NCN paper §3.1's fixed θ; needs a controller;
+    fixed on resume).
 
     Raises:
-        NCNConfigError: no bound, a non-positive count, an unknown precision or device.
+        NCNConfigError: no bound, a non-positive count, an unknown precision, device or freeze.
     """
 
     max_steps: int | None = 250
@@ -378,6 +427,7 @@ class TrainerConfig:
     deterministic: bool = True
     progress: bool = True
     probe_tokens: int = 32
+    freeze: str = "none"
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.epochs is None and self.max_tokens is None:
@@ -407,6 +457,7 @@ class TrainerConfig:
                 raise NCNConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0: e.g. trainer.{name}=0")
         _choice("trainer.precision", self.precision, PRECISIONS)
         _choice("trainer.device", self.device, DEVICES)
+        _choice("trainer.freeze", self.freeze, FREEZES)
 
 
 @dataclass
@@ -455,7 +506,8 @@ class RunConfig:
     (NCN paper §6.1, §8; docs/compute.md).
 
     Raises:
-        NCNConfigError: an unknown task, a threshold out of range, skip_draws < 1.
+        NCNConfigError: an unknown task, a threshold out of range, skip_draws < 1,
+            trainer.freeze=base without a controller (ncn.targets=[]).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -492,6 +544,11 @@ class RunConfig:
                 )
         if isinstance(self.skip_draws, bool) or not isinstance(self.skip_draws, int) or self.skip_draws < 1:
             raise NCNConfigError(f"skip_draws={self.skip_draws!r} must be an integer >= 1: e.g. skip_draws=3")
+        if self.trainer.freeze == "base" and not self.ncn.targets:
+            raise NCNConfigError(
+                "trainer.freeze=base leaves nothing to train in a model without a controller (ncn=none): "
+                "choose an NCN option (e.g. ncn=full) or trainer.freeze=none"
+            )
 
 
 SWEPT_ENV = "NCN_SWEPT_KEYS"  # comma-separated keys a sweep varies, set for its jobs (ncn.tasks.sweep)

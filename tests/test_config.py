@@ -72,7 +72,7 @@ REFERENCE_FLAGS = {
 
 def test_expected_options_exist() -> None:
     found = {(g, o) for g, o in OPTIONS}
-    assert {("model", m) for m in ("tiny", "small", "medium", "paper_18m", "gpt2_124m")} <= found
+    assert {("model", m) for m in ("tiny", "small", "medium", "paper_18m", "gpt2_124m", "gpt2", "gpt2_medium")} <= found
     assert {("ncn", n) for n in TARGETS} == {(g, o) for g, o in found if g == "ncn"}, "add new ncn options to TARGETS"
     assert {("trainer", t) for t in ("default", "smoke", "gpu")} <= found
     # YAML reads on/off/yes/no as booleans: option names must be words
@@ -91,7 +91,8 @@ def test_every_option_composes_and_converts(typed_config, tmp_path: Path, group:
         if option == "mlflow":
             assert tracker.uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and tracker.uri.startswith("sqlite:////")
     if group == "model":
-        assert obj.vocab_size == 50304  # GPT-2's 50257 padded to a multiple of data.pad_vocab_to=64
+        # GPT-2's 50257 padded to a multiple of data.pad_vocab_to=64; the GPT-2 options keep it unpadded
+        assert obj.vocab_size == (50257 if option in ("gpt2", "gpt2_medium") else 50304)
     if group == "ncn":
         assert obj.targets == TARGETS[option]
         model = ModulatedGPT(cfg.model, obj)
@@ -218,7 +219,7 @@ def test_cli_config_errors_are_one_line(tmp_path: Path) -> None:
     [
         ("+trainer.max_step=10", "trainer.max_step", "trainer.{activation_checkpointing, batch_size,"),
         ("++foo=1", "foo", "{checkpoint, data,"),
-        ("+model.d_modle=64", "model.d_modle", "model.{block_size, d_ff, d_model,"),
+        ("+model.d_modle=64", "model.d_modle", "model.{activation, bias, block_size, d_ff, d_model,"),
         ("++optim.lr_min=0.1", "optim.lr_min", "optim.{"),
     ],
 )

@@ -26,12 +26,17 @@ from mlflow import MlflowClient
 
 from conftest import REPO, time_left
 
+# The shape of the tiny GPT-2 that stands in for the hub's and the local folder's weights.
+TINY_GPT2 = {"d_model": 32, "n_layer": 2, "n_head": 2, "block_size": 32}
 # (README text, what runs instead, why). Applied to each command in this order.
 SUBSTITUTIONS = [
     ("model=small", "model=tiny", "a smaller model"),
     ("trainer.max_steps=300", "trainer.max_steps=9", "fewer steps: resume 3 steps past the smoke run's 6"),
     ("max_new_tokens=100", "max_new_tokens=20", "fewer tokens"),
     ("-cd sweeps", f"-cd {REPO / 'sweeps'}", "README runs from the clone's root, this test in an empty folder"),
+    ("model.init_from=gpt2", "model.init_from=$PWD/tiny_gpt2", "no network: a tiny GPT-2 saved by transformers"),
+    ("model.init_from=/path/to/gpt2", "model.init_from=$PWD/tiny_gpt2", "the same tiny GPT-2 as the local folder"),
+    ("model=gpt2", "model=gpt2 " + " ".join(f"model.{k}={v}" for k, v in TINY_GPT2.items()), "GPT-2, shrunk"),
 ]
 # Training commands (no task= or task=train) also get `trainer=smoke` (6 steps) before their own
 # overrides, and `model=tiny` when they name no model and resume nothing (a resume takes the
@@ -136,6 +141,8 @@ def test_readme_commands_work_in_order_as_written(tmp_path: Path) -> None:
     env.pop("NCN_PARENT_RUN_ID", None)
     commands = readme_commands()
     assert len(commands) >= 15, commands
+    if any("model.init_from=" in c for c in commands):
+        _save_tiny_gpt2(workdir / "tiny_gpt2")
     seen = []
     for command in commands:
         if any(key in command for key in SKIPPED):
@@ -176,7 +183,19 @@ def test_readme_commands_work_in_order_as_written(tmp_path: Path) -> None:
         "mlflow ui",
         "slurm",
         "sbatch",
+        "pretrained",
     } <= set(seen), seen
+
+
+def _save_tiny_gpt2(folder: Path) -> None:
+    """A random GPT-2 of shape TINY_GPT2 over GPT-2's vocabulary, saved as HF-format weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    t = TINY_GPT2
+    shape = {"n_embd": t["d_model"], "n_layer": t["n_layer"], "n_head": t["n_head"], "n_positions": t["block_size"]}
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, **shape)).save_pretrained(folder)
 
 
 def _check_promise(command: str, out: str, workdir: Path, env: dict[str, str], argv: list[str]) -> str:
@@ -214,7 +233,8 @@ def _check_promise(command: str, out: str, workdir: Path, env: dict[str, str], a
         return "variant"
     if command.endswith("--help"):
         groups = out.split("== Configuration groups ==")[1].split("== Config ==")[0]
-        assert "model: byte_small, gpt2_124m" in groups and "schema" not in groups and "--cfg job --resolve" in out
+        assert "model: byte_small, gpt2, gpt2_124m" in groups and "schema" not in groups
+        assert "--cfg job --resolve" in out
         return "help"
     if command.endswith("--resolve"):
         assert "vocab_size: 50304" in out and "${" not in out.split("model:")[1].split("ncn:")[0]
@@ -236,6 +256,12 @@ def _check_promise(command: str, out: str, workdir: Path, env: dict[str, str], a
         parent = _runs(workdir)["pooling"][0]
         assert parent.info.status == "FINISHED" and "3 of 3 job runs FINISHED" in out
         return "pooling"
+    if "model.init_from=" in command:
+        assert "base weights of model.init_from=" in out and "trainer.freeze=base: " in out
+        runs = _runs(workdir)["gpt2-full-s0"]
+        assert runs[0].info.status == "FINISHED" and runs[0].data.params["trainer.freeze"] == "base"
+        assert int(runs[0].data.params["n_params_frozen"]) > int(runs[0].data.params["n_params_trainable"]) > 0
+        return "pretrained"
     if "torchrun" in command:
         assert _runs(workdir)["tiny-full-s0"][0].data.params["world_size"] == "2"
         return "torchrun"

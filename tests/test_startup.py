@@ -28,7 +28,7 @@ def test_fast_help_prints_hydra_s_own_help_text(tmp_path: Path, overrides: list[
     hydra = run_cli(["-cn", "config", "--help", *overrides], cwd=tmp_path)
     assert fast.returncode == hydra.returncode == 0, fast.stderr[-2000:] + hydra.stderr[-2000:]
     assert fast.stdout == hydra.stdout
-    assert "model: byte_small, gpt2_124m, medium, paper_18m, small, tiny\n" in fast.stdout
+    assert "model: byte_small, gpt2, gpt2_124m, gpt2_medium, medium, paper_18m, small, tiny\n" in fast.stdout
     assert list(tmp_path.iterdir()) == []  # help writes no run directory
 
 
@@ -38,7 +38,7 @@ def test_fast_help_fails_like_hydra_on_a_bad_override(tmp_path: Path):
     assert fast.returncode == hydra.returncode == 2
     last = fast.stderr.strip().splitlines()[-1]
     assert last == hydra.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: In 'config': Could not find 'model/nope': choose one of byte_small, gpt2_124m")
+    assert last.startswith("error: In 'config': Could not find 'model/nope': choose one of byte_small, gpt2, gpt2_124m")
 
 
 def test_startup_benchmark_reports_positive_medians_and_the_ratio_as_last_line(tmp_path: Path, capsys):

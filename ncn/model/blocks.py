@@ -6,6 +6,8 @@ before `F.scaled_dot_product_attention`, which keeps flash kernels and the KV ca
 Given a `BlockSkip`, a block skips the gated-off work (NCN paper §6.1, §8): it gathers the
 tokens that still run, computes them and scatters them back; keys and values are computed for
 every token, so later tokens and the KV cache see exactly what the masked dense block gives.
+The norm (RMSNorm or GPT-2's LayerNorm), the FFN's GELU (exact or tanh-approximated) and the
+linears' biases are chosen by `ModelConfig.norm`, `.activation` and `.bias`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.pos += n
+
+
+def make_norm(kind: str, d_model: int, bias: bool) -> nn.Module:
+    """Normalisation over the last dim of size d_model: "rms" -> RMSNorm (no bias, eps = the
+    dtype's machine epsilon); "layer" -> LayerNorm (eps 1e-5 as GPT-2, bias if `bias`)."""
+    return nn.RMSNorm(d_model) if kind == "rms" else nn.LayerNorm(d_model, bias=bias)
 
 
 @dataclass
@@ -88,11 +96,11 @@ class CausalSelfAttention(nn.Module):
     (NCN paper §8, attention-head gating).
     """
 
-    def __init__(self, d_model: int, n_head: int, dropout: float, layer: int) -> None:
+    def __init__(self, d_model: int, n_head: int, dropout: float, layer: int, bias: bool = True) -> None:
         super().__init__()
         self.n_head, self.dropout, self.layer = n_head, dropout, layer
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(
@@ -188,19 +196,24 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """FFN Linear(d, d_ff) -> activation -> Linear(d_ff, d) (NCN paper §2).
 
-    activation_beta None: GELU. Otherwise the Swish-β shape x·sigmoid(β·x) with β (B, T, 1)
-    from the controller (NCN paper §7); β = 1.702 approximates GELU.
+    activation_beta None: GELU, exact ("gelu") or tanh-approximated ("gelu_tanh", GPT-2's).
+    Otherwise the Swish-β shape x·sigmoid(β·x) with β (B, T, 1) from the controller (NCN paper
+    §7); β = 1.702 approximates GELU.
     """
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str = "gelu", bias: bool = True) -> None:
         super().__init__()
-        self.fc = nn.Linear(d_model, d_ff)
-        self.proj = nn.Linear(d_ff, d_model)
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.approximate = "tanh" if activation == "gelu_tanh" else "none"
 
     def forward(self, x: Tensor, activation_beta: Tensor | None = None) -> Tensor:
         h = self.fc(x)  # (B, T, d_ff)
-        h = F.gelu(h) if activation_beta is None else h * torch.sigmoid(activation_beta * h)
+        if activation_beta is None:
+            h = F.gelu(h, approximate=self.approximate)
+        else:
+            h = h * torch.sigmoid(activation_beta * h)
         return self.dropout(self.proj(h))
 
 
@@ -213,14 +226,25 @@ class Block(nn.Module):
     u = g·Attn(N(x)) + g·γ·FFN(N(x + g·Attn(N(x)))) and returns x + λ·u (dynamic depth, NCN
     paper §8). `skip` (inference): the skipped work is not computed, and the result equals
     the block with those gates set to 0, up to float rounding.
+    norm, activation, bias: see `make_norm` and `MLP` (`ModelConfig.norm`, `.activation`, `.bias`).
     """
 
-    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float, layer: int) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        d_ff: int,
+        dropout: float,
+        layer: int,
+        norm: str = "rms",
+        activation: str = "gelu",
+        bias: bool = True,
+    ) -> None:
         super().__init__()
-        self.norm1 = nn.RMSNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head, dropout, layer)
-        self.norm2 = nn.RMSNorm(d_model)
-        self.mlp = MLP(d_model, d_ff, dropout)
+        self.norm1 = make_norm(norm, d_model, bias)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout, layer, bias)
+        self.norm2 = make_norm(norm, d_model, bias)
+        self.mlp = MLP(d_model, d_ff, dropout, activation, bias)
 
     def forward(
         self,

@@ -143,9 +143,11 @@ class Controller(nn.Module):
         pooling: str,
         precision_max: float,
         per_head_precision: bool,
+        parametrisation: str = "paper",
     ) -> None:
         super().__init__()
         self.n_layer, self.signals, self.precision_max = n_layer, signals, precision_max
+        self.parametrisation = parametrisation
         self.widths = [n_head if (s == "precision" and per_head_precision) or s == "head_gate" else 1 for s in signals]
         self.salience = SaliencePooling(d_model, heads, causal=pooling == "causal") if pooling != "none" else None
         self.norm = nn.RMSNorm(d_model)
@@ -169,6 +171,10 @@ class Controller(nn.Module):
         spread ±0.18), yet is non-zero so every controller parameter gets a gradient at
         step one. The neutral biases come last so nothing can undo them (the reference's
         generic init zeroed them).
+
+        parametrisation "exact_neutral": fc2's weight and bias are 0 instead, so z = 0 for every
+        token and every signal is exactly 1 (`transform`); fc2 gets a gradient at step one, the
+        layers before it from step two (as adaLN-Zero).
         """
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -178,6 +184,10 @@ class Controller(nn.Module):
         if self.salience is not None:
             nn.init.normal_(self.salience.query, 0.0, 0.02)
         nn.init.ones_(self.norm.weight)
+        if self.parametrisation == "exact_neutral":
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+            return
         bias = torch.cat([torch.full((w,), NEUTRAL_BIAS[s]) for s, w in zip(self.signals, self.widths, strict=True)])
         self.fc2.bias.copy_(bias.repeat(self.n_layer))
 
@@ -201,5 +211,5 @@ class Controller(nn.Module):
         out = {}
         for name, width, raw in zip(self.signals, self.widths, parts, strict=True):
             raw = raw.squeeze(3) if width == 1 else raw  # (B, T, L) or (B, T, L, n_head)
-            out[name] = transform(name, raw, self.precision_max)
+            out[name] = transform(name, raw, self.precision_max, self.parametrisation)
         return out, state

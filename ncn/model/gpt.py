@@ -1,6 +1,7 @@
 """ModulatedGPT: the base GPT plus the NCN controller, with cached generation.
 
-Deviations from nanoGPT's GPT: RMSNorm instead of LayerNorm; every block takes per-token
+Deviations from nanoGPT's GPT: RMSNorm instead of LayerNorm by default (`model.norm=layer`,
+`model.activation=gelu_tanh` give GPT-2's exact architecture, `model=gpt2`); every block takes per-token
 modulation signals computed by the controller in one batched pass before the blocks (NCN
 paper §3); causal salience pooling by default (§5); the homeostatic penalty is part of the
 loss (§4), and so is the compute cost of the gates when `ncn.compute_lambda` > 0 (§6.1);
@@ -23,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ncn.config import ModelConfig, ModulationConfig, check_compatible
 from ncn.errors import NCNConfigError
-from ncn.model.blocks import Block, KVCache
+from ncn.model.blocks import Block, KVCache, make_norm
 from ncn.model.compute import SkipMasks, SkipPlan, compute_cost, masked_signals, present, threshold_masks
 from ncn.model.controller import Controller, SalienceState
 from ncn.model.signals import homeostatic_loss, signal_names
@@ -90,8 +91,10 @@ class ModulatedGPT(nn.Module):
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.block_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c.d_model, c.n_head, c.ffn_dim, c.dropout, i) for i in range(c.n_layer))
-        self.norm = nn.RMSNorm(c.d_model)
+        self.blocks = nn.ModuleList(
+            Block(c.d_model, c.n_head, c.ffn_dim, c.dropout, i, c.norm, c.activation, c.bias) for i in range(c.n_layer)
+        )
+        self.norm = make_norm(c.norm, c.d_model, c.bias)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
@@ -109,6 +112,7 @@ class ModulatedGPT(nn.Module):
                 m.pooling,
                 m.precision_max,
                 m.per_head_precision,
+                m.parametrisation,
             )
             self.controller.init_weights()
 
@@ -120,7 +124,7 @@ class ModulatedGPT(nn.Module):
         |---|---|
         | Linear and Embedding weights (tied head = token embedding) | normal(0, 0.02) |
         | Linear biases | 0 |
-        | RMSNorm weights | 1 (PyTorch default) |
+        | RMSNorm / LayerNorm weights, LayerNorm biases | 1, 0 (PyTorch defaults) |
 
         The controller initialises itself afterwards (`Controller.init_weights`), so the base
         weights of a same-seed baseline are identical and its neutral biases survive.

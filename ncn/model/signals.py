@@ -57,6 +57,11 @@ NEUTRAL_BIAS: dict[str, float] = {
     "layer_gate": 3.0,
 }
 
+# The exact_neutral parametrisation (ModulationConfig.parametrisation, docs/method.md §3): every
+# transform maps raw z = 0 to exactly 1, and the controller starts with a zero output layer, so a
+# fresh model computes bit for bit what its base computes (a pretrained base keeps its logits).
+EXACT_RANGES: dict[str, tuple[float, float]] = {"gain": (0.0, 2.0), "precision": (0.0, 4.0), "ffn_gate": (0.0, 2.0)}
+
 # Which signal each user-facing target produces (NCN paper §3, "vocabulary").
 _TARGET_SIGNAL = {"temperature": "precision", "gain": "gain", "head_gate": "head_gate", "layer_gate": "layer_gate"}
 
@@ -73,14 +78,25 @@ def signal_names(targets: list[str], activation: str) -> list[str]:
     return [s for s in SIGNALS if s in wanted]
 
 
-def transform(name: str, z: Tensor, precision_max: float = RANGES["precision"][1]) -> Tensor:
+def transform(
+    name: str, z: Tensor, precision_max: float = RANGES["precision"][1], parametrisation: str = "paper"
+) -> Tensor:
     """Map raw controller outputs z (any shape) to signal values of the same shape.
 
-    gain = 2·sigmoid(z) in (0, 2); precision = min(softplus(z) + 0.01, precision_max) in
-    (0.01, precision_max]; ffn_gate, head_gate, layer_gate = sigmoid(z) in (0, 1) (float32
-    rounds sigmoid(z) to exactly 0 or 1 for |z| > ~88 or z > ~17); activation_beta =
-    4·sigmoid(z) in (0, 4). Source: NCN paper §3 table, §7, §8.
+    parametrisation "paper" (NCN paper §3 table, §7, §8): gain = 2·sigmoid(z) in (0, 2);
+    precision = min(softplus(z) + 0.01, precision_max) in (0.01, precision_max]; ffn_gate,
+    head_gate, layer_gate = sigmoid(z) in (0, 1) (float32 rounds sigmoid(z) to exactly 0 or 1
+    for |z| > ~88 or z > ~17); activation_beta = 4·sigmoid(z) in (0, 4).
+    parametrisation "exact_neutral" (docs/method.md §3): gain = 2·sigmoid(z) in (0, 2);
+    precision = min(exp(z), precision_max) in (0, precision_max]; ffn_gate = 2·sigmoid(z) in
+    (0, 2); each is exactly 1 at z = 0. The other signals have no such transform (KeyError).
     """
+    if parametrisation == "exact_neutral":
+        if name == "precision":
+            return torch.exp(z).clamp(max=precision_max)
+        if name in ("gain", "ffn_gate"):
+            return 2.0 * torch.sigmoid(z)
+        raise KeyError(f"signal {name!r} has no exact_neutral transform; it has: {', '.join(EXACT_RANGES)}")
     if name == "gain":
         return 2.0 * torch.sigmoid(z)
     if name == "precision":

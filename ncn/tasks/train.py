@@ -31,7 +31,7 @@ from ncn.tracking import NullTracker, RunSource, Tracker, default_run_name, name
 from ncn.training import checkpoint, job_resume
 from ncn.training.checkpoint import Checkpoint, TrainState
 from ncn.training.loop import Job, total_steps, train
-from ncn.training.optim import build_optimizer, build_scheduler
+from ncn.training.optim import build_optimizer, build_scheduler, freeze_base, trainable_counts
 from ncn.training.runtime import distributed_env, setup_device, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,24 @@ def _build_job(
     device: torch.device,
     rank: int,
     world_size: int,
+    fresh: bool,
 ) -> Job:
-    """Model (seeded), optimizer, scaler, loaders and probe of this run; the schedule comes after restore."""
+    """Model (seeded; `model.init_from`'s base weights when `fresh`, i.e. not resuming), frozen
+    base if `trainer.freeze=base`, optimizer over the trainable parameters, scaler, loaders and
+    probe of this run; the schedule comes after restore."""
     t = cfg.trainer
     loader = data.train_loader(t.batch_size, cfg.model.block_size, cfg.seed, rank, world_size)
     val_batches = data.val_batches(t.batch_size, cfg.model.block_size, t.eval_batches)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = ModulatedGPT(cfg.model, cfg.ncn).to(device)
+    model = ModulatedGPT(cfg.model, cfg.ncn)
+    if fresh and cfg.model.init_from:  # a resume takes every weight from its checkpoint
+        from ncn.integrations.pretrained import load_pretrained
+
+        folder = load_pretrained(model, cfg.model.init_from)
+        log.info("base weights of model.init_from=%s loaded from %s", cfg.model.init_from, folder)
+    if t.freeze == "base":
+        freeze_base(model)
+    model = model.to(device)
     model.activation_checkpointing = t.activation_checkpointing
     train_model: torch.nn.Module = torch.compile(model) if t.compile else model
     if world_size > 1:
@@ -113,6 +124,9 @@ def _build_job(
         "tokens_per_step": tokens_per_step,
         "run_dir": str(ctx.run_dir),
     }
+    if t.freeze != "none":  # what was frozen, in every train_state.json (config.yaml has trainer.freeze)
+        trainable, frozen = trainable_counts(model)
+        extra.update(freeze=t.freeze, n_params_trainable=trainable, n_params_frozen=frozen)
     return Job(
         model=model,
         train_model=train_model,
@@ -149,6 +163,14 @@ def _record_start(job: Job, state: TrainState, ctx: RunContext, data: DataModule
         "world_size": job.world_size,
         "tokens_per_step": job.tokens_per_step,
     }
+    if "freeze" in job.extra:
+        sizes.update(n_params_trainable=job.extra["n_params_trainable"], n_params_frozen=job.extra["n_params_frozen"])
+        log.info(
+            "trainer.freeze=%s: %s trainable parameters (the controller), %s frozen",
+            job.extra["freeze"],
+            f"{job.extra['n_params_trainable']:,}",
+            f"{job.extra['n_params_frozen']:,}",
+        )
     source = RunSource(ctx.command, ctx.run_dir, ctx.launch_dir, dict(ctx.choices))
     resume_step = state.step if resumed else None
     state.mlflow_run_id = job.tracker.start_training_run(
@@ -237,7 +259,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{data.vocab_size}: use model.vocab_size={data.vocab_size}"
         )
-    job = _build_job(cfg, ctx, data, tracker, device, rank, world_size)
+    job = _build_job(cfg, ctx, data, tracker, device, rank, world_size, fresh=resumed is None)
     if cfg.skip_grid and not has_gates(job.model):
         raise NCNConfigError(
             f"skip_grid={list(cfg.skip_grid)} needs a model with gates, and ncn.targets={cfg.ncn.targets} has none: "

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from ncn.config import RESUME_FIXED_GROUPS, RESUME_MUTABLE, OptimConfig, RunConfig, config_from_dict
+from ncn.config import RESUME_FIXED_GROUPS, RESUME_FIXED_KEYS, RESUME_MUTABLE, OptimConfig, RunConfig, config_from_dict
 from ncn.errors import CheckpointError, NCNConfigError
 from ncn.model.gpt import ModulatedGPT
 from ncn.training.optim import apply_settings
@@ -445,9 +445,9 @@ def resume_config(cfg: RunConfig, ckpt: Checkpoint, overridden: frozenset[str]) 
     """The config a resume from `ckpt` runs with: the checkpoint's, except keys set on the command line.
 
     `overridden` holds the keys and groups the command line set (`RunContext.overridden`). The
-    model, ncn and data groups and the seed describe what was trained: an override of one of
-    their keys (other than those in `RESUME_MUTABLE`) to a value other than the checkpoint's is
-    refused. Everything else (trainer, optim, tracking, ...) may change.
+    model, ncn and data groups, the seed and trainer.freeze (`RESUME_FIXED_KEYS`) describe what
+    was trained: an override of one of their keys (other than those in `RESUME_MUTABLE`) to a
+    value other than the checkpoint's is refused. Everything else (trainer, optim, tracking, ...) may change.
 
     Raises:
         CheckpointError: naming such a key, the checkpoint's value and the new one: the first one
@@ -458,7 +458,7 @@ def resume_config(cfg: RunConfig, ckpt: Checkpoint, overridden: frozenset[str]) 
     current, saved = _flat(asdict(cfg)), _flat(asdict(ckpt.config))
     merged, refused = {}, []
     for key in current:
-        fixed = key.split(".")[0] in RESUME_FIXED_GROUPS or key == "seed"
+        fixed = key.split(".")[0] in RESUME_FIXED_GROUPS or key in RESUME_FIXED_KEYS
         if not _overridden(key, overridden) or key == "task":
             merged[key] = saved.get(key, current[key])
             continue

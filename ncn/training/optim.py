@@ -1,6 +1,7 @@
 """AdamW with decoupled weight decay on matrices only, and a cosine schedule with linear warm-up.
 
-`param_groups` splits parameters (weight decay only on >= 2-D weights), `lr_at` is the schedule as
+`freeze_base` leaves only the controller trainable (`trainer.freeze=base`), `param_groups` splits
+the trainable parameters (weight decay only on >= 2-D weights), `lr_at` is the schedule as
 a pure function of the optimizer step, `build_optimizer` / `build_scheduler` wire both into
 `torch.optim.AdamW` and `LambdaLR` (which can start at any step, so a resume rebuilds the schedule
 instead of restoring it). Settings: `ncn.config.OptimConfig` (defaults of the reference run,
@@ -18,6 +19,31 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ncn.config import OptimConfig
 from ncn.errors import NCNConfigError
+from ncn.model.gpt import ModulatedGPT
+
+
+def freeze_base(model: ModulatedGPT) -> tuple[int, int]:
+    """Stop gradients to every parameter outside `model.controller` (NCN paper §3.1: the base θ is
+    fixed, only the controller learns); returns (trainable, frozen) parameter counts, tied weights once.
+
+    Raises:
+        NCNConfigError: the model has no controller (nothing would train).
+    """
+    if model.controller is None:
+        raise NCNConfigError(
+            "trainer.freeze=base leaves nothing to train in a model without a controller (ncn=none): "
+            "choose an NCN option (e.g. ncn=full) or trainer.freeze=none"
+        )
+    controller = {id(p) for p in model.controller.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in controller)
+    return trainable_counts(model)
+
+
+def trainable_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts of `model`; tied weights counted once."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

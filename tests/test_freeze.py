@@ -1,0 +1,131 @@
+"""Frozen base (`trainer.freeze=base`, NCN paper §3.1) on a pretrained GPT-2 (`model.init_from`).
+
+A tiny GPT-2 saved with `transformers` is loaded into `model=gpt2` shrunk to 2 layers of width 32,
+with the exact-neutral controller; `python run.py` trains only the controller. Asserted: the base
+weights after training are bitwise the pretrained ones, the optimizer holds exactly the
+controller's tensors, the counts printed and recorded, an exact resume, and the refusals.
+Run: python -m pytest -q tests/test_freeze.py   (about a minute on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ncn import ModelConfig, ModulatedGPT, ModulationConfig
+from ncn.errors import NCNConfigError
+from ncn.integrations.pretrained import convert
+from ncn.training.optim import build_optimizer, freeze_base
+
+from conftest import run_cli
+
+transformers = pytest.importorskip("transformers")
+
+SHAPE = ["model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.block_size=32"]
+TINY = {"vocab_size": 50257, "block_size": 32, "d_model": 32, "n_layer": 2, "n_head": 2}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny GPT-2 over the GPT-2 vocabulary, saved as HF-format weights."""
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def frozen_run(pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """6 steps of controller-only training from the pretrained base: (run dir, stdout)."""
+    base = tmp_path_factory.mktemp("frozen")
+    args = [
+        "model=gpt2",
+        *SHAPE,
+        f"model.init_from={pretrained}",
+        "ncn.parametrisation=exact_neutral",
+        "trainer=smoke",
+        "trainer.freeze=base",
+        "tracking=none",
+        f"hydra.run.dir={base / 'run'}",
+    ]
+    done = run_cli(args, cwd=base)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return base / "run", done.stdout + done.stderr
+
+
+def _controller_tensors() -> int:
+    model = ModulatedGPT(ModelConfig(**TINY), ModulationConfig())
+    return len(list(model.controller.parameters()))
+
+
+def test_frozen_base_is_bitwise_the_pretrained_weights(frozen_run: tuple[Path, str], pretrained: Path) -> None:
+    run_dir, log = frozen_run
+    from safetensors.torch import load_file
+
+    cfg = ModelConfig(**TINY, norm="layer", activation="gelu_tanh")
+    expected = convert(load_file(pretrained / "model.safetensors"), cfg)
+    trained = torch.load(run_dir / "checkpoints" / "step_000006" / "model.pt", weights_only=True)
+    assert set(expected) == {k for k in trained if not k.startswith("controller.")}
+    assert all(torch.equal(trained[k], expected[k]) for k in expected)
+    assert not torch.equal(trained["controller.fc2.weight"], torch.zeros_like(trained["controller.fc2.weight"]))
+    optim = torch.load(run_dir / "checkpoints" / "step_000006" / "optim.pt", weights_only=True)["optimizer"]
+    n = _controller_tensors()
+    assert len(optim["state"]) == n and sum(len(g["params"]) for g in optim["param_groups"]) == n
+    state = json.loads((run_dir / "checkpoints" / "step_000006" / "train_state.json").read_text())
+    with torch.device("meta"):
+        total = ModulatedGPT(cfg, ModulationConfig()).num_parameters()
+    assert (state["freeze"], state["n_params_trainable"], state["n_params_frozen"]) == (
+        "base",
+        total.controller,
+        total.base,
+    )
+    counts = f"{total.controller:,} trainable parameters (the controller), {total.base:,} frozen"
+    assert f"trainer.freeze=base: {counts}" in log
+    assert f"base weights of model.init_from={pretrained} loaded from {pretrained}" in log
+    saved = (run_dir / "checkpoints" / "step_000006" / "config.yaml").read_text()
+    assert "freeze: base" in saved and f"init_from: {pretrained}" in saved
+
+
+def test_resume_of_a_frozen_run_is_bitwise_exact(frozen_run: tuple[Path, str], tmp_path: Path) -> None:
+    run_dir, _ = frozen_run
+    resumed = run_cli(
+        [f"trainer.resume={run_dir / 'checkpoints' / 'step_000003'}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ours = torch.load(tmp_path / "run" / "checkpoints" / "step_000006" / "model.pt", weights_only=True)
+    theirs = torch.load(run_dir / "checkpoints" / "step_000006" / "model.pt", weights_only=True)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    refused = run_cli(
+        [f"trainer.resume={run_dir / 'checkpoints' / 'step_000003'}", "trainer.freeze=none"], cwd=tmp_path
+    )
+    assert refused.returncode == 2
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: trainer.freeze=none differs from the checkpoint's trainer.freeze=base")
+    )
+
+
+def test_freeze_without_a_controller_is_refused(tmp_path: Path) -> None:
+    cfg = ModelConfig(vocab_size=64, block_size=8, d_model=16, n_layer=1, n_head=2)
+    model = ModulatedGPT(cfg, ModulationConfig(targets=[]))
+    with pytest.raises(NCNConfigError, match=r"trainer.freeze=base leaves nothing to train .*ncn=none"):
+        freeze_base(model)
+    done = run_cli(["model=tiny", "ncn=none", "trainer.freeze=base", "tracking=none"], cwd=tmp_path)
+    assert done.returncode == 2 and "error: trainer.freeze=base leaves nothing to train" in done.stderr
+
+
+def test_optimizer_holds_only_the_controller() -> None:
+    from ncn.config import OptimConfig
+
+    model = ModulatedGPT(ModelConfig(vocab_size=64, block_size=8, d_model=16, n_layer=2, n_head=2), ModulationConfig())
+    trainable, frozen = freeze_base(model)
+    count = model.num_parameters()
+    assert (trainable, frozen) == (count.controller, count.base)
+    optimizer = build_optimizer(model, OptimConfig())
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.controller.parameters()}
