@@ -258,8 +258,9 @@ def _check_promise(command: str, out: str, workdir: Path, env: dict[str, str], a
         return "pooling"
     if "model.init_from=" in command:
         assert "base weights of model.init_from=" in out and "trainer.freeze=base: " in out
-        runs = _runs(workdir)["gpt2-full-s0"]
-        assert runs[0].info.status == "FINISHED" and runs[0].data.params["trainer.freeze"] == "base"
+        # the command-line model.* and ncn.* values join the run name: gpt2-full-<them>-s0
+        runs = [r for name, found in _runs(workdir).items() if name.startswith("gpt2-full-") for r in found]
+        assert runs and all(r.info.status == "FINISHED" and r.data.params["trainer.freeze"] == "base" for r in runs)
         assert int(runs[0].data.params["n_params_frozen"]) > int(runs[0].data.params["n_params_trainable"]) > 0
         return "pretrained"
     if "torchrun" in command:
