@@ -22,9 +22,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, StringNode, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
 import ncn.schema  # noqa: F401  (registers the resolvers and the schema before composition)
@@ -44,14 +45,15 @@ def typed(cfg: DictConfig) -> tuple[RunConfig, RunContext]:
     """
     for key in sorted(OmegaConf.missing_keys(cfg)):
         OmegaConf.select(cfg, key, throw_on_missing=True)  # raises MissingMandatoryValue naming the key
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    overrides = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)) if hydra_cfg else []
+    keep_typed_text(cfg, overrides)
     run_cfg = OmegaConf.to_object(cfg)
     assert isinstance(run_cfg, RunConfig), f"conf/config.yaml must extend the RunConfig schema, got {type(run_cfg)}"
     _refuse_unknown_keys(cfg, OmegaConf.structured(run_cfg))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if not HydraConfig.initialized():
+    if hydra_cfg is None:
         return run_cfg, RunContext.here(resolved)
-    hydra_cfg = HydraConfig.get()
-    overrides = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
     job_num = int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else None
     return run_cfg, RunContext(
         run_dir=Path(hydra_cfg.runtime.output_dir),
@@ -63,6 +65,21 @@ def typed(cfg: DictConfig) -> tuple[RunConfig, RunContext]:
         job=job_num,
         swept=frozenset(k for k in os.environ.get(SWEPT_ENV, "").split(",") if k and job_num is not None),
     )
+
+
+def keep_typed_text(cfg: DictConfig, overrides: list[Override]) -> None:
+    """Give each text setting of `cfg` (a `str` key: prompt, run_name, tracking.experiment, paths) set by
+    one of `overrides` the value as typed on the command line: Hydra's grammar reads `prompt=1.10` as the
+    float 1.1, `prompt=true` as True and `prompt=1e3` as 1000.0 before the schema turns them back into
+    text ("1.1", "True", "1000.0"). `null` keeps its meaning (the default)."""
+    for override in overrides:
+        value = override.value() if not override.is_sweep_override() else None
+        if value is None or isinstance(value, (str, list, dict)):
+            continue
+        parent_key, _, leaf = override.key_or_group.lstrip("+~").rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if isinstance(parent, DictConfig) and isinstance(parent._get_node(leaf), StringNode):
+            parent[leaf] = override.input_line.split("=", 1)[1].strip()
 
 
 def _refuse_unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> None:
@@ -173,6 +190,13 @@ def one_line(exc: BaseException) -> str:
         if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and e.parent_node is not None:  # a typo'd key
             keys = [str(k) for k in e.parent_node if str(k) != "hydra" and not str(k).startswith("_")]
             return f"{e.full_key} is not a setting: check the spelling, valid keys here are {', '.join(keys)}"
+        if isinstance(e, ValidationError) and isinstance(e.child_node, StringNode) and not isinstance(e.value, str):
+            typed = next((a for a in sys.argv[1:] if a.lstrip("+~").startswith(f"{e.full_key}=")), None)
+            typed = typed or f"{e.full_key}={e.value}"  # a list or a mapping in Hydra's grammar, for a text key
+            return (
+                f"{typed} is not text ({line}): {e.full_key} takes text; to pass it as typed, quote it, "
+                f"e.g. {shell_quote_override(typed)}"
+            )
         if isinstance(e, ValidationError) and e.child_node is not None:  # a value of the wrong type
             return f"{e.full_key}={e.value} is invalid ({line}): use a value like {e.full_key}={e.child_node}"
     return ": ".join(dict.fromkeys(line for line in first[:2] if "$VALUE" not in line))

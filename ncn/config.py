@@ -491,8 +491,9 @@ class RunConfig:
     """The composed config of one `python run.py` (conf/config.yaml explains each key).
 
     task: what to run (`TASKS`). seed: init, data order and sampling seed. run_name: None =
-    `<model>-<ncn>[-<data>][-<optim>]-s<seed>`. checkpoint: what generate/analyze/eval load
-    (latest | best | PATH | run name | MLflow run id). prompt: generate/analyze text (None =
+    `<model>-<ncn>[-<data>][-<optim>][-<overrides>]-s<seed>` (`ncn.tracking.default_run_name`).
+    checkpoint: what generate/analyze/eval load (latest | best | PATH | run name | MLflow run
+    id). prompt: generate/analyze text (None =
     generate from a fresh document; analyze the training probe). max_new_tokens, temperature
     (0 = greedy), top_k: sampling. sweep_run: the sweep a report is about. reference_log: a
     training log in the reference implementation's text format whose SEI a report states (and
