@@ -92,10 +92,10 @@ def test_smoke_run_records_params_metrics_and_artifacts(reference: tuple[Path, s
         "val/signals/ffn_gate/L1/mean",
     }
     assert run.data.metrics["train/tokens_seen"] == 6 * 4 * 32
-    # sample efficiency, logged once at the end: 6 log rows are too few for the SEI's line (0.0, as the
-    # reference), 2 evaluations past step 0 too few for a power law (left out)
-    assert _history(client, run.info.run_id, "sample_efficiency/sei_95") == [(6, 0.0)]
-    assert "sample_efficiency/fit_alpha" not in run.data.metrics
+    # sample efficiency, logged once at the end: 6 log rows are too few for the SEI's line and 2
+    # evaluations past step 0 too few for a power law (both left out); the settling step is the last row's
+    assert _history(client, run.info.run_id, "sample_efficiency/settling_step_95") == [(6, 6.0)]
+    assert not {"sample_efficiency/sei_95", "sample_efficiency/fit_alpha"} & set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "hydra", "metrics.json", "probe"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "probe")} == {

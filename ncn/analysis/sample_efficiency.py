@@ -301,14 +301,16 @@ def run_summary(
     tokens_per_step: tokens per optimizer step. Returns `sample_efficiency/sei_95`, `.../sei_99`
     (the reference's SEI on training loss) with `.../settling_step_95`, `.../settling_step_99`,
     and the power-law fit of val loss vs tokens `.../fit_E`, `.../fit_A`, `.../fit_alpha`,
-    `.../fit_rmse`; a measure the run has too few points for is left out.
+    `.../fit_rmse`; a measure the run has too few points for is left out (an active phase of
+    ≤ 10 log rows has no SEI here, where the reference's dashboard would show 0).
     """
     out: dict[str, float] = {}
     if train:
         steps, losses = zip(*train, strict=True)
         for p in THRESHOLDS:
             result = sei(steps, losses, tokens_per_step, p)
-            out[f"sample_efficiency/sei_{p * 100:.0f}"] = result.sei
+            if not math.isnan(result.slope):
+                out[f"sample_efficiency/sei_{p * 100:.0f}"] = result.sei
             out[f"sample_efficiency/settling_step_{p * 100:.0f}"] = float(result.settling_step)
     try:
         fit = fit_power_law([s * tokens_per_step for s, _ in val], [v for _, v in val])

@@ -433,7 +433,7 @@ def efficiency_table(results: list[RunResult], labels: list[str], grid: dict[str
         cells += _ratio_cells(label, _iso_baseline_of(label, keys, base), by_label)
         for threshold in (0.95, 0.99):
             seis = [_sei(r, threshold) for r in runs]
-            cells += _interval_of([x.sei if x else math.nan for x in seis])
+            cells += _interval_of([x.sei if x and not math.isnan(x.slope) else math.nan for x in seis])
             settled = [x.settling_step for x in seis if x]
             cells.append(statistics.fmean(settled) if settled else math.nan)
         rows.append(dict(zip(SE_FIELDS, cells, strict=True)))
