@@ -187,6 +187,19 @@ def test_epochs_drop_the_last_incomplete_global_batch(numbered_tokens):
     assert torch.equal(y, x + 1)  # y is x shifted by one token
 
 
+def test_data_order_is_the_documented_permutation_of_the_seed(numbered_tokens):
+    """Epoch e of seed s hands out the blocks in np.random.default_rng((s, e)).permutation(blocks), as
+    BlockLoader's docstring states (computed here, not by the loader); other seeds, other orders."""
+    orders = {}
+    for seed in (0, 1, 7):
+        batches = _take(BlockLoader(numbered_tokens, batch_size=4, block_size=7, seed=seed), 24)  # 2 epochs
+        seen = [b for x, _ in batches for b in _block_ids(x)]
+        expected = [np.random.default_rng((seed, epoch)).permutation(50)[:48].tolist() for epoch in (0, 1)]
+        assert seen == expected[0] + expected[1]
+        orders[seed] = seen
+    assert orders[0] != orders[1] and orders[0] != orders[7] and orders[1] != orders[7]
+
+
 @pytest.mark.parametrize("interrupt_at", [3, 12, 17])  # mid-epoch, at the epoch's end, in the next epoch
 def test_resume_gives_the_same_batches(numbered_tokens, interrupt_at):
     reference = _take(BlockLoader(numbered_tokens, 4, 7, seed=3), 30)

@@ -118,6 +118,29 @@ def test_top_k_restricts_samples_to_the_k_most_likely():
     assert (out[:, -1:] == allowed).any(dim=1).all()
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_temperature_2_samples_softmax_of_logits_over_2(use_cache):
+    """Sampled frequencies of the first token at temperature 2 match softmax(logits / 2) of the full
+    forward pass; softmax(logits / 4) (temperature applied twice) and softmax(logits) are far off."""
+    model = tiny(ALL)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked logits: the temperature changes the distribution a lot
+    n = 32000
+    x = prompt(B=1, T=4).expand(n, 4)
+    with torch.no_grad():
+        logits = model(x[:1]).logits[0, -1].double()
+    out = model.generate(x, 1, temperature=2.0, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+    freq = torch.bincount(out[:, -1], minlength=97).double() / n
+
+    def tv(p, q):  # total variation distance
+        return 0.5 * (p - q).abs().sum().item()
+
+    expected = torch.softmax(logits / 2, dim=-1)
+    assert tv(freq, expected) < 0.04  # sampling noise at n = 32000: 0.015-0.02
+    assert tv(freq, torch.softmax(logits / 4, dim=-1)) > 0.25  # 0.37 apart
+    assert tv(freq, torch.softmax(logits, dim=-1)) > 0.25  # 0.52 apart
+
+
 def test_stream_yields_the_generated_tokens_one_by_one():
     model = tiny(ALL)
     x = prompt(T=5)

@@ -177,3 +177,24 @@ def test_bits_per_byte_by_hand(tmp_path) -> None:
     assert ce == pytest.approx(_per_position_ce(model, batches).mean().item(), rel=1e-6)  # float32 sums
     assert metrics[VAL_BPB] == pytest.approx(ce * (val_bytes + 1) / (math.log(2) * val_bytes), rel=1e-12)
     assert VAL_BPB not in evaluate(model, batches, CPU)  # logged only where the caller knows the bytes
+
+
+@pytest.mark.parametrize("pooling", ["causal", "global"])
+def test_evaluate_runs_in_eval_mode_and_restores_the_callers_mode(pooling: str) -> None:
+    """A model in training mode (dropout 0.5) is evaluated without dropout (the loss equals the eval-mode
+    forward's, on every call) and is back in training mode afterwards, every submodule included; a
+    model in eval mode stays in eval mode."""
+    torch.manual_seed(0)
+    shape = ModelConfig(vocab_size=8, block_size=24, d_model=32, n_layer=1, n_head=2, dropout=0.5)
+    model = ModulatedGPT(shape, ModulationConfig(pooling=pooling))
+    x = torch.randint(0, 8, (3, 24), generator=torch.Generator().manual_seed(1))
+    batches = [(x[:, :-1], x[:, 1:])]
+    with torch.no_grad():
+        expected = model.eval()(x[:, :-1], x[:, 1:]).ce_loss.item()
+    model.train()
+    first, second = evaluate(model, batches, CPU)["val/loss"], evaluate(model, batches, CPU)["val/loss"]
+    assert first == second == pytest.approx(expected, rel=1e-6)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    evaluate(model, batches, CPU)
+    assert not any(m.training for m in model.modules())

@@ -124,6 +124,7 @@ def test_smoke_run_records_params_metrics_and_artifacts(reference: tuple[Path, s
     assert state["data"] == {"epoch": 0, "position": 6 * 4}
 
 
+@pytest.mark.slow
 def test_resume_after_crash_is_exact_and_continues_the_run(
     reference: tuple[Path, str], tmp_path: Path, mlflow_store
 ) -> None:
@@ -159,6 +160,38 @@ def test_resume_after_crash_is_exact_and_continues_the_run(
     assert run.data.tags["ncn.resume/step_000003"] == "trainer.resume=latest"
     changed = client.list_artifacts(run.info.run_id, "resume/step_000003")
     assert {a.path for a in changed} >= {"resume/step_000003/changed_params.json", "resume/step_000003/config.yaml"}
+
+
+def _jsonl(run_dir: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_settings_is_what_the_runs_history_holds(tmp_path: Path, mlflow_store) -> None:
+    """The crashed attempt logged steps 4-6 after its last checkpoint (step 3); the resume with another
+    learning rate trains steps 4-6 again. Each step's newest value in the MLflow history is the
+    resumed attempt's (its metrics.jsonl), not the crashed attempt's; steps 1-3 are logged once."""
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    crashed = run_cli(
+        [*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'outputs' / 'a'}"],
+        cwd=tmp_path,
+        faults=["--crash-before-rename", "6"],
+    )
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
+    resumed = run_cli(
+        ["trainer.resume=latest", "optim.lr=3e-3", f"hydra.run.dir={tmp_path / 'outputs' / 'b'}"], cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, run = _only_run(uri)
+    old, new = (_jsonl(tmp_path / "outputs" / name, "train/loss") for name in ("a", "b"))
+    assert sorted(old) == [1, 2, 3, 4, 5, 6] and sorted(new) == [4, 5, 6]
+    assert all(new[s] != old[s] for s in (5, 6))  # the new rate changed the losses after step 4's update
+    history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: (m.step, m.timestamp))
+    newest = {m.step: m.value for m in history}
+    assert newest == {**{s: old[s] for s in (1, 2, 3)}, **new}
+    assert [m.step for m in history].count(2) == 1
+    assert run.data.metrics["train/loss"] == new[6]
 
 
 def test_nonfinite_loss_stops_failed_or_is_skipped(tmp_path: Path, mlflow_store) -> None:

@@ -96,7 +96,7 @@ class MLflowTracker(Tracker):
         self.client: Any = None  # created in check(): creating it already creates a sqlite store
         self.experiment_id: str | None = None
         self._seen_params: dict[str, str] = {}
-        self._metric_until: dict[str, int] = {}
+        self._logged: dict[str, dict[int, float]] = {}  # on resume: key -> step -> the value the run holds
         self._resume_step: int | None = None
 
     def check(self, resume_run_id: str | None = None) -> None:
@@ -252,10 +252,13 @@ class MLflowTracker(Tracker):
         if run_id is not None and self.get_run(run_id) is not None:
             self.run_id, self._resume_step = run_id, resume_step
             self._seen_params = dict(client.get_run(run_id).data.params)
-            # A killed attempt may have logged steps after its last checkpoint; skipping them
-            # keeps one continuous history (with exact resume the values are identical anyway).
+            # A killed attempt may have logged steps after its last checkpoint. A resumed value equal
+            # to the one logged is not logged again (an exact resume keeps one continuous history);
+            # a different one (other settings on resume) is, so the newest value of each step is
+            # always the resumed run's.
             for key in client.get_run(run_id).data.metrics:
-                self._metric_until[key] = max(m.step for m in client.get_metric_history(run_id, key))
+                history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+                self._logged[key] = {m.step: m.value for m in history}
             client.update_run(run_id, status="RUNNING")
             self.set_tags(dict(tags or {}))
             return run_id
@@ -292,11 +295,11 @@ class MLflowTracker(Tracker):
 
         super().log_metrics(metrics, step, run_id)
         now = int(time.time() * 1000)
-        until = self._metric_until if run_id is None else {}
+        logged = self._logged if run_id is None else {}
         items = [
             Metric(k, float(v), now, step)
             for k, v in metrics.items()
-            if math.isfinite(float(v)) and step > until.get(k, -1)
+            if math.isfinite(float(v)) and logged.get(k, {}).get(step) != float(v)
         ]
         client = self.client if run_id is None else self._ready()
         for i in range(0, len(items), 1000):  # MLflow's batch limit for metrics
