@@ -506,6 +506,7 @@ def test_a_sweep_is_found_by_a_name_with_quotes(tmp_path: Path, mlflow_store) ->
     assert (found.run_id, [c.run_id for c in tracker.child_runs(found.run_id)]) == (parent, [child])
 
 
+@pytest.mark.slow  # a real multirun of two jobs
 def test_the_keys_a_sweep_varies_are_in_its_run_names(tmp_path: Path, corpus: Path) -> None:
     """The pooling sweep varies ncn.pooling, which is no config group: each job's run name shows it."""
     done = run_cli(
@@ -525,7 +526,7 @@ def test_the_keys_a_sweep_varies_are_in_its_run_names(tmp_path: Path, corpus: Pa
             "seed=0",
         ],
         cwd=tmp_path,
-        timeout=400,
+        timeout=time_left(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     [folder] = (tmp_path / "multirun" / "pooling").glob("*/*")
