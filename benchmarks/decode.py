@@ -1,12 +1,18 @@
-"""Decoding speed with and without the KV cache + salience state (NCN paper §5).
+"""Decoding speed with and without the KV cache + salience state (NCN paper §5), and with skipping (§8).
 
     python benchmarks/decode.py [--model small] [--ncn full] [--contexts 64,256,1024]
+    python benchmarks/decode.py --checkpoint PATH --skip-thresholds 0.3,0.5 [--contexts 256]
 
 For each context length C the model (conf/model/<model>.yaml, built with block_size 1024 so
 that C = 1024 fits) continues a random prompt of C - new_tokens tokens to exactly C tokens;
 the per-token time is the median over repeats of each run's median decode step after the first
 token (the first includes the prompt's prefill), alternating cached and uncached runs so machine noise hits
 both. Prints a table and writes JSON to benchmarks/results/.
+
+With --skip-thresholds, a trained checkpoint's batch-1 cached decoding instead: per context
+and threshold τ (0 = dense first), the prefill time of the prompt, the median time per decoded
+token, and the FFN and forward FLOPs the decode steps skipped (counted, `ncn.model.compute`);
+dense and skipping runs alternate. A fresh model's gates are ≈ 0.95, so it skips nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ncn import ModulatedGPT, cli  # noqa: E402
+from ncn.model.compute import FlopCount, SkipPlan, count_flops  # noqa: E402
+from ncn.training.checkpoint import load_model, open_checkpoint  # noqa: E402
 
 VARIANTS = {"cached": True, "uncached": False}
 FLAT_MAX = 1.5  # target: cached per-token time at the longest context ≤ 1.5 × at the shortest
@@ -59,6 +67,91 @@ def time_decode(
     return stamps[1] - stamps[0], statistics.median(steps)
 
 
+def time_skipping(
+    model: ModulatedGPT, prompt: torch.Tensor, new_tokens: int, tau: float
+) -> tuple[float, float, FlopCount]:
+    """(prefill seconds, median seconds per greedy cached token, FLOPs the decode steps skipped) at threshold tau."""
+    skip = SkipPlan(tau) if tau > 0 else None
+    sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
+    state = model.new_decode_state(1)
+    flops = FlopCount(0.0, 0.0, 0.0, 0.0)
+    steps = []
+    with torch.no_grad():
+        start = time.perf_counter()
+        logits = model.decode(prompt, state, skip)
+        sync()
+        prefill = time.perf_counter() - start
+        for _ in range(new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            pos = state.kv.pos
+            start = time.perf_counter()
+            logits = model.decode(nxt, state, skip)
+            sync()
+            steps.append(time.perf_counter() - start)
+            flops = flops + count_flops(model.config, model.modulation_config, 1, 1, state.skipped, pos)
+    return prefill, statistics.median(steps), flops
+
+
+def skip_benchmark(args: argparse.Namespace, contexts: list[int], device: torch.device) -> None:
+    """--skip-thresholds: dense vs skipping cached decoding of a checkpoint; prints a table, writes JSON."""
+    ckpt = open_checkpoint(args.checkpoint, Path.cwd(), frozenset())
+    model = load_model(ckpt, device)
+    thresholds = [0.0, *(float(t) for t in args.skip_thresholds.split(","))]
+    load_before = os.getloadavg()
+    results = []
+    for context in contexts:
+        prompt = torch.randint(
+            0, model.config.vocab_size, (1, context - args.new_tokens), generator=torch.Generator().manual_seed(context)
+        ).to(device)
+        for tau in thresholds:  # warm-up
+            time_skipping(model, prompt, 2, tau)
+        samples = {tau: [] for tau in thresholds}
+        for repeat in range(args.repeats):
+            for tau in thresholds if repeat % 2 == 0 else list(reversed(thresholds)):
+                samples[tau].append(time_skipping(model, prompt, args.new_tokens, tau))
+        for tau, runs in samples.items():
+            per_token = statistics.median(r[1] for r in runs)
+            results.append(
+                {
+                    "context": context,
+                    "tau": tau,
+                    "prefill_s": statistics.median(r[0] for r in runs),
+                    "s_per_token": per_token,
+                    "tokens_per_s": 1.0 / per_token,
+                    "ffn_skipped": runs[0][2].ffn_fraction,
+                    "total_skipped": runs[0][2].total_fraction,
+                }
+            )
+    print(
+        f"skipping decode benchmark: checkpoint {ckpt.path} device={device} threads={args.threads} "
+        f"new_tokens={args.new_tokens} repeats={args.repeats} load average {load_before[0]:.2f}"
+    )
+    print(
+        f"{'context':>8} {'tau':>5} {'prefill ms':>11} {'ms/tok':>8} {'tok/s':>8} "
+        f"{'FFN skipped':>12} {'all skipped':>12}"
+    )
+    for r in results:
+        print(
+            f"{r['context']:>8} {r['tau']:>5g} {1e3 * r['prefill_s']:>11.1f} {1e3 * r['s_per_token']:>8.2f} "
+            f"{r['tokens_per_s']:>8.1f} {100 * r['ffn_skipped']:>11.1f}% {100 * r['total_skipped']:>11.1f}%"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"decode-skip-{device.type}-{stamp}.json"
+    report = {
+        "benchmark": "decode-skip",
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "checkpoint": str(ckpt.path),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "results": results,
+    }
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small", help="conf/model option")
@@ -77,6 +170,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see above)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--checkpoint", help="with --skip-thresholds: the trained checkpoint (path, run name, latest)")
+    parser.add_argument("--skip-thresholds", help="comma-separated gate thresholds τ: time skipping against dense")
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2: the first token includes the prefill")
@@ -85,6 +180,11 @@ def main() -> None:
         parser.error(f"every context must exceed --new-tokens={args.new_tokens}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.skip_thresholds:
+        if not args.checkpoint:
+            parser.error("--skip-thresholds needs --checkpoint: a fresh model's gates (0.95) skip nothing")
+        skip_benchmark(args, contexts, device)
+        return
     block_size = max(1024, max(contexts))
     model = build_model(args.model, args.ncn, block_size, device)
     vocab = model.config.vocab_size

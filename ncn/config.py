@@ -31,6 +31,7 @@ NORMS = ("rms", "layer")
 FFN_ACTIVATIONS = ("gelu", "gelu_tanh")
 # Signal parametrisations (ModulationConfig.parametrisation, docs/method.md §3).
 PARAMETRISATIONS = ("paper", "exact_neutral")
+GATE_MODES = ("soft", "hard")
 SOURCES = ("shakespeare", "text_files", "hf")
 # Tokenizers a token cache can be built with, and their vocabulary sizes (end-of-text included).
 TOKENIZERS = {"gpt2": 50257, "bytes": 257}
@@ -170,6 +171,10 @@ class ModulationConfig:
         "exact_neutral" (gain, precision and FFN gate exactly 1 at init, so a pretrained base
         keeps its logits; docs/method.md §3). exact_neutral has no swish_beta, head_gate or
         layer_gate.
+    gate_mode: "soft" (a gate scales its unit by g) or "hard" (the unit runs at full weight
+        where g >= 0.5 and not at all below, in training and inference alike; gradients reach g
+        straight through, Bengio et al. 2013). Under a compute cost soft gates can shrink while
+        the unit's weights grow to make up for it (docs/compute.md); hard gates cannot.
 
     Raises:
         NCNConfigError: unknown target/pooling/activation/parametrisation, repeated target, bad
@@ -186,6 +191,7 @@ class ModulationConfig:
     activation: str = "gate"
     compute_lambda: float = 0.0
     parametrisation: str = "paper"
+    gate_mode: str = "soft"
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -212,6 +218,7 @@ class ModulationConfig:
                 f"ncn.parametrisation=exact_neutral covers temperature, gain and activation, not {gates[0]}: "
                 "drop it from ncn.targets, or use ncn.parametrisation=paper"
             )
+        _choice("ncn.gate_mode", self.gate_mode, GATE_MODES)
         _positive(self, "ncn", "hidden_dim")
         _positive(self, "ncn", "heads")
         if not self.homeostatic_lambda >= 0.0:

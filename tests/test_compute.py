@@ -417,3 +417,73 @@ def test_a_threshold_outside_its_range_is_one_error_line(tmp_path: Path) -> None
     assert done.stderr.strip().splitlines()[-1] == (
         "error: skip_grid contains 1.5, outside (0, 1]: list gate thresholds, e.g. skip_grid=[0.1,0.3,0.5]"
     )
+
+
+def _copy_task(gate_mode: str) -> tuple[list[float], list[float], float]:
+    """Train a 2-layer model with layer gates and compute_lambda 0.5 to copy the previous token.
+
+    Layer 0's attention is needed; layer 1's outputs are frozen at 0, so only the cost acts on its
+    gate. AdamW as in training (decay 0.1 on matrices). Returns per layer the mean gate and the
+    fraction of tokens whose gate is >= 0.5 (they run at skip_threshold 0.5), and the final CE.
+    """
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, block_size=16, d_model=32, n_layer=2, n_head=2)
+    modulation = ModulationConfig(targets=["layer_gate"], compute_lambda=0.5, pooling="none", gate_mode=gate_mode)
+    model = ModulatedGPT(cfg, modulation)
+    useless = model.blocks[1]
+    with torch.no_grad():
+        for p in (useless.attn.proj.weight, useless.attn.proj.bias, useless.mlp.proj.weight, useless.mlp.proj.bias):
+            p.zero_()
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        x = torch.randint(0, 16, (16, 16), generator=g)
+        out = model(x, torch.roll(x, 1, 1))  # the previous token (position 0: unlearnable, 1/16 of the loss)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        x = torch.randint(0, 16, (16, 16), generator=g)
+        out = model(x, torch.roll(x, 1, 1))
+    gate = out.signals["layer_gate"]  # (B, T, 2)
+    return gate.mean(dim=(0, 1)).tolist(), (gate >= 0.5).float().mean(dim=(0, 1)).tolist(), out.ce_loss.item()
+
+
+def test_hard_gates_let_the_compute_cost_close_a_useless_layer_and_keep_a_needed_one():
+    mean, runs, ce = _copy_task("hard")
+    assert mean[1] < 0.01 and runs[1] == 0.0  # the useless layer: closed for every token
+    assert runs[0] > 0.95  # the needed layer runs for (almost) every token
+    assert ce < 0.5  # and does its work (chance: ln 16 = 2.77)
+
+
+def test_soft_gates_under_a_compute_cost_shrink_a_needed_layer_too():
+    """The measured limit of soft gates: the needed layer's gate falls as far as the useless one's would
+    allow while its weights grow to make up for it, so skipping at 0.5 would drop a layer the model needs."""
+    mean, runs, ce = _copy_task("soft")
+    assert mean[1] < 0.01 and mean[0] < 0.3 and runs[0] < 0.05
+    assert ce < 0.5  # the scaled-down layer still does its work
+
+
+def test_hard_gates_run_a_unit_whole_or_not_at_all_and_pass_gradients_straight_through():
+    model = tiny(GATED, gate_mode="hard")
+    x = tokens()
+    with torch.no_grad():
+        out = model(x)
+        assert (model(x, skip=SkipPlan(0.5)).logits - out.logits).abs().max().item() <= 1e-6  # τ = 0.5 is the model
+        soft = tiny(GATED)
+        soft.load_state_dict(model.state_dict())
+        ones = {
+            name: (v >= 0.5).float() if name in ("ffn_gate", "head_gate", "layer_gate") else v
+            for name, v in soft(x).signals.items()
+        }
+    assert torch.equal(out.signals["layer_gate"], soft(x).signals["layer_gate"])  # signals: the controller's values
+    assert 0 < ones["head_gate"].mean().item() < 1  # some heads off, some on: τ = 0.5 does skip
+    model.train()
+    model(x, torch.roll(x, -1, 1)).loss.backward()
+    assert model.controller.fc2.weight.grad.abs().sum().item() > 0

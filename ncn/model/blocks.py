@@ -259,7 +259,7 @@ class Block(nn.Module):
         skip: BlockSkip | None = None,
     ) -> Tensor:
         scale = gain if ffn_gate is None else (ffn_gate if gain is None else gain * ffn_gate)  # (B, T, 1)
-        if skip is not None:
+        if skip is not None and any(m is not None and bool(m.any()) for m in (skip.ffn, skip.head, skip.layer)):
             return self._forward_skip(x, gain, precision, scale, activation_beta, head_gate, layer_gate, cache, skip)
         a = self.attn(self.norm1(x), precision, cache, head_gate)
         if layer_gate is not None:

@@ -27,7 +27,7 @@ from ncn.errors import NCNConfigError
 from ncn.model.blocks import Block, KVCache, make_norm
 from ncn.model.compute import SkipMasks, SkipPlan, compute_cost, masked_signals, present, threshold_masks
 from ncn.model.controller import Controller, SalienceState
-from ncn.model.signals import homeostatic_loss, signal_names
+from ncn.model.signals import hard_gates, homeostatic_loss, signal_names
 
 
 @dataclass
@@ -38,7 +38,8 @@ class ModelOutput:
     targets); reg_loss: homeostatic penalty, 0-dim (0 for the baseline); compute_loss:
     ncn.compute_lambda × `compute_cost` of the gates, 0-dim (0 when off); loss = ce_loss +
     reg_loss + compute_loss (None without targets); perplexity is exp(ce_loss) only (NCN paper §4).
-    signals: name -> (B, T, n_layer) or (B, T, n_layer, n_head), with gradients; {} for the baseline.
+    signals: name -> (B, T, n_layer) or (B, T, n_layer, n_head), with gradients; {} for the baseline
+    (the controller's values: with ncn.gate_mode=hard the blocks use 1[gate >= 0.5] instead).
     skipped: the units a `SkipPlan` skipped (None: dense).
     """
 
@@ -62,10 +63,14 @@ class ParamCount(NamedTuple):
 
 @dataclass
 class DecodeState:
-    """Everything incremental decoding carries between tokens: KV cache and salience state."""
+    """Everything incremental decoding carries between tokens: KV cache and salience state.
+
+    skipped: the units the last chunk skipped (None: it ran dense).
+    """
 
     kv: KVCache
     salience: SalienceState | None
+    skipped: SkipMasks | None = None
 
 
 class ModulatedGPT(nn.Module):
@@ -162,7 +167,9 @@ class ModulatedGPT(nn.Module):
         masks = None
         if skip is not None and signals:
             masks = present(skip.masks, signals) if skip.masks is not None else threshold_masks(signals, skip.threshold)
-        applied = masked_signals(signals, masks) if masks is not None and not skip.gather else signals
+        applied = hard_gates(signals) if self.modulation_config.gate_mode == "hard" else signals
+        if masks is not None and not skip.gather:
+            applied = masked_signals(applied, masks)
         gathered = masks is not None and skip.gather
         per_layer = {name: self._per_block(s) for name, s in applied.items()}
         x = e
@@ -176,6 +183,7 @@ class ModulatedGPT(nn.Module):
                 x = block(x, **mod, cache=None if state is None else state.kv)
         if state is not None:
             state.kv.advance(T)
+            state.skipped = masks
         return self.norm(x), signals, masks
 
     @staticmethod

@@ -108,6 +108,23 @@ def transform(
     raise KeyError(f"unknown signal {name!r}; known: {', '.join(SIGNALS)}")
 
 
+# A hard gate lets its unit run where the gate is at least this, and switches it off below.
+HARD_GATE_THRESHOLD = 0.5
+
+
+def hard_gates(signals: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`signals` with each gate g replaced by 1[g >= 0.5] in the forward pass, with d/dg = 1 (straight through).
+
+    Other signals pass unchanged. Same shapes; the values of the gates are exactly 0.0 or 1.0.
+    """
+    out = dict(signals)
+    for name in GATES:
+        if name in out:
+            g = out[name]
+            out[name] = (g >= HARD_GATE_THRESHOLD).to(g.dtype) + (g - g.detach())
+    return out
+
+
 def homeostatic_loss(signals: dict[str, Tensor], lam: float, gates: bool = True) -> Tensor:
     """Homeostatic penalty λ · Σ_s mean((s − 1)²) over the given signals (NCN paper §4).
 
