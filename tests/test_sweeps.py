@@ -42,6 +42,7 @@ SWEEPS = {
     "homeostasis": {"ncn.homeostatic_lambda": "0.0,0.001,0.01,0.1", "seed": "0,1"},
     "scale": {"model": "tiny,small", "ncn": "none,full", "seed": "0"},
     "lr_search": {"optim.lr": "tag(log, interval(1e-4, 1e-2))"},
+    "compute": {"ncn.compute_lambda": "0.0,0.05,0.2,0.5", "seed": "0,1,2"},
 }
 # tiny and fast: threads=1 keeps 2-core CI machines from oversubscribing
 FAST = ["model=tiny", "trainer=smoke", "trainer.probe_tokens=0", "trainer.threads=1", "trainer.checkpoint_every=6"]
@@ -59,7 +60,8 @@ def test_every_sweep_file_composes(name: str) -> None:
     assert dict(cfg.hydra.sweeper.params) == SWEEPS[name]
     assert cfg.hydra.sweep.dir.startswith(f"multirun/{name}/")  # unresolved: ${now:...} per launch
     assert cfg.hydra.callbacks.sweep._target_ == "ncn.tasks.sweep.SweepCallback"
-    assert (cfg.trainer.max_steps, cfg.trainer.probe_tokens, cfg.model.d_model) == (300, 0, 32)
+    steps = 1000 if name == "compute" else 300  # compute: the byte-level CPU budget (trainer=cpu_sweep)
+    assert (cfg.trainer.max_steps, cfg.trainer.probe_tokens, cfg.model.d_model) == (steps, 0, 32)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper" if name == "lr_search" else "BasicSweeper")
     # the command line beats the file: trainer=smoke replaces the sweep budget
     assert _compose_sweep(name, ["trainer=smoke"]).trainer.max_steps == 6
