@@ -54,7 +54,10 @@ def typed(cfg: DictConfig) -> tuple[RunConfig, RunContext]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if hydra_cfg is None:
         return run_cfg, RunContext.here(resolved)
-    job_num = int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    job_num = None
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a sweep job's number is its folder's (the same when a sweep grows)
+        folder = Path(hydra_cfg.runtime.output_dir).name
+        job_num = int(folder) if folder.isdigit() else int(hydra_cfg.job.num)
     return run_cfg, RunContext(
         run_dir=Path(hydra_cfg.runtime.output_dir),
         launch_dir=Path(hydra_cfg.runtime.cwd),

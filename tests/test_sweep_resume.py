@@ -197,13 +197,111 @@ def test_joblib_resume_by_folder_skips_finished_jobs(corpus: Path, tmp_path: Pat
     assert (parent.info.status, parent.data.tags["ncn.sweep.resumes"]) == ("FINISHED", "1")
     assert sorted(p.name for p in folder.glob("multirun*.yaml")) == ["multirun.before_resume_1.yaml", "multirun.yaml"]
 
-    other = run_cli(_args(corpus, tmp_path, resume, grid=["ncn=full", "seed=0,1,2"]), cwd=tmp_path)
+    other = run_cli(_args(corpus, tmp_path, resume, grid=["ncn=full,none", "seed=0,1"]), cwd=tmp_path, timeout=400)
     assert other.returncode == 2
     assert other.stderr.strip().splitlines()[-1] == (
         f'error: {resume} is sweep ablation with grid {{"seed": ["0", "1"]}}, this launch is ablation with '
-        'grid {"seed": ["0", "1", "2"]}: resume with the sweep\'s own -cn and grid overrides'
+        'grid {"ncn": ["full", "none"], "seed": ["0", "1"]}: resume with the sweep\'s own -cn and the same swept '
+        "keys (their values may grow, shrink or be reordered)"
     )
     assert len(client.search_runs([exp])) == 3 and client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_sweep_grows_shrinks_and_reorders_under_its_parent(corpus: Path, tmp_path: Path, mlflow_store) -> None:
+    """ncn=none,full, then resumed with ncn=full,none,gain_only (reordered, one value added): the finished jobs
+    are skipped in their own folders, gain_only runs in a new folder under the same parent, whose grid becomes
+    the union; then resumed with ncn=gain_only alone: the two dropped jobs are named as left out, nothing runs."""
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    first = run_cli(_args(corpus, tmp_path, grid=["ncn=none,full", "seed=0"]), cwd=tmp_path, timeout=400)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = _sweep_dir(tmp_path)
+    files = {job: _files(folder / job) for job in ("0", "1")}
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ncn").experiment_id
+    [parent] = [r.info.run_id for r in client.search_runs([exp]) if "ncn.sweep" in r.data.tags]
+
+    grown = run_cli(
+        _args(corpus, tmp_path, f"sweep_resume={parent}", grid=["ncn=full,none,gain_only", "seed=0"]),
+        cwd=tmp_path,
+        timeout=400,
+    )
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    out = grown.stdout + grown.stderr
+    assert out.count("already finished") == 2
+    assert "jobs new to the sweep's folder (added values, or never started): 1, in folders 2" in out
+    assert all(files[job] == _files(folder / job) for job in files)  # the finished jobs are untouched
+    assert sorted(p.name for p in folder.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+    children = [r for r in client.search_runs([exp]) if "mlflow.parentRunId" in r.data.tags]
+    assert sorted((r.data.tags["ncn.sweep.job"], r.info.status) for r in children) == [
+        ("0: ncn=none", "FINISHED"),
+        ("1: ncn=full", "FINISHED"),
+        ("2: ncn=gain_only", "FINISHED"),
+    ]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
+    tags = client.get_run(parent).data.tags
+    assert json.loads(tags["ncn.sweep.grid"]) == {"ncn": ["none", "full", "gain_only"]}
+    assert (tags["ncn.sweep.jobs"], tags["ncn.sweep.jobs_finished"], tags["ncn.sweep.jobs_expected"]) == ("3", "3", "3")
+    assert json.loads((folder / "ncn_jobs.json").read_text())["folders"] == {
+        '{"ncn": "full"}': "1",
+        '{"ncn": "none"}': "0",
+        '{"ncn": "gain_only"}': "2",
+    }
+
+    shrunk = run_cli(
+        _args(corpus, tmp_path, f"sweep_resume={parent}", grid=["ncn=gain_only", "seed=0"]), cwd=tmp_path, timeout=400
+    )
+    assert shrunk.returncode == 0, shrunk.stderr[-3000:]
+    out = shrunk.stdout + shrunk.stderr
+    assert (
+        "this launch's grid leaves out 2 of the sweep's jobs (job 0: ncn=none; job 1: ncn=full): they are not run; "
+        "their folders and runs stay" in out
+    )
+    assert out.count("already finished") == 1
+    assert len(client.search_runs([exp])) == 4 and client.get_run(parent).info.status == "FINISHED"
+
+
+def test_plan_folders_matches_jobs_by_their_swept_values(tmp_path: Path) -> None:
+    """Folders of a sweep ncn=none,full x seed=0,1 (jobs 0-3; job 2 died before writing its overrides): a grid
+    with seed 2 added continues every earlier job in its folder; a new job takes its launch number's folder
+    unless a job holds it, else the next free number; a reordered grid is the same jobs; a smaller one names
+    the jobs it leaves out."""
+    from ncn.tasks.sweep import grid_jobs, job_key, plan_folders
+
+    grid = {"ncn": ["none", "full"], "seed": ["0", "1"]}
+    assert grid_jobs(grid) == [
+        ["ncn=none", "seed=0"],
+        ["ncn=none", "seed=1"],
+        ["ncn=full", "seed=0"],
+        ["ncn=full", "seed=1"],
+    ]
+    for n, job in enumerate(grid_jobs(grid)):
+        (tmp_path / str(n) / ".hydra").mkdir(parents=True)
+        if n != 2:
+            (tmp_path / str(n) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=tiny", *job]))
+    keys = ["ncn", "seed"]
+
+    def key(ncn: str, seed: int) -> str:
+        return job_key([f"ncn={ncn}", f"seed={seed}"], keys)
+
+    same = plan_folders(tmp_path, {**grid, "model": ["tiny"]}, keys)
+    assert (same.in_place, same.new, same.left_out) == (True, ["2"], {})
+    grown = plan_folders(tmp_path, {"ncn": ["none", "full"], "seed": ["0", "1", "2"]}, keys)
+    assert grown.folders == {
+        key("none", 0): "0",
+        key("none", 1): "1",
+        key("none", 2): "2",  # launch number 2: no job holds folder 2
+        key("full", 0): "4",  # launch number 3: folder 3 is full seed 1's, 4 is the next free one
+        key("full", 1): "3",
+        key("full", 2): "5",
+    }
+    assert (grown.new, grown.in_place) == (["2", "4", "5"], False)
+    reordered = plan_folders(tmp_path, {"seed": ["1", "0"], "ncn": ["full", "none"]}, ["seed", "ncn"])
+    assert reordered.folders == {key("full", 1): "3", key("none", 1): "1", key("full", 0): "2", key("none", 0): "0"}
+    assert (reordered.new, reordered.left_out, reordered.in_place) == (["2"], {}, False)
+    shrunk = plan_folders(tmp_path, {"ncn": ["full"], "seed": ["1"]}, keys)
+    assert (shrunk.folders, shrunk.new) == ({key("full", 1): "3"}, [])
+    assert shrunk.left_out == {"0": key("none", 0), "1": key("none", 1)}
 
 
 # --- the per-job decision (what a resumed or requeued job does), on prepared folders ---
@@ -258,6 +356,23 @@ def test_plan_refuses_another_config_or_another_sweep(finished: Path, tmp_path: 
     (copy / "checkpoints" / "step_000006" / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(theirs)))
     with pytest.raises(NCNConfigError, match=f"holds a run of another sweep .*sweep_resume={'a' * 32}"):
         job_resume.plan_job(copy, ours, job=0)
+
+
+def test_plan_says_when_a_job_that_trained_restarts_from_scratch(finished: Path, tmp_path: Path) -> None:
+    """A folder with the earlier attempt's metrics.jsonl but its checkpoints gone: fresh, with the reason (the
+    train task logs it, tags the new run ncn.restarted with it and keeps the old metrics aside)."""
+    copy = tmp_path / "3"
+    shutil.copytree(finished, copy)
+    shutil.rmtree(copy / "checkpoints")
+    plan = job_resume.plan_job(copy, _job_config(finished), job=3)
+    assert plan == job_resume.JobPlan(
+        "fresh",
+        restart=f"sweep job 3: its folder {copy} holds an earlier attempt's metrics.jsonl but no checkpoint (no "
+        "checkpoints/latest): training it again from step 0 (the earlier metrics are kept as "
+        "metrics.before_restart.jsonl)",
+    )
+    (copy / "metrics.jsonl").unlink()
+    assert job_resume.plan_job(copy, _job_config(finished), job=3) == job_resume.JobPlan()  # never trained
 
 
 def test_trim_metrics_log_keeps_steps_up_to_the_checkpoint(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -20,6 +21,8 @@ import shlex
 import shutil
 import sys
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,6 +39,7 @@ from ncn.training.runtime import distributed_env
 log = logging.getLogger(__name__)
 PARENT_ENV = "NCN_PARENT_RUN_ID"  # read by conf/tracking/mlflow.yaml: tracking.parent_run_id
 ERROR_KINDS = {2: "usage error", 3: "run failed", 130: "interrupted"}
+JOBS_FILE = "ncn_jobs.json"  # a resumed sweep's {job: folder} table, when its jobs moved (plan_folders)
 
 
 def sweep_grid(params: dict[str, Any], arguments: list[str]) -> OrderedDict[str, list[str] | str]:
@@ -220,7 +224,7 @@ class SweepCallback(Callback):
         if tracking.backend != "mlflow":  # tracking=none: nothing to group; a resume only reuses the folder
             if resume:
                 _, folder = resume_target(None, str(resume), Path.cwd())
-                _reuse_sweep_dir(config, folder)
+                _place_jobs(config, folder, grid, self.swept)
             return
         tracker = open_tracker(tracking, Path.cwd())  # tracking.parent_run_id resolves to null here: a top-level run
         tracker.check()  # creates the sqlite store and the experiment once, before any job
@@ -234,7 +238,7 @@ class SweepCallback(Callback):
             self.expected_jobs = math.prod(len(v) for v in grid.values())
         swept_grid = json.dumps({k: grid[k] for k in self.swept})
         if resume:
-            self.parent_run_id = self._resume(tracker, config, str(resume), swept_grid)
+            self.parent_run_id = self._resume(tracker, config, str(resume), grid)
         else:
             tags = {
                 "ncn.sweep": self.sweep_name,
@@ -275,11 +279,15 @@ class SweepCallback(Callback):
             shell_override("tracking.uri", self.uri),
         )
 
-    def _resume(self, tracker: MLflowTracker, config: DictConfig, spec: str, swept_grid: str) -> str:
+    def _resume(self, tracker: MLflowTracker, config: DictConfig, spec: str, grid: Mapping[str, Any]) -> str:
         """Reopen the parent run of the sweep `spec` names and move this launch into its folder; returns its id.
 
+        The grid may differ from the sweep's in its values (added, dropped, reordered: `_place_jobs`),
+        not in its swept keys; the parent's `ncn.sweep.grid` becomes the union of both.
+
         Raises:
-            NCNConfigError: see `resume_target`; a parent of another experiment, sweep or grid.
+            NCNConfigError: see `resume_target`; a parent of another experiment or sweep, or of a
+                grid with other swept keys.
         """
         parent, folder = resume_target(tracker, spec, Path.cwd())
         assert parent is not None
@@ -289,20 +297,33 @@ class SweepCallback(Callback):
                 f"sweep_resume={spec} is a sweep of another experiment (id {parent.experiment_id}) than "
                 f"tracking.experiment={self.experiment}: set tracking.experiment to the sweep's experiment"
             )
-        theirs = (parent.tags["ncn.sweep"], parent.tags.get("ncn.sweep.grid", "{}"))
-        if theirs != (self.sweep_name, swept_grid):
+        theirs: dict[str, Any] = json.loads(parent.tags.get("ncn.sweep.grid", "{}"))
+        ours = {k: grid[k] for k in grid if k in theirs or k in self.swept}  # a key cut to one value is still swept
+        values_only = set(theirs) == set(ours) and all(
+            ours[k] == theirs[k] or (isinstance(ours[k], list) and isinstance(theirs[k], list)) for k in ours
+        )
+        if parent.tags["ncn.sweep"] != self.sweep_name or not values_only:
             raise NCNConfigError(
-                f"sweep_resume={spec} is sweep {theirs[0]} with grid {theirs[1]}, this launch is {self.sweep_name} "
-                f"with grid {swept_grid}: resume with the sweep's own -cn and grid overrides"
+                f"sweep_resume={spec} is sweep {parent.tags['ncn.sweep']} with grid {json.dumps(theirs)}, this launch "
+                f"is {self.sweep_name} with grid {json.dumps(ours)}: resume with the sweep's own -cn and the same "
+                "swept keys (their values may grow, shrink or be reordered)"
             )
         count = int(parent.tags.get("ncn.sweep.resumes", "0")) + 1
+        self.swept = list(ours)
+        union = {
+            k: theirs[k] + [v for v in ours[k] if v not in theirs[k]] if isinstance(ours[k], list) else ours[k]
+            for k in theirs
+        }
         tags = {
             "ncn.sweep.resumes": str(count),
             f"ncn.sweep.resume.{count}": " ".join(shlex.quote(a) for a in sys.argv),
+            "ncn.sweep.grid": json.dumps(union),
         }
+        if self.expected_jobs is not None:
+            tags["ncn.sweep.jobs_expected"] = str(self.expected_jobs)
         run_id = self.parent_run_id = tracker.start(parent.name, run_id=parent.run_id, tags=tags)  # RUNNING again
         tracker.log_dict({"overrides": list(config.hydra.overrides.task)}, f"resume/{count}/sweep.json")
-        _reuse_sweep_dir(config, folder)
+        _place_jobs(config, folder, grid, self.swept)
         log.info("sweep %s: resuming parent run %s (resume %d) in %s", self.sweep_name, run_id, count, folder)
         return run_id
 
@@ -326,25 +347,26 @@ class SweepCallback(Callback):
             f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed if o.get_key_element() in self.swept
         )
         run_dir = config.hydra.runtime.output_dir
+        number = job_number(run_dir, int(job.num))
         # runs are found by the parent's id and matched to the job's folder in Python: never a filter of user text
         attempts = [c for c in tracker.child_runs(self.parent_run_id) if c.tags.get("ncn.run_dir") == run_dir]
         error = _job_error(job_return)
         if error is not None:
             text = describe_failure(error)
-            tracker.set_tags({f"ncn.sweep.failed.{job.num}": f"{overrides}: {text}"}, run_id=self.parent_run_id)
+            tracker.set_tags({f"ncn.sweep.failed.{number}": f"{overrides}: {text}"}, run_id=self.parent_run_id)
             if not attempts or attempts[-1].status == "FINISHED":  # this attempt died before its run existed
                 placeholder = tracker.create_run(
-                    f"job{job.num}",
+                    f"job{number}",
                     status="FAILED",
                     tags={"mlflow.parentRunId": self.parent_run_id, "ncn.run_dir": run_dir},
                 )
                 attempts.append(tracker.get_run(placeholder))
             tracker.set_tags({"ncn.error": text}, run_id=attempts[-1].run_id)
         else:
-            tracker.delete_tags([f"ncn.sweep.failed.{job.num}"], run_id=self.parent_run_id)
+            tracker.delete_tags([f"ncn.sweep.failed.{number}"], run_id=self.parent_run_id)
         if attempts:
             current = attempts[-1].run_id
-            tracker.set_tags({"ncn.sweep.job": f"{job.num}: {overrides}"}, run_id=current)
+            tracker.set_tags({"ncn.sweep.job": f"{number}: {overrides}"}, run_id=current)
             for earlier in attempts[:-1]:
                 tracker.set_tags({"ncn.superseded_by": current}, run_id=earlier.run_id)
 
@@ -413,6 +435,129 @@ class SweepCallback(Callback):
                 self.report_command(),
             )
         return bad
+
+
+def job_number(run_dir: str | Path, num: int) -> int:
+    """A sweep job's number: its folder's (the same in every launch of the sweep, `plan_folders`), else
+    Hydra's launch number `num` (a `hydra.sweep.subdir` that is not a number)."""
+    name = Path(run_dir).name
+    return int(name) if name.isdigit() else num
+
+
+def job_key(overrides: Iterable[str], keys: Iterable[str]) -> str:
+    """A job's identity within a sweep: JSON of {key: value as in its override} for the swept `keys`, from
+    its override strings (`key=value`, as Hydra's sweeper writes them into `.hydra/overrides.yaml`)."""
+    values = {}
+    for override in overrides:
+        key, _, value = str(override).partition("=")
+        values[key.lstrip("+~")] = value
+    return json.dumps({k: values.get(k) for k in sorted(keys)})
+
+
+def grid_jobs(grid: Mapping[str, list[str] | str]) -> list[list[str]]:
+    """Each job's overrides (`key=value`) in the order Hydra's basic sweeper launches them: the product of
+    the grid's values, keys in grid order (`sweep_grid`)."""
+    lists = [[f"{k}={v}" for v in (values if isinstance(values, list) else [values])] for k, values in grid.items()]
+    return [list(job) for job in itertools.product(*lists)]
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    """Where each job of a resumed sweep runs. keys: the swept keys that tell its jobs apart (`job_key`);
+    folders: {job_key: folder name} for every job of this launch;
+    new: folder names of jobs the sweep did not have; left_out: {folder name: job_key} of the sweep's
+    earlier jobs this launch's grid drops; in_place: job N runs in folder N (Hydra's own layout)."""
+
+    keys: list[str]
+    folders: dict[str, str]
+    new: list[str]
+    left_out: dict[str, str]
+    in_place: bool
+
+
+def plan_folders(folder: Path, grid: Mapping[str, list[str] | str], swept: list[str]) -> FolderPlan:
+    """Match this launch's jobs to the job folders of the sweep in `folder` by their swept values, so a grid
+    that adds values, drops some or lists them in another order continues each earlier job in its own
+    folder. An earlier job is known by its `.hydra/overrides.yaml` (a folder without one holds no job);
+    the jobs are told apart by `swept` and every key whose value differs among the earlier jobs (a key
+    this launch sets to one of its values);
+    a new job takes folder N (its launch number) when no job holds it, else the next number none has."""
+    import yaml
+
+    written = sorted(folder.glob("*/.hydra/overrides.yaml")) if folder.is_dir() else []
+    numbers = {int(f.parents[1].name) for f in written if f.parents[1].name.isdigit()}
+    earlier = {
+        n: yaml.safe_load((folder / str(n) / ".hydra/overrides.yaml").read_text(encoding="utf-8")) or []
+        for n in numbers
+    }
+    values: dict[str, set[str]] = {}
+    for overrides in earlier.values():
+        for override in overrides:
+            key, _, value = str(override).partition("=")
+            values.setdefault(key.lstrip("+~"), set()).add(value)
+    swept = sorted(set(swept) | {k for k, v in values.items() if len(v) > 1})  # a key cut to one value stays one
+    existing: dict[str, str] = {}
+    for n in sorted(numbers):
+        existing.setdefault(job_key(earlier[n], swept), str(n))
+    keys = [job_key(job, swept) for job in grid_jobs(grid)]
+    folders = {k: existing[k] for k in keys if k in existing}
+    used, free = set(numbers), max(numbers, default=-1) + 1
+    new = []
+    for n, k in enumerate(keys):
+        if k in folders:
+            continue
+        if n not in used:
+            folders[k] = str(n)
+        else:
+            folders[k], free = str(free), free + 1
+        used.add(int(folders[k]))
+        new.append(folders[k])
+    left_out = {name: k for k, name in existing.items() if k not in folders}
+    return FolderPlan(swept, folders, new, left_out, all(folders[k] == str(n) for n, k in enumerate(keys)))
+
+
+def sweep_subdir(*, _root_: DictConfig) -> str:
+    """Resolver `${ncn_sweep_subdir:}` (`hydra.sweep.subdir` of a resumed sweep whose jobs moved): the folder
+    `plan_folders` gave this job, read from `<sweep dir>/ncn_jobs.json` by the job's own overrides."""
+    hydra = _root_.hydra
+    table = json.loads((Path(str(hydra.sweep.dir)) / JOBS_FILE).read_text(encoding="utf-8"))
+    return table["folders"][job_key(hydra.overrides.task, table["keys"])]
+
+
+if not OmegaConf.has_resolver("ncn_sweep_subdir"):  # every process that runs a job imports this callback
+    OmegaConf.register_new_resolver("ncn_sweep_subdir", sweep_subdir)
+
+
+def _place_jobs(config: DictConfig, folder: Path, grid: Mapping[str, list[str] | str], swept: list[str]) -> None:
+    """Reuse the sweep's `folder` for this launch and say how its grid relates to the sweep's jobs: jobs
+    added (their folders), jobs left out (not run; their folders and runs stay). When a job's folder is
+    not its launch number, `hydra.sweep.subdir` becomes `${ncn_sweep_subdir:}` with the table in
+    `<folder>/ncn_jobs.json`."""
+    plan = plan_folders(folder, grid, swept)
+    _reuse_sweep_dir(config, folder)
+    table = folder / JOBS_FILE
+    if plan.in_place:
+        table.unlink(missing_ok=True)
+    else:
+        table.write_text(json.dumps({"keys": plan.keys, "folders": plan.folders}, indent=2) + "\n", encoding="utf-8")
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra.append("hydra.sweep.subdir=${ncn_sweep_subdir:}")
+    if plan.new and len(plan.new) < len(plan.folders):
+        log.info(
+            "jobs new to the sweep's folder (added values, or never started): %d, in folders %s",
+            len(plan.new),
+            ", ".join(plan.new),
+        )
+    if plan.left_out:
+        values = "; ".join(
+            f"job {name}: " + " ".join(f"{k}={v}" for k, v in json.loads(key).items())
+            for name, key in sorted(plan.left_out.items(), key=lambda item: int(item[0]))
+        )
+        log.warning(
+            "this launch's grid leaves out %d of the sweep's jobs (%s): they are not run; their folders and runs stay",
+            len(plan.left_out),
+            values,
+        )
 
 
 def _reuse_sweep_dir(config: DictConfig, folder: Path) -> None:

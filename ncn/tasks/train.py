@@ -235,6 +235,10 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             resume checkpoint or an override that contradicts it; DivergenceError: divergence.
     """
     attempt = _earlier_attempt(cfg, ctx)
+    if attempt.restart is not None:
+        log.warning("%s", attempt.restart)
+        if distributed_env().rank == 0:  # the new attempt logs every step once
+            (ctx.run_dir / "metrics.jsonl").replace(ctx.run_dir / job_resume.RESTARTED_METRICS)
     cfg = dataclasses.replace(cfg, sweep_resume=None)  # the parent run records it; the runs' params stay alike
     if attempt.action == job_resume.SKIP:
         return _skip_finished(cfg, ctx, attempt)
@@ -283,6 +287,8 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     with sigterm_as_interrupt(rank == 0):
         try:
             _record_start(job, state, ctx, data, resumed)
+            if attempt.restart is not None and rank == 0:
+                tracker.set_tags({"ncn.restarted": attempt.restart})
             metrics = train(job, state, cfg.trainer, last)
             if cfg.skip_grid and rank == 0:
                 metrics.update(_measure_compute(job, cfg, state.step))

@@ -43,6 +43,7 @@ RUNTIME_KEYS = frozenset(
     }
 )
 SKIP, RESUME, FRESH = "skip", "resume", "fresh"
+RESTARTED_METRICS = "metrics.before_restart.jsonl"  # a restarted job's earlier metrics.jsonl
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,15 @@ class JobPlan:
     action: "fresh" (nothing to continue), "resume" (train on from `checkpoint`) or "skip" (the
     attempt finished: return `val_loss`, nats/token, without training). checkpoint: the run
     dir's latest checkpoint folder. run_id: the MLflow run the attempt recorded into (None
-    without tracking); a resume continues it.
+    without tracking); a resume continues it. restart: why a job that had trained starts over (its
+    folder holds a metrics.jsonl but no checkpoint), None otherwise.
     """
 
     action: str = FRESH
     checkpoint: Path | None = None
     val_loss: float | None = None
     run_id: str | None = None
+    restart: str | None = None
 
 
 def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
@@ -75,7 +78,8 @@ def plan_job(run_dir: Path, cfg: RunConfig, job: int | None = None) -> JobPlan:
     """Decide how sweep job `job` continues what its run dir holds from an earlier attempt.
 
     Finished (`metrics.json`, written when training returned, with a finite val/loss) -> skip;
-    a `checkpoints/latest` -> resume from it; else fresh. The earlier attempt's config (its
+    a `checkpoints/latest` -> resume from it; else fresh (with `restart` saying so when the folder
+    shows that an earlier attempt trained). The earlier attempt's config (its
     latest checkpoint's config.yaml) must equal `cfg` up to `RUNTIME_KEYS`, and it must belong
     to this sweep (same `tracking.parent_run_id`, when both are set).
 
@@ -84,11 +88,17 @@ def plan_job(run_dir: Path, cfg: RunConfig, job: int | None = None) -> JobPlan:
         CheckpointError: its latest checkpoint is unreadable.
     """
     pointer = run_dir / "checkpoints" / checkpoint.POINTER
+    what = f"sweep job {job}" if job is not None else "this job"
     if not pointer.is_file():
+        if (run_dir / "metrics.jsonl").is_file():  # it trained, but its checkpoints are gone (or never written)
+            return JobPlan(
+                restart=f"{what}: its folder {run_dir} holds an earlier attempt's metrics.jsonl but no checkpoint "
+                f"(no checkpoints/{checkpoint.POINTER}): training it again from step 0 (the earlier metrics are "
+                f"kept as {RESTARTED_METRICS})"
+            )
         return JobPlan()
     latest = checkpoint.read_pointer(pointer)
     earlier = checkpoint.load(latest, tensors=False)
-    what = f"sweep job {job}" if job is not None else "this job"
     ours, theirs = cfg.tracking.parent_run_id, earlier.config.tracking.parent_run_id
     if ours and theirs and ours != theirs:
         raise NCNConfigError(
