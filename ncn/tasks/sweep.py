@@ -155,12 +155,14 @@ class SweepCallback(Callback):
         `ncn.sweep.grid` (JSON grid), `ncn.sweep.overrides`, `ncn.sweep.dir`. With
         `sweep_resume=<parent run id | sweep dir>`: reuse that sweep's parent run (RUNNING
         again, tagged `ncn.sweep.resumes` and `ncn.sweep.resume.<n>` = the command) and its
-        folder (`hydra.sweep.dir`), after checking that the sweep name and grid are the same;
-        each job then continues its earlier attempt (`ncn.training.job_resume`).
+        folder (`hydra.sweep.dir`), after checking that the sweep name and swept keys are the
+        same (their values may differ: each job keeps its folder, `plan_folders`); each job then
+        continues its earlier attempt (`ncn.training.job_resume`). Any exception here ends the
+        launch before a job runs (one `error:` line, exit 2).
     on_job_start (job process, any launcher): export NCN_PARENT_RUN_ID so the job's tracker
         nests its run (`mlflow.parentRunId`) under the parent, and NCN_SWEPT_KEYS (the keys the
-        sweep varies) so the job's run name shows them (`RunContext.swept`). A non-zero rank of a multi-task
-        SLURM job (DDP) stops writing the job's log file: rank 0 logs.
+        sweep varies) so the job's run name shows them (`RunContext.swept`). A non-zero rank of a
+        multi-task SLURM job (DDP) stops writing the job's log file: rank 0 logs.
     on_job_end (job process, rank 0): tag the job's run `ncn.sweep.job` (its overrides). A job
         run again in its folder may own several runs; the newest is its current one (see
         `Tracker.sweep_jobs`), earlier ones get `ncn.superseded_by`. A failed job
@@ -171,7 +173,9 @@ class SweepCallback(Callback):
         1.3.8's BasicSweeper runs the whole batch, then raises the first failure and skips
         on_multirun_end): the parent ends FINISHED only if every job's current run FINISHED;
         else FAILED (KILLED after Ctrl-C). Runs left RUNNING by a dead worker are marked
-        FAILED. A failure that the sweeper tolerated exits with status 1.
+        FAILED. A failure that the sweeper tolerated exits with status 1. A sweep with failed
+        jobs ends stderr with `summary` (the Optuna sweeper, which counts failed trials in its
+        own last line, aside).
 
     The instance is pickled to joblib/submitit workers: it holds only strings.
     """
@@ -464,9 +468,9 @@ def grid_jobs(grid: Mapping[str, list[str] | str]) -> list[list[str]]:
 @dataclass(frozen=True)
 class FolderPlan:
     """Where each job of a resumed sweep runs. keys: the swept keys that tell its jobs apart (`job_key`);
-    folders: {job_key: folder name} for every job of this launch;
-    new: folder names of jobs the sweep did not have; left_out: {folder name: job_key} of the sweep's
-    earlier jobs this launch's grid drops; in_place: job N runs in folder N (Hydra's own layout)."""
+    folders: {job_key: folder name} for every job of this launch; new: folder names of jobs no earlier
+    launch started; left_out: {folder name: job_key} of the sweep's earlier jobs this launch's grid
+    drops; in_place: job N runs in folder N (Hydra's own layout)."""
 
     keys: list[str]
     folders: dict[str, str]
@@ -478,10 +482,10 @@ class FolderPlan:
 def plan_folders(folder: Path, grid: Mapping[str, list[str] | str], swept: list[str]) -> FolderPlan:
     """Match this launch's jobs to the job folders of the sweep in `folder` by their swept values, so a grid
     that adds values, drops some or lists them in another order continues each earlier job in its own
-    folder. An earlier job is known by its `.hydra/overrides.yaml` (a folder without one holds no job);
-    the jobs are told apart by `swept` and every key whose value differs among the earlier jobs (a key
-    this launch sets to one of its values);
-    a new job takes folder N (its launch number) when no job holds it, else the next number none has."""
+    folder. An earlier job is known by its `.hydra/overrides.yaml` (a folder without one holds no job).
+    Jobs are told apart by `swept` and by every key whose value differs among the earlier jobs (a key
+    this launch cuts to one value). A new job takes folder N (its launch number) when no job holds it,
+    else the next number none has."""
     import yaml
 
     written = sorted(folder.glob("*/.hydra/overrides.yaml")) if folder.is_dir() else []
