@@ -49,7 +49,10 @@ def test_byte_level_train_eval_generate_analyze(byte_run: Path, tmp_path: Path) 
     assert "vocab_size: 320" in config and "tokenizer: bytes" in config  # 257 padded to a multiple of 64
 
     ckpt = f"checkpoint={byte_run / 'checkpoints' / 'step_000006'}"
-    evaluated = run_cli(["task=eval", ckpt, f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path)
+    # the 2 batches training evaluated (task=eval's default is the whole split)
+    evaluated = run_cli(
+        ["task=eval", ckpt, "trainer.eval_batches=2", f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert f"val loss {metrics['val/loss']:.4f}" in evaluated.stdout + evaluated.stderr
 

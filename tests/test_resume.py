@@ -36,7 +36,7 @@ RESUME = [
     "trainer=smoke",
     f"trainer.max_steps={STEPS}",
     f"trainer.checkpoint_every={EVERY}",
-    "trainer.eval_every=8",
+    "trainer.eval_every=8",  # and at every checkpoint: steps 0, 4, 8, 12, 16
     "trainer.eval_batches=1",
     "trainer.probe_tokens=0",
     "trainer.threads=1",
@@ -92,7 +92,7 @@ def assert_one_continuous_history(uri: str, reference: Path) -> None:
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.status for r in runs] == ["FINISHED"]
-    for key, steps in (("train/loss", list(range(1, STEPS + 1))), ("val/loss", [0, 8, 16])):
+    for key, steps in (("train/loss", list(range(1, STEPS + 1))), ("val/loss", [0, 4, 8, 12, 16])):
         history = sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key))
         expected = losses(reference, key)
         assert [s for s, _ in history] == steps == sorted(expected)  # no step missing, none twice
@@ -189,3 +189,43 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(
     assert_one_continuous_history(uri, reference)
     assert_same_checkpoint(second / "checkpoints" / "step_000016", reference / "checkpoints" / "step_000016")
     assert_same_state(second / "checkpoints", reference / "checkpoints")
+
+
+def test_checkpoints_hold_their_own_val_loss_and_a_finished_run_is_left_alone(tmp_path: Path, mlflow_store) -> None:
+    """Checkpoints every 2 steps, evals every 4: each checkpoint is evaluated at its own step and records
+    that loss (not step 0's). Resuming the finished run, with its budget or a smaller one, says so, exits
+    0 and changes nothing: no new folder, the MLflow run's status, tags and history as they were."""
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    first = tmp_path / "outputs" / "first"
+    args = ["model=tiny", "trainer=smoke", "trainer.checkpoint_every=2", "trainer.eval_every=4"]
+    done = run_cli([*args, "trainer.probe_tokens=0", f"tracking.uri={uri}", f"hydra.run.dir={first}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evals = losses(first, "val/loss")
+    assert sorted(evals) == [0, 2, 4, 6]  # 0, 4: the cadence; 2, 6: checkpoints
+    states = {p.name: json.loads((p / "train_state.json").read_text()) for p in (first / "checkpoints").glob("step_*")}
+    assert sorted(states) == ["step_000002", "step_000004", "step_000006"]
+    assert all(s["val_loss"] == evals[s["step"]] for s in states.values())
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("ncn").experiment_id])
+    history = sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run.info.run_id, "val/loss"))
+    for extra in ([], ["trainer.max_steps=4"]):
+        again = tmp_path / "outputs" / f"again{len(extra)}"
+        resumed = run_cli(["trainer.resume=latest", *extra, f"hydra.run.dir={again}"], cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        budget = extra[0] if extra else "trainer.max_steps=6"
+        line = (
+            f"run tiny-full-s0 already reached {budget} (val loss {evals[6]:.4f}): raise trainer.max_steps to continue"
+        )
+        assert line in resumed.stdout + resumed.stderr
+        assert not again.exists()
+        now = client.get_run(run.info.run_id)
+        assert (now.info.status, now.data.tags, now.info.end_time) == (
+            run.info.status,
+            run.data.tags,
+            run.info.end_time,
+        )
+        assert (
+            sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run.info.run_id, "val/loss"))
+            == history
+        )
+    assert (first / "checkpoints" / "latest").read_text().strip() == "step_000006"

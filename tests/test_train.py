@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from ncn.config import TrainerConfig
 from ncn.errors import RUN_FAILED_EXIT, NCNConfigError
+from ncn.tasks.train import resume_notes
 from ncn.training.checkpoint import TrainState
 from ncn.training.loop import total_steps
 from ncn.training.optim import lr_at
@@ -225,7 +226,8 @@ def test_nonfinite_loss_stops_failed_or_is_skipped(tmp_path: Path, mlflow_store)
     ("overrides", "any_good"),
     [
         (["optim.lr=1e6", "optim.warmup_steps=0"], False),  # the eval at step 3 is NaN: nothing is ever saved
-        # no eval until the end: checkpoints while the weights are finite, none once they are not
+        # no eval until the end, but every checkpoint is evaluated: checkpoints while the val loss is finite
+        # (steps 1 and 2; step 2's weights are already huge), none once it is not
         (["optim.lr=1e6", "optim.warmup_steps=0", "trainer.eval_every=1000", "trainer.checkpoint_every=1"], True),
     ],
 )
@@ -246,9 +248,13 @@ def test_a_diverged_model_is_never_checkpointed(
     else:
         latest = (run_dir / "checkpoints" / "latest").read_text().strip()
         assert saved and latest == saved[-1] and f"newest good checkpoint: {run_dir / 'checkpoints' / latest})" in last
+    evals = _jsonl(run_dir, "val/loss")
     for folder in saved:  # every checkpoint on disk is finite, and `latest` / `best` point at one of them
         weights = torch.load(run_dir / "checkpoints" / folder / "model.pt", weights_only=True)
         assert all(torch.isfinite(w).all() for w in weights.values())
+        # evaluated at its own step, finite: the named good checkpoint gives a finite loss
+        state = json.loads((run_dir / "checkpoints" / folder / "train_state.json").read_text())
+        assert state["val_loss"] == evals[state["step"]] < float("inf")
     assert _only_run(uri)[1].info.status == "FAILED"
 
 
@@ -312,3 +318,25 @@ def test_step_bounds_and_their_resume() -> None:
         TrainerConfig(max_steps=None)
     with pytest.raises(NCNConfigError, match="trainer.precision=fp8 is unknown"):
         TrainerConfig(max_steps=1, precision="fp8")
+
+
+def test_a_resume_says_what_changes_tokens_per_step_and_the_schedule(typed_config) -> None:
+    """The numbers a resume logs: tokens per step of the checkpoint and now, with the grad_accum that
+    keeps them; the learning rate at the resume step on the new and on the checkpoint's schedule."""
+    saved_cfg = typed_config(["trainer.max_steps=250"])
+    saved = {"world_size": 2, "batch_size": 8, "grad_accum": 1, "tokens_per_step": 2 * 8 * 128}
+    now = {"world_size": 1, "batch_size": 8, "grad_accum": 1, "tokens_per_step": 8 * 128}
+    cfg = typed_config(["trainer.max_steps=300"])
+    tokens, schedule = resume_notes(saved, saved_cfg, now, cfg, step=250, last=300)
+    assert tokens == (
+        "tokens per step change from 2,048 (world size 2, batch 8, grad_accum 1) to 1,024 (world size 1, "
+        "batch 8, grad_accum 1): trainer.grad_accum=2 keeps 2,048"
+    )
+    o = cfg.optim
+    new = lr_at(250, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=300)
+    assert new > o.min_lr == lr_at(250, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=250)
+    assert schedule == (
+        f"the learning-rate schedule now ends at step 300 instead of 250: lr {new:.2e} at step 250 "
+        f"(the checkpoint's schedule: {o.min_lr:.2e}); trainer.max_steps=250 keeps the old schedule"
+    )
+    assert resume_notes(saved, saved_cfg, saved, saved_cfg, step=100, last=250) == []  # nothing changed

@@ -70,8 +70,10 @@ def _causal_requested(cfg: RunConfig, ctx: RunContext, ckpt: Checkpoint) -> bool
 def main(cfg: RunConfig, ctx: RunContext) -> float:
     """Print and return the val CE loss of `cfg.checkpoint` (under causal pooling with `ncn.pooling=causal`).
 
-    Batches: `trainer.eval_batches` fixed val batches of `trainer.batch_size` × the model's
-    block_size (`DataModule.val_batches`), in fp32, through the training loop's own
+    Batches: the whole val split in fixed batches of `trainer.batch_size` × the model's block_size
+    (`DataModule.val_batches`), or its first `trainer.eval_batches` batches when that key is set on
+    the command line (training's periodic eval uses those); the line printed says how many of the
+    split's tokens were covered. In fp32, through the training loop's own
     `ncn.training.evaluation.evaluate` (token-weighted mean CE; perplexity = exp(CE), NCN paper §4;
     bits per byte of the evaluated data's val text). For a global-pooling checkpoint a second
     line gives the leak audit: val loss under causal pooling and the difference, overall and
@@ -107,7 +109,8 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             f"(ncn.targets={model.modulation_config.targets}): evaluate a checkpoint trained with ncn=sparse, "
             "ncn.targets with head_gate or layer_gate, or a gating activation target"
         )
-    batches = data.val_batches(cfg.trainer.batch_size, model.config.block_size, cfg.trainer.eval_batches)
+    limit = cfg.trainer.eval_batches if "trainer.eval_batches" in ctx.overridden else None
+    batches = data.val_batches(cfg.trainer.batch_size, model.config.block_size, limit)
     device = next(model.parameters()).device
     skip = SkipPlan(cfg.skip_threshold) if cfg.skip_threshold > 0 else None
     metrics = evaluate(model, batches, device, bits_per_byte=data.bits_per_byte, skip=skip)
@@ -116,7 +119,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     pooling = "ncn.pooling=causal (trained: global) | " if causal else ""
     print(
         f"val loss {loss:.4f} | val ppl {math.exp(min(loss, 700.0)):.3f} | val bpb {data.bits_per_byte(loss):.4f} | "
-        f"{pooling}{tokens} tokens in {len(batches)} batches | "
+        f"{pooling}{tokens} of {data.prepare().val_tokens} val tokens in {len(batches)} batches | "
         f"data {data.source.describe()} | checkpoint {ckpt.path}",
         flush=True,
     )

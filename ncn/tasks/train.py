@@ -14,6 +14,8 @@ import dataclasses
 import json
 import logging
 import shlex
+import shutil
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -22,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ncn.analysis.compute import compute_curve, has_gates
 from ncn.analysis.compute import metrics as compute_metrics
 from ncn.analysis.compute import table as compute_table
-from ncn.config import RunConfig, RunContext, check_baseline_choice, python_command, shell_override
+from ncn.config import RunConfig, RunContext, TrainerConfig, check_baseline_choice, python_command, shell_override
 from ncn.data.loader import DataModule
 from ncn.data.tokenizer import token_labels
 from ncn.errors import NCNConfigError
@@ -31,7 +33,7 @@ from ncn.tracking import NullTracker, RunSource, Tracker, default_run_name, name
 from ncn.training import checkpoint, job_resume
 from ncn.training.checkpoint import Checkpoint, TrainState
 from ncn.training.loop import Job, total_steps, train
-from ncn.training.optim import build_optimizer, build_scheduler, freeze_base, trainable_counts
+from ncn.training.optim import build_optimizer, build_scheduler, freeze_base, lr_at, trainable_counts
 from ncn.training.runtime import distributed_env, setup_device, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
@@ -227,6 +229,53 @@ def _measure_compute(job: Job, cfg: RunConfig, step: int) -> dict[str, float]:
     return measured
 
 
+def resume_notes(
+    saved: dict[str, Any], saved_cfg: RunConfig, now: dict[str, Any], cfg: RunConfig, step: int, last: int
+) -> list[str]:
+    """What a resume at `step` changes that the user may not expect, as log lines: the tokens per
+    optimizer step (another world size, batch size or grad_accum than the checkpoint's `saved` extras;
+    `now`: this run's) with the trainer.grad_accum that keeps them, and the learning rate at `step`
+    when the cosine schedule now ends at `last` instead of the checkpoint's trainer.max_steps."""
+    notes = []
+    before, after = saved.get("tokens_per_step"), now["tokens_per_step"]
+    if before is not None and before != after:
+        per_micro = after // now["grad_accum"]
+        keep = f"trainer.grad_accum={before // per_micro}" if before % per_micro == 0 else "the checkpoint's settings"
+        notes.append(
+            f"tokens per step change from {before:,} (world size {saved.get('world_size')}, batch "
+            f"{saved.get('batch_size')}, grad_accum {saved.get('grad_accum')}) to {after:,} (world size "
+            f"{now['world_size']}, batch {now['batch_size']}, grad_accum {now['grad_accum']}): {keep} keeps {before:,}"
+        )
+    old_total = saved_cfg.trainer.max_steps
+    if old_total is not None and old_total != last and step < max(old_total, last):
+        o = saved_cfg.optim
+        was = lr_at(step, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=old_total)
+        n = cfg.optim
+        new = lr_at(step, lr=n.lr, min_lr=n.min_lr, warmup_steps=n.warmup_steps, total_steps=last)
+        notes.append(
+            f"the learning-rate schedule now ends at step {last} instead of {old_total}: lr {new:.2e} at step "
+            f"{step} (the checkpoint's schedule: {was:.2e}); trainer.max_steps={old_total} keeps the old schedule"
+        )
+    return notes
+
+
+def _already_done(cfg: TrainerConfig, state: TrainState, ctx: RunContext) -> float:
+    """A resume whose checkpoint already reached the step budget: say which bound, change nothing
+    (no MLflow update; the folder Hydra made for this launch is removed when it holds only its own
+    .hydra/ and run.log) and return the checkpoint's val loss (nan when it was not evaluated)."""
+    if cfg.max_steps is not None and cfg.max_steps <= state.step:
+        key, value = "trainer.max_steps", cfg.max_steps
+    elif cfg.epochs is not None and cfg.max_tokens is None:
+        key, value = "trainer.epochs", cfg.epochs
+    else:
+        key, value = "trainer.max_tokens", cfg.max_tokens
+    val = "val loss not evaluated" if state.val_loss is None else f"val loss {state.val_loss:.4f}"
+    log.info("run %s already reached %s=%s (%s): raise %s to continue", state.run_name, key, value, val, key)
+    if ctx.job is None and {p.name for p in ctx.run_dir.iterdir()} <= {".hydra", "run.log"}:
+        shutil.rmtree(ctx.run_dir, ignore_errors=True)
+    return float("nan") if state.val_loss is None else state.val_loss
+
+
 def main(cfg: RunConfig, ctx: RunContext) -> float:
     """Train as `cfg` says; returns the final val loss (the objective for sweepers).
 
@@ -264,6 +313,15 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             f"{data.vocab_size}: use model.vocab_size={data.vocab_size}"
         )
     job = _build_job(cfg, ctx, data, tracker, device, rank, world_size, fresh=resumed is None)
+    if rank == 0:
+        covered = sum(y.numel() for _, y in job.val_batches)
+        log.info(
+            "val loss during training: the first %d val batches, %s of the %s val tokens "
+            "(task=eval evaluates the whole split)",
+            len(job.val_batches),
+            f"{covered:,}",
+            f"{data.prepare().val_tokens:,}",
+        )
     if cfg.skip_grid and not has_gates(job.model):
         raise NCNConfigError(
             f"skip_grid={list(cfg.skip_grid)} needs a model with gates, and ncn.targets={cfg.ncn.targets} has none: "
@@ -283,7 +341,14 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             resumed.path,
         )
     last = total_steps(cfg.trainer, state, job.loader.blocks_per_epoch, job.loader.global_batch, job.tokens_per_step)
+    if resumed is not None and last <= state.step:
+        if world_size > 1:
+            torch_dist.destroy_process_group()
+        return _already_done(cfg.trainer, state, ctx) if rank == 0 else float("nan")
     job.scheduler = build_scheduler(job.optimizer, cfg.optim, last, start_step=state.step)
+    if resumed is not None and rank == 0:
+        for note in resume_notes(resumed.extra, resumed.config, job.extra, cfg, state.step, last):
+            log.info("resume: %s", note)
     with sigterm_as_interrupt(rank == 0):
         try:
             _record_start(job, state, ctx, data, resumed)

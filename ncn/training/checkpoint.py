@@ -44,7 +44,7 @@ class TrainState:
 
     step: optimizer steps done. tokens_seen: training tokens over all ranks. data: the loader's
     {"epoch", "position"}. nonfinite_skipped: steps skipped for NaN/Inf. val_loss: the val CE
-    (nats/token) of the eval at `step`, None before the first. mlflow_run_id: the run this
+    (nats/token) of the eval at `step`, None when `step` was not evaluated. mlflow_run_id: the run this
     training records into. run_name: the run's name.
     """
 
@@ -91,7 +91,7 @@ class Checkpoint:
         """One line naming what this checkpoint is: run name, step, val loss / ppl, folder, MLflow run."""
         s = self.state
         val = (
-            "no eval yet"
+            "not evaluated"
             if s.val_loss is None
             else f"val loss {s.val_loss:.4f}, ppl {np.exp(min(s.val_loss, 700)):,.2f}"
         )

@@ -239,9 +239,11 @@ def _eta(started: float, done: int, left: int) -> str:
 def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[str, float]:
     """Train until `state.step == total`; returns the last train and val metrics.
 
-    Each iteration runs fixed sections: eval (every cfg.eval_every steps and at the end;
-    skipped at the step a resume starts from, which was evaluated before the checkpoint) ->
-    checkpoint (every cfg.checkpoint_every steps and at the end) -> step -> log.
+    Each iteration runs fixed sections: eval (every cfg.eval_every steps, at every step that
+    checkpoints, and at the end; skipped at the step a resume starts from, which was evaluated
+    before the checkpoint) -> checkpoint (every cfg.checkpoint_every steps and at the end) -> step
+    -> log. So a checkpoint's val loss is always its own step's, and a checkpoint whose weights
+    give a non-finite val loss is never written (`state.val_loss` is None between evals).
 
     Raises:
         DivergenceError: a NaN/Inf loss or grad norm after cfg.skip_nonfinite skips, or a
@@ -261,7 +263,9 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
     with bar, logging_redirect_tqdm():
         while True:
             done = state.step >= total
-            if job.rank == 0 and (state.step % cfg.eval_every == 0 or done) and not (state.step == start_step > 0):
+            saving = state.step > last_saved and (state.step % cfg.checkpoint_every == 0 or done)
+            cadence = state.step % cfg.eval_every == 0 or done
+            if job.rank == 0 and (cadence or saving) and not (state.step == start_step > 0):
                 val = evaluate(job.model, job.val_batches, job.device, cfg.precision, job.bits_per_byte)
                 state.val_loss = val["val/loss"]
                 metrics.update(val)
@@ -272,9 +276,9 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
                     _val_summary(val, uses_future(job.model)),
                     _eta(started, state.step - start_step, total - state.step),
                 )
-                if job.probe and math.isfinite(state.val_loss):
+                if job.probe and cadence and math.isfinite(state.val_loss):
                     _log_probe(job, state)
-            if state.step > last_saved and (state.step % cfg.checkpoint_every == 0 or done):
+            if saving:
                 save_checkpoint(job, state, cfg.keep_checkpoints)
                 last_saved = state.step
             if done:
@@ -295,6 +299,7 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
                 job.tracker.log_metrics({"train/nonfinite_skipped": state.nonfinite_skipped}, step=state.step + 1)
                 continue
             state.step += 1
+            state.val_loss = None  # this step's weights are not evaluated yet
             state.tokens_seen += job.tokens_per_step
             step_tokens += job.tokens_per_step
             bar.update(1)
