@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,11 @@ SUBSTITUTIONS = [
     ("model.init_from=gpt2", "model.init_from=$PWD/tiny_gpt2", "no network: a tiny GPT-2 saved by transformers"),
     ("model.init_from=/path/to/gpt2", "model.init_from=$PWD/tiny_gpt2", "the same tiny GPT-2 as the local folder"),
     ("model=gpt2", "model=gpt2 " + " ".join(f"model.{k}={v}" for k, v in TINY_GPT2.items()), "GPT-2, shrunk"),
+    (
+        "--tasks hellaswag,lambada_openai",
+        "--tasks ncn_tiny_choice --include_path tests/lm_eval_task",
+        "no network: the local lm-eval task of tests/test_harness.py (copied into the folder)",
+    ),
 ]
 # Training commands (no task= or task=train) also get `trainer=smoke` (6 steps) before their own
 # overrides, and `model=tiny` when they name no model and resume nothing (a resume takes the
@@ -143,6 +149,7 @@ def test_readme_commands_work_in_order_as_written(tmp_path: Path) -> None:
     assert len(commands) >= 15, commands
     if any("model.init_from=" in c for c in commands):
         _save_tiny_gpt2(workdir / "tiny_gpt2")
+    shutil.copytree(REPO / "tests" / "lm_eval_task", workdir / "tests" / "lm_eval_task")
     seen = []
     for command in commands:
         if any(key in command for key in SKIPPED):
@@ -184,6 +191,7 @@ def test_readme_commands_work_in_order_as_written(tmp_path: Path) -> None:
         "slurm",
         "sbatch",
         "pretrained",
+        "harness",
     } <= set(seen), seen
 
 
@@ -263,6 +271,9 @@ def _check_promise(command: str, out: str, workdir: Path, env: dict[str, str], a
         assert runs and all(r.info.status == "FINISHED" and r.data.params["trainer.freeze"] == "base" for r in runs)
         assert int(runs[0].data.params["n_params_frozen"]) > int(runs[0].data.params["n_params_trainable"]) > 0
         return "pretrained"
+    if "ncn.integrations.harness" in command:
+        assert "ncn_tiny_choice" in out and "acc" in out  # lm-eval's results table
+        return "harness"
     if "torchrun" in command:
         assert _runs(workdir)["tiny-full-s0"][0].data.params["world_size"] == "2"
         return "torchrun"
