@@ -109,8 +109,10 @@ def test_non_zero_slurm_rank_leaves_logging_and_bookkeeping_to_rank_0(monkeypatc
     callback = SweepCallback()
     callback.parent_run_id = "0" * 32  # no store behind it: any store access would fail
     monkeypatch.setenv("NCN_PARENT_RUN_ID", "unset")  # recorded as absent: the teardown removes what the callback sets
+    monkeypatch.setenv("NCN_SWEPT_KEYS", "unset")  # the same for the swept keys
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[1-2]")  # srun sets it: without it the job is refused
     log_file = logging.FileHandler(tmp_path / "run.log")
     root = logging.getLogger()
     root.addHandler(log_file)
@@ -471,7 +473,13 @@ def test_failing_jobs_in_an_odd_folder_with_an_odd_run_name(tmp_path: Path, corp
     resume = f"sweep_resume={folder.relative_to(launch)}"  # relative to the launch dir: no quoting needed
     again, _, parent, children = _sweep(launch, corpus, "ablation", *grid, resume)
     assert again.returncode == 2, again.stderr[-3000:]  # job 2's config error, again
-    assert again.stderr.strip().splitlines()[-1].startswith("error: trainer.skip_nonfinite=-1 must be >= 0")
+    *_, first, summary = again.stderr.strip().splitlines()
+    assert first.startswith("error: trainer.skip_nonfinite=-1 must be >= 0")
+    assert summary.startswith(  # the sweep's account last: one job of three failed, on this parent
+        "error: 1 of 3 jobs failed (job 2: trainer.skip_nonfinite=-1: usage error (exit 2), NCNConfigError: "
+        "trainer.skip_nonfinite=-1 must be >= 0"
+    )
+    assert f"; parent run {parent.info.run_id}; report: python " in summary
     tracker = MLflowTracker(client.tracking_uri)
     current = tracker.sweep_jobs(parent.info.run_id)  # one run per job: its newest attempt
     assert [(j.tags["ncn.sweep.job"], j.status) for j in current] == [
