@@ -3,13 +3,17 @@
 A tiny GPT-2 saved with `transformers` is loaded into `model=gpt2` shrunk to 2 layers of width 32,
 with the exact-neutral controller; `python run.py` trains only the controller. Asserted: the base
 weights after training are bitwise the pretrained ones, the optimizer holds exactly the
-controller's tensors, the counts printed and recorded, an exact resume, and the refusals.
+controller's tensors, the counts printed and recorded, an exact resume, DDP over two gloo ranks,
+and the refusals.
 Run: python -m pytest -q tests/test_freeze.py   (about a minute on 2 cores)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from ncn.errors import NCNConfigError
 from ncn.integrations.pretrained import convert
 from ncn.training.optim import build_optimizer, freeze_base
 
-from conftest import run_cli
+from conftest import REPO, run_cli, time_left
 
 transformers = pytest.importorskip("transformers")
 
@@ -108,6 +112,62 @@ def test_resume_of_a_frozen_run_is_bitwise_exact(frozen_run: tuple[Path, str], t
         .splitlines()[-1]
         .startswith("error: trainer.freeze=none differs from the checkpoint's trainer.freeze=base")
     )
+
+
+@pytest.mark.slow
+def test_frozen_base_under_ddp_stays_the_pretrained_weights(pretrained: Path, tmp_path: Path) -> None:
+    from ncn.training.runtime import DistributedEnv
+
+    env = {k: v for k, v in os.environ.items() if k not in DistributedEnv().torch_variables()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "run.py")]
+    args = [
+        "model=gpt2",
+        *SHAPE,
+        f"model.init_from={pretrained}",
+        "ncn.parametrisation=exact_neutral",
+        "trainer=smoke",
+        "trainer.freeze=base",
+        "trainer.probe_tokens=0",
+        "tracking=none",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    done = subprocess.run(
+        [*cmd, *args],
+        cwd=tmp_path,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=time_left(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    cfg = ModelConfig(**TINY, norm="layer", activation="gelu_tanh")
+    expected = convert(load_file(pretrained / "model.safetensors"), cfg)
+    final = tmp_path / "run" / "checkpoints" / "step_000006"
+    trained = torch.load(final / "model.pt", weights_only=True)
+    assert all(torch.equal(trained[k], expected[k]) for k in expected)
+    assert not torch.equal(trained["controller.fc2.weight"], torch.zeros_like(trained["controller.fc2.weight"]))
+    state = json.loads((final / "train_state.json").read_text())
+    assert (state["world_size"], state["freeze"]) == (2, "base")
+    optim = torch.load(final / "optim.pt", weights_only=True)["optimizer"]
+    assert len(optim["state"]) == _controller_tensors()
+
+
+def test_eval_generate_analyze_take_the_frozen_checkpoint(frozen_run: tuple[Path, str], tmp_path: Path) -> None:
+    run_dir, _ = frozen_run
+    ckpt = run_dir / "checkpoints" / "step_000006"
+    val_loss = json.loads((ckpt / "train_state.json").read_text())["val_loss"]
+    # the batches of training's eval (trainer=smoke: 2 of 4 x 32 tokens) give training's val loss
+    evaluated = run_cli(["task=eval", f"checkpoint={ckpt}", "trainer.batch_size=4", "trainer.eval_batches=2"], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"val loss {val_loss:.4f} |" in evaluated.stdout
+    generate = ["task=generate", f"checkpoint={ckpt}", "prompt=ROMEO:", "max_new_tokens=5", "seed=0"]
+    generated = run_cli(generate, tmp_path)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    analyzed = run_cli(["task=analyze", f"checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'analysis_run'}"], tmp_path)
+    assert analyzed.returncode == 0, analyzed.stderr[-3000:]
+    assert (tmp_path / "analysis_run" / "analysis" / "signals.csv").is_file()
 
 
 def test_freeze_without_a_controller_is_refused(tmp_path: Path) -> None:
