@@ -7,7 +7,7 @@ For each context length C the model (conf/model/<model>.yaml, built with block_s
 that C = 1024 fits) continues a random prompt of C - new_tokens tokens to exactly C tokens;
 the per-token time is the median over repeats of each run's median decode step after the first
 token (the first includes the prompt's prefill), alternating cached and uncached runs so machine noise hits
-both. Prints a table and writes JSON to benchmarks/results/.
+both. Prints a table and writes JSON to outputs/benchmarks/ (or --out).
 
 With --skip-thresholds, a trained checkpoint's batch-1 cached decoding instead: per context
 and threshold τ (0 = dense first), the prefill time of the prompt, the median time per decoded
@@ -169,7 +169,12 @@ def main() -> None:
     # and a multi-threaded step stalls whenever another process holds a core.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see above)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "outputs" / "benchmarks",
+        help="folder of the JSON (default: outputs/benchmarks, git-ignored; benchmarks/results: recorded runs)",
+    )
     parser.add_argument("--checkpoint", help="with --skip-thresholds: the trained checkpoint (path, run name, latest)")
     parser.add_argument("--skip-thresholds", help="comma-separated gate thresholds τ: time skipping against dense")
     args = parser.parse_args()

@@ -6,7 +6,7 @@ Each variant runs in a fresh Python process, so one variant's peak cannot hide a
 it sets up the process, model, optimizer and step exactly as benchmarks/train_step.py does (same flags),
 notes the resident set after the build, runs --steps training steps and reports the peak RSS
 (`resource.getrusage`, kernel high-water mark) and, on CUDA, `torch.cuda.max_memory_allocated`
-/ `max_memory_reserved`. Prints a table and writes JSON to benchmarks/results/.
+/ `max_memory_reserved`. Prints a table and writes JSON to outputs/benchmarks/ (or --out).
 """
 
 from __future__ import annotations
@@ -78,7 +78,12 @@ def main() -> None:
     parser.add_argument("--model", default="paper_18m", help="conf/model option")
     parser.add_argument("--ncn", default="none,full", help="comma-separated conf/ncn options")
     parser.add_argument("--steps", type=int, default=2, help="training steps per variant (the peak is over all)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "outputs" / "benchmarks",
+        help="folder of the JSON (default: outputs/benchmarks, git-ignored; benchmarks/results: recorded runs)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, step_flags = parser.parse_known_args()
     if args.child:

@@ -6,7 +6,7 @@ Each command runs `--repeats` times as a fresh process (the commands interleaved
 noise hits each alike) in a scratch launch directory; the median wall time is compared with
 `python -c "import torch"`, the floor of any command that trains. The token cache of
 `task=prepare` is built once before timing (warm: tokenizer load + cache verification only).
-Writes JSON to benchmarks/results/; the last line is `ratio help/torch: <x.xx>`.
+Writes JSON to outputs/benchmarks/ (or --out); the last line is `ratio help/torch: <x.xx>`.
 Targets: --help, --cfg job and a rejected override <= 0.5x the torch import; warm prepare <= 3 s.
 """
 
@@ -74,7 +74,12 @@ def timed(name: str, cwd: Path, env: dict[str, str]) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="fresh processes per command (median)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "outputs" / "benchmarks",
+        help="folder of the JSON (default: outputs/benchmarks, git-ignored; benchmarks/results: recorded runs)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")

@@ -4,7 +4,7 @@
 
 Each run is a fresh process with a temporary cache dir through the real pipeline
 (`ncn.data.loader.DataModule.prepare`, tiktoken via `datasets.map(num_proc=N)`): cold MB/s, and warm
-"data ready" seconds (target <= 1 s). Not named tokenize.py: that would shadow the stdlib module.
+"data ready" seconds (the target is in docs/benchmarks.md). Not named tokenize.py: that would shadow the stdlib module.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-WARM_MAX_S = 1.0  # target: embedded corpus ready in <= 1 s with a warm cache
 
 
 def child(cache_dir: str, num_proc: int | str) -> dict:
@@ -84,7 +82,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-proc", default="1,2", help="comma-separated data.num_proc values (int or auto)")
     parser.add_argument("--repeats", type=int, default=3, help="cold + warm runs per num_proc (median)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "outputs" / "benchmarks",
+        help="folder of the JSON (default: outputs/benchmarks, git-ignored; benchmarks/results: recorded runs)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,8 +142,7 @@ def main() -> None:
             f"{r['warm_ready_s']:>13.3f} {r['warm_tokenizer_s']:>13.3f} {r['warm_prepare_s']:>10.3f}"
         )
     warm = max(r["warm_ready_s"] for r in rows)
-    check = {"value": warm, "target": f"<= {WARM_MAX_S}", "ok": warm <= WARM_MAX_S}
-    print(f"warm_ready_s: {warm:.3f} (target {check['target']}) {'PASS' if check['ok'] else 'FAIL'}")
+    print(f"warm_ready_s: {warm:.3f} (slowest of the process counts)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"tokenization-shakespeare-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
@@ -154,7 +156,7 @@ def main() -> None:
         "load_average_after": os.getloadavg(),
         "raw_tiktoken": raw,
         "results": rows,
-        "checks": {"warm_ready_s": check},
+        "warm_ready_s": warm,
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")

@@ -5,7 +5,7 @@
 Variants (conf/ncn options; `--compile both` adds `<option>+compile`) run the trainer's own
 process setup (`ncn.training.runtime.setup_device`) and step (`ncn.training.loop.optimizer_step`) on random tokens, one
 step each in turn; medians after warm-up. CUDA: bf16 + compile and MFU. Writes JSON to
-benchmarks/results/; the last line is `ratio full/none: <x.xxx>` when both ran.
+outputs/benchmarks/ (or --out); the last line is `ratio full/none: <x.xxx>` when both ran.
 """
 
 from __future__ import annotations
@@ -188,7 +188,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"peak bf16 TFLOP/s for MFU (default for CUDA cards: {PEAK_BF16_TFLOPS})",
     )
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "outputs" / "benchmarks",
+        help="folder of the JSON (default: outputs/benchmarks, git-ignored; benchmarks/results: recorded runs)",
+    )
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.precision = args.precision or ("bf16" if cuda else "fp32")

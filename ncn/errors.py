@@ -4,6 +4,7 @@
 |---|---|---|
 | `NCNConfigError` | a user mistake: a bad config value, file, path or command-line choice | 2 |
 | `CheckpointError` | a checkpoint that cannot be used (a kind of user mistake) | 2 |
+| `DiskFullError` | no space left where a checkpoint, the token cache or another file is written | 2 |
 | `RunFailedError` | the run itself failed although the input was valid, e.g. `DivergenceError` | 3 |
 | `KeyboardInterrupt` | Ctrl-C or SIGTERM (preemption) | 130 |
 
@@ -32,6 +33,20 @@ class NCNConfigError(ValueError):
 class CheckpointError(NCNConfigError):
     """A checkpoint that cannot be used: missing, truncated, not a checkpoint, unsafe to
     unpickle, or made for a different model shape. The message names the file."""
+
+
+class DiskFullError(NCNConfigError):
+    """No space left on the device a file is written to (ENOSPC, EDQUOT, or a write that failed
+    with less free space than it needed): the message names the folder, the space needed and free,
+    and what survives. Exit status 2: freeing space or choosing another folder fixes it."""
+
+
+NO_SPACE = frozenset({28, 122})  # errno.ENOSPC, errno.EDQUOT (Linux)
+
+
+def mb(n_bytes: float) -> str:
+    """Bytes as megabytes for a message: "12.3 MB"."""
+    return f"{n_bytes / 1e6:,.1f} MB"
 
 
 class RunFailedError(RuntimeError):

@@ -5,8 +5,10 @@ then skipped or stops the run, as a real divergence would); `--crash-before-rena
 the process (exit status `CRASH_EXIT_CODE`) after the checkpoint of STEP is fully written to its
 temporary folder, before it is renamed into place; `--sigkill-at RUN:STEP` SIGKILLs the process
 (like the OOM killer or a lost node: nothing can clean up) when its RUN-th training run is about to
-start optimizer step STEP + 1. The faults patch ncn's functions in this process only (a basic-launcher
-sweep runs its jobs in it), then run run.py as `__main__`: nothing of this lives in the product.
+start optimizer step STEP + 1. `--disk-full-at STEP`: writing the checkpoint of STEP fails with
+ENOSPC (no space left on device) after its model.pt is written. The faults patch ncn's functions
+in this process only (a basic-launcher sweep runs its jobs in it), then run run.py as `__main__`:
+nothing of this lives in the product.
 """
 
 from __future__ import annotations
@@ -71,6 +73,24 @@ def crash_before_rename(step: int) -> None:
     os.rename = rename
 
 
+def disk_full_at(step: int) -> None:
+    """The disk is full when the checkpoint of `step` writes its optimizer state (its model.pt is
+    already in the temporary folder): torch.save raises OSError(ENOSPC), as the OS does."""
+    import errno
+
+    import torch
+
+    original = torch.save
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        path = Path(f) if isinstance(f, str | os.PathLike) else None
+        if path is not None and path.name == "optim.pt" and path.parent.name.startswith(f".tmp-step_{step:06d}-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        original(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 def sigkill_at(run: int, step: int) -> None:
     """SIGKILL this process when training run `run` (1-based, counted in this process) has done and
     logged optimizer step `step`, before it starts the next one."""
@@ -97,6 +117,7 @@ def main() -> None:
     parser.add_argument("--nan-steps", default="", help="comma-separated optimizer steps whose loss becomes NaN once")
     parser.add_argument("--crash-before-rename", type=int, help="step whose checkpoint is never renamed into place")
     parser.add_argument("--sigkill-at", help="RUN:STEP: SIGKILL when the RUN-th training run has done STEP steps")
+    parser.add_argument("--disk-full-at", type=int, help="step whose checkpoint finds the disk full")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -106,6 +127,8 @@ def main() -> None:
         crash_before_rename(args.crash_before_rename)
     if args.sigkill_at:
         sigkill_at(*(int(n) for n in args.sigkill_at.split(":")))
+    if args.disk_full_at is not None:
+        disk_full_at(args.disk_full_at)
     overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
     sys.argv = [str(REPO / "run.py"), *overrides]
     runpy.run_path(str(REPO / "run.py"), run_name="__main__")

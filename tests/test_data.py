@@ -6,6 +6,7 @@ The embedded corpus is tokenized once per session into the session's NCN_CACHE_D
 Run: pytest tests/test_data.py  (offline)
 """
 
+import errno
 import glob
 import math
 import os
@@ -24,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ncn.config import DataConfig, RunConfig, RunContext
+from ncn.data import token_cache
 from ncn.data.loader import BlockLoader, DataModule
 from ncn.data.sources import (
     HubDataset,
@@ -35,7 +37,7 @@ from ncn.data.sources import (
 )
 from ncn.data.token_cache import val_prefix
 from ncn.data.tokenizer import EOT_TOKEN, gpt2_encoding
-from ncn.errors import NCNConfigError
+from ncn.errors import DiskFullError, NCNConfigError, exit_code
 from ncn.tasks import prepare as prepare_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -335,6 +337,27 @@ def test_an_unwritable_cache_folder_names_the_cache_settings(tmp_path) -> None:
             "): point data.cache_dir=<writable folder> (or the environment's NCN_CACHE_DIR) at a folder you can write"
         )
         assert why is None or f"({why}: {cache})" in message
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_while_writing_the_token_cache_is_one_error(tmp_path, monkeypatch, code) -> None:
+    """No space left (or the quota spent) while the cache is written: one DiskFullError (exit 2) naming the
+    cache folder, the free space and the settings that move it; no temporary folder is left behind."""
+    (tmp_path / "doc.txt").write_text("some text " * 200, encoding="utf-8")
+    cache = tmp_path / "cache"
+
+    def full(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(cache / "x" / "train.bin"))
+
+    monkeypatch.setattr(token_cache, "_build", full)
+    dm = _dm(source="text_files", path=str(tmp_path / "doc.txt"), cache_dir=str(cache))
+    with pytest.raises(DiskFullError) as refused:
+        dm.prepare()
+    message = str(refused.value)
+    assert message.startswith(f"no space left in {cache} for the token cache of {tmp_path / 'doc.txt'} (")
+    assert " MB free; the cache takes about 2 bytes per token): free some space or point data.cache_dir=" in message
+    assert exit_code(refused.value) == 2
+    assert [p.name for p in cache.rglob(".tmp-*")] == []
 
 
 def test_corpus_shorter_than_a_block_error(tmp_path):

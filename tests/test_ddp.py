@@ -56,6 +56,8 @@ def test_two_process_gloo_run(tmp_path: Path, mlflow_store) -> None:
         timeout=time_left(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("data ") and " tokens train " in line]
+    assert len(summaries) == 1, summaries  # the data summary once, from rank 0
     # rank 1 ran in the launch dir without a Hydra output dir: nothing but rank 0's files exist
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "mlflow.db", "mlflow.db.lock", "run"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [

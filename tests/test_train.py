@@ -258,6 +258,30 @@ def test_a_diverged_model_is_never_checkpointed(
     assert _only_run(uri)[1].info.status == "FAILED"
 
 
+def test_a_full_disk_while_checkpointing_is_one_error_line(tmp_path: Path, mlflow_store) -> None:
+    """ENOSPC while the step-6 checkpoint is written (its model.pt already is): exit 2, one error line
+    naming the folder, the space needed and the newest good checkpoint; no temporary folder left,
+    step 3 and `latest` as they were, the MLflow run FAILED."""
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    run_dir = tmp_path / "run"
+    done = run_cli(
+        [*SMOKE, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], cwd=tmp_path, faults=["--disk-full-at", "6"]
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    folder = run_dir / "checkpoints"
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"error: no space left in {re.escape(str(folder))} for checkpoint step_000006: it needs about [\d.,]+ MB, "
+        rf"[\d.,]+ MB free; free some space or set hydra.run.dir=<folder on a disk with space> "
+        rf"\(newest good checkpoint: {re.escape(str(folder / 'step_000003'))}\)",
+        last,
+    ), last
+    assert "Traceback" not in done.stderr and done.stderr.count("error: ") == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_000003"]
+    assert (folder / "latest").read_text().strip() == "step_000003"
+    assert _only_run(uri)[1].info.status == "FAILED"
+
+
 def test_ctrl_c_marks_the_run_killed(tmp_path: Path, mlflow_store) -> None:
     uri = mlflow_store(tmp_path / "mlflow.db")
     cmd = [

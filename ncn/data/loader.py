@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from ncn.data import token_cache
 from ncn.data.sources import make_source
 from ncn.data.token_cache import TOKEN_DTYPE, PreparedData
 from ncn.data.tokenizer import get_encoding
-from ncn.errors import NCNConfigError
+from ncn.errors import NO_SPACE, DiskFullError, NCNConfigError, mb
 
 # errors of a folder the user cannot write: a permission, a read-only filesystem, a file in the path
 UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST})
@@ -202,8 +203,9 @@ class DataModule:
 
         return torch.cuda.is_available()
 
-    def prepare(self) -> PreparedData:
-        """Build or verify the token cache; print the one-line summary on first call.
+    def prepare(self, announce: bool = True) -> PreparedData:
+        """Build or verify the token cache; print the one-line summary on first call when `announce`
+        (False on every rank but 0 of a multi-process run, so the summary appears once).
 
         Raises:
             NCNConfigError: the source cannot be loaded, `total_tokens` disagrees with it, or the
@@ -221,6 +223,13 @@ class DataModule:
                     num_proc,
                 )
             except OSError as exc:
+                if exc.errno in NO_SPACE:
+                    raise DiskFullError(
+                        f"no space left in {self.cache_dir} for the token cache of {self.source.describe()} "
+                        f"({mb(shutil.disk_usage(self.cache_dir).free)} free; the cache takes about 2 bytes per "
+                        "token): free some space or point data.cache_dir=<folder on a disk with space> (or the "
+                        "environment's NCN_CACHE_DIR) there"
+                    ) from None
                 if exc.errno not in UNWRITABLE:
                     raise
                 raise NCNConfigError(
@@ -234,7 +243,8 @@ class DataModule:
                     f"(train {info.train_tokens} + val {info.val_tokens} = {counted} tokens): "
                     f"set data.total_tokens=null (tokens are counted for you) or {counted}"
                 )
-            print(info.summary(), flush=True)
+            if announce:
+                print(info.summary(), flush=True)
             self._prepared = info
         return self._prepared
 

@@ -306,7 +306,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     if tracker.enabled:  # checkpoints record the store itself, so tasks find the run from any folder
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracker.uri))
     data = DataModule(cfg.data)
-    data.prepare()
+    data.prepare(announce=rank == 0)
     if data.vocab_size > cfg.model.vocab_size:
         raise NCNConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from ncn.config import RESUME_FIXED_GROUPS, RESUME_FIXED_KEYS, RESUME_MUTABLE, OptimConfig, RunConfig, config_from_dict
-from ncn.errors import CheckpointError, NCNConfigError
+from ncn.errors import NO_SPACE, CheckpointError, DiskFullError, NCNConfigError, mb
 from ncn.model.gpt import ModulatedGPT
 from ncn.training.optim import apply_settings
 
@@ -118,6 +118,10 @@ def save(directory: Path, snapshot: Snapshot, keep: int) -> Path:
 
     Returns the checkpoint folder. The best checkpoint by finite val loss is never pruned, so
     `best` keeps working. The caller guarantees finite weights and val loss (`trainer.py`).
+
+    Raises:
+        DiskFullError: no space left for the files (the temporary folder is removed; earlier
+            checkpoints and `latest` stay as they were).
     """
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".tmp-*"):  # left behind by a crash during an earlier write
@@ -125,13 +129,23 @@ def save(directory: Path, snapshot: Snapshot, keep: int) -> Path:
     final = directory / step_dir(snapshot.state.step)
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    torch.save(snapshot.model, tmp / "model.pt")
-    torch.save(snapshot.optim, tmp / "optim.pt")
-    state = {"format": FORMAT_VERSION, **snapshot.state.state_dict(), **snapshot.extra}
-    (tmp / "train_state.json").write_text(json.dumps(state, indent=2))
-    (tmp / "config.yaml").write_text(yaml.safe_dump(snapshot.config, sort_keys=False))
-    for file in tmp.iterdir():
-        _fsync(file)
+    try:
+        torch.save(snapshot.model, tmp / "model.pt")
+        torch.save(snapshot.optim, tmp / "optim.pt")
+        state = {"format": FORMAT_VERSION, **snapshot.state.state_dict(), **snapshot.extra}
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=2))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(snapshot.config, sort_keys=False))
+        for file in tmp.iterdir():
+            _fsync(file)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed, free = tensor_bytes(snapshot.model) + tensor_bytes(snapshot.optim), shutil.disk_usage(directory).free
+        if getattr(exc, "errno", None) in NO_SPACE or free < needed:
+            raise DiskFullError(
+                f"no space left in {directory} for checkpoint {final.name}: it needs about {mb(needed)}, "
+                f"{mb(free)} free; free some space or set hydra.run.dir=<folder on a disk with space>"
+            ) from exc
+        raise
     if final.exists():  # a resume into the same run dir replays this step: the new one wins
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -142,6 +156,17 @@ def save(directory: Path, snapshot: Snapshot, keep: int) -> Path:
     _fsync(directory)
     _prune(directory, keep)
     return final
+
+
+def tensor_bytes(tree: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what torch.save writes for it."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
 
 
 def _steps(directory: Path) -> list[Path]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ncn.config import TrainerConfig
-from ncn.errors import DivergenceError
+from ncn.errors import DiskFullError, DivergenceError
 from ncn.model.gpt import ModulatedGPT
 from ncn.tracking import Tracker
 from ncn.training import checkpoint
@@ -180,6 +180,7 @@ def save_checkpoint(job: Job, state: TrainState, keep: int) -> Path | None:
 
     Raises:
         DivergenceError: the weights or this step's val loss are not finite; nothing is written.
+        DiskFullError: no space for the checkpoint; the message names the newest good one.
     """
     finite = all(bool(torch.isfinite(p).all()) for p in job.model.parameters())
     finite &= state.val_loss is None or math.isfinite(state.val_loss)
@@ -198,7 +199,11 @@ def save_checkpoint(job: Job, state: TrainState, keep: int) -> Path | None:
         config=job.config,
         extra={**job.extra, "time": time.time()},
     )
-    job.last_good = checkpoint.save(job.checkpoints, snapshot, keep=keep)
+    try:
+        job.last_good = checkpoint.save(job.checkpoints, snapshot, keep=keep)
+    except DiskFullError as exc:
+        good = f"newest good checkpoint: {job.last_good}" if job.last_good else "no checkpoint was written before"
+        raise DiskFullError(f"{exc} ({good})") from exc.__cause__
     return job.last_good
 
 
