@@ -197,7 +197,7 @@ def test_joblib_resume_by_folder_skips_finished_jobs(corpus: Path, tmp_path: Pat
     assert (parent.info.status, parent.data.tags["ncn.sweep.resumes"]) == ("FINISHED", "1")
     assert sorted(p.name for p in folder.glob("multirun*.yaml")) == ["multirun.before_resume_1.yaml", "multirun.yaml"]
 
-    other = run_cli(_args(corpus, tmp_path, resume, grid=["ncn=full,none", "seed=0,1"]), cwd=tmp_path, timeout=400)
+    other = run_cli(_args(corpus, tmp_path, resume, grid=["ncn=full,none", "seed=0,1"]), cwd=tmp_path)
     assert other.returncode == 2
     assert other.stderr.strip().splitlines()[-1] == (
         f'error: {resume} is sweep ablation with grid {{"seed": ["0", "1"]}}, this launch is ablation with '
@@ -213,7 +213,7 @@ def test_a_sweep_grows_shrinks_and_reorders_under_its_parent(corpus: Path, tmp_p
     are skipped in their own folders, gain_only runs in a new folder under the same parent, whose grid becomes
     the union; then resumed with ncn=gain_only alone: the two dropped jobs are named as left out, nothing runs."""
     uri = mlflow_store(tmp_path / "mlflow.db")
-    first = run_cli(_args(corpus, tmp_path, grid=["ncn=none,full", "seed=0"]), cwd=tmp_path, timeout=400)
+    first = run_cli(_args(corpus, tmp_path, grid=["ncn=none,full", "seed=0"]), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     folder = _sweep_dir(tmp_path)
     files = {job: _files(folder / job) for job in ("0", "1")}
@@ -224,7 +224,6 @@ def test_a_sweep_grows_shrinks_and_reorders_under_its_parent(corpus: Path, tmp_p
     grown = run_cli(
         _args(corpus, tmp_path, f"sweep_resume={parent}", grid=["ncn=full,none,gain_only", "seed=0"]),
         cwd=tmp_path,
-        timeout=400,
     )
     assert grown.returncode == 0, grown.stderr[-3000:]
     out = grown.stdout + grown.stderr
@@ -248,9 +247,7 @@ def test_a_sweep_grows_shrinks_and_reorders_under_its_parent(corpus: Path, tmp_p
         '{"ncn": "gain_only"}': "2",
     }
 
-    shrunk = run_cli(
-        _args(corpus, tmp_path, f"sweep_resume={parent}", grid=["ncn=gain_only", "seed=0"]), cwd=tmp_path, timeout=400
-    )
+    shrunk = run_cli(_args(corpus, tmp_path, f"sweep_resume={parent}", grid=["ncn=gain_only", "seed=0"]), cwd=tmp_path)
     assert shrunk.returncode == 0, shrunk.stderr[-3000:]
     out = shrunk.stdout + shrunk.stderr
     assert (
