@@ -14,6 +14,7 @@ from typing import Any
 _EXPORTS = {
     "ModelConfig": "ncn.config",
     "ModulationConfig": "ncn.config",
+    "ControlConfig": "ncn.config",
     "ModulatedGPT": "ncn.model.gpt",
     "ModelOutput": "ncn.model.gpt",
     "ParamCount": "ncn.model.gpt",

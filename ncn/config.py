@@ -1,8 +1,9 @@
 """Typed configuration of every part of a run, plus the context a run was launched in.
 
 One dataclass per config group of `conf/` (NCN paper §2, §3, §6): `ModelConfig` (base GPT),
-`ModulationConfig` (the controller), `DataConfig`, `OptimConfig`, `TrainerConfig`,
-`TrackingConfig`, and `RunConfig`, the whole composed config. Each validates itself on
+`ModulationConfig` (the controller), `ControlConfig` (control inputs, NCN paper §3.2, §6.1),
+`DataConfig`, `OptimConfig`, `TrainerConfig`, `TrackingConfig`, and `RunConfig`, the whole
+composed config. Each validates itself on
 construction and raises `NCNConfigError` with one line naming the value and the fix. The
 defaults here are the only defaults: the YAML options in `conf/` set what differs. This module
 imports neither torch nor Hydra, so composing and validating a config is fast.
@@ -40,6 +41,11 @@ FREEZES = ("none", "base")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("mlflow", "none")
 TASKS = ("train", "prepare", "generate", "analyze", "eval", "report")
+# Control inputs (`conf/control/`): what the control is, and where it enters the model.
+CONTROL_KINDS = ("none", "genre", "labels", "mode")
+CONTROL_ROUTES = ("ncn", "embedding", "none")
+# The operational-mode values every evaluation of a `control=mode` run measures (NCN paper §6.1).
+MODE_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0)
 # ncn options that build the plain Transformer (no targets); the run name says so.
 BASELINE_OPTIONS = ("none", "none_iso")
 # Keys a resume may set to a value other than the checkpoint's; every other model/ncn/data key,
@@ -53,9 +59,12 @@ RESUME_MUTABLE = frozenset(
         "data.num_workers",
         "data.pin_memory",
         "data.total_tokens",
+        "control.label",
+        "control.value",
+        "control.mode_lambda",
     }
 )
-RESUME_FIXED_GROUPS = ("model", "ncn", "data")
+RESUME_FIXED_GROUPS = ("model", "ncn", "data", "control")
 # Keys outside those groups that a resume must keep as the checkpoint has them (the optimizer's
 # parameter set depends on trainer.freeze).
 RESUME_FIXED_KEYS = frozenset({"seed", "trainer.freeze"})
@@ -234,6 +243,98 @@ class ModulationConfig:
                 f"ncn.precision_max={self.precision_max} is below the neutral precision 1: "
                 "use a value >= 1 (default 4.0)"
             )
+
+
+@dataclass
+class ControlConfig:
+    """Control inputs fed to the model: task labels or an operational-mode slider (NCN paper §3.2, §6.1).
+
+    kind: "none" (no control input: today's model), "genre" (the embedded plays' genre
+        folder, 6 labels), "labels" (your labels: for data=text_files the first sub-folder
+        under data.path, for data=hf the column `column`), or "mode" (a value m in [-1, 1]).
+    route: where the control enters: "ncn" (a learned embedding added to the controller's
+        input only), "embedding" (added to the token embeddings instead, the non-NCN way) or
+        "none" (labels loaded but unused: the control for everything else). "ncn" needs a
+        controller (ncn.targets not empty).
+    column: the label column of data=hf (kind "labels").
+    vocabulary: label names in id order; filled from the token cache when training starts and
+        saved with every checkpoint ([] before that, and for kinds "none" and "mode").
+    label: generate/analyze: force this label on every token (None = each label in turn for analyze).
+    value: generate/analyze: the mode value m in [-1, 1] (None: 0 for generate, the grid for analyze).
+    span: mode set point of the precision β* = span^m (> 1; span 2: β* from 0.5 to 2).
+    mode_lambda: weight >= 0 of the mode penalty mean((β − β*)²), logged as train/mode_loss.
+
+    Raises:
+        NCNConfigError: an unknown kind or route, a value outside its range, kind "labels" on
+            the embedded corpus, kind "labels" on data=hf without a column.
+    """
+
+    kind: str = "none"
+    route: str = "ncn"
+    column: str | None = None
+    vocabulary: list[str] = field(default_factory=list)
+    label: str | None = None
+    value: float | None = None
+    span: float = 2.0
+    mode_lambda: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("control.kind", self.kind, CONTROL_KINDS)
+        _choice("control.route", self.route, CONTROL_ROUTES)
+        self.vocabulary = [str(v) for v in self.vocabulary]
+        if not self.span > 1.0:
+            raise NCNConfigError(f"control.span={self.span} must be > 1: e.g. control.span=2 (β* from 0.5 to 2)")
+        if not self.mode_lambda >= 0.0:
+            raise NCNConfigError(f"control.mode_lambda={self.mode_lambda} is negative: use a value >= 0 (default 0.1)")
+        if self.value is not None and not -1.0 <= self.value <= 1.0:
+            raise NCNConfigError(f"control.value={self.value} is outside [-1, 1]: e.g. control.value=0.5")
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the data carries per-token labels (kinds genre and labels)."""
+        return self.kind in ("genre", "labels")
+
+    @property
+    def active(self) -> bool:
+        """Whether the model takes a control input (a labelled or mode kind with route ncn or embedding)."""
+        return self.kind != "none" and self.route != "none"
+
+
+def check_control(control: ControlConfig, modulation: ModulationConfig, data: DataConfig) -> None:
+    """Check the constraints between the control, the controller and the data.
+
+    Raises:
+        NCNConfigError: route ncn without a controller; mode without the temperature target or
+            with span above ncn.precision_max; genre off the embedded corpus; labels without a
+            label source.
+    """
+    if control.kind == "none":
+        return
+    if control.route == "ncn" and not modulation.targets:
+        raise NCNConfigError(
+            "control.route=ncn feeds the control to the controller, but ncn.targets=[] builds none: "
+            "use control.route=embedding with the baseline, or an ncn option with a controller (e.g. ncn=full)"
+        )
+    if control.kind == "mode":
+        if "temperature" not in modulation.targets:
+            raise NCNConfigError(
+                f"control=mode sets the precision's set point, but ncn.targets={modulation.targets} has no "
+                "temperature: use an ncn option with temperature (e.g. ncn=full)"
+            )
+        if control.span > modulation.precision_max:
+            raise NCNConfigError(
+                f"control.span={control.span} exceeds ncn.precision_max={modulation.precision_max}: "
+                f"the set point span^1 is out of reach; use control.span<={modulation.precision_max}"
+            )
+    if control.kind == "genre" and data.source != "shakespeare":
+        raise NCNConfigError(
+            f"control=genre labels the embedded plays, not data.source={data.source}: use control=labels "
+            "(text_files: the first sub-folder under data.path; hf: control.column=<label column>)"
+        )
+    if control.kind == "labels" and data.source == "shakespeare":
+        raise NCNConfigError("control=labels reads your data's labels: with data=shakespeare use control=genre")
+    if control.kind == "labels" and data.source == "hf" and not control.column:
+        raise NCNConfigError("control=labels with data=hf reads a label column: set control.column=<column name>")
 
 
 def check_compatible(model: ModelConfig, modulation: ModulationConfig) -> None:
@@ -497,6 +598,7 @@ class TrackingConfig:
 class RunConfig:
     """The composed config of one `python run.py` (conf/config.yaml explains each key).
 
+    control: the control input (`ControlConfig`; kind "none" by default).
     task: what to run (`TASKS`). seed: init, data order and sampling seed. run_name: None =
     `<model>-<ncn>[-<data>][-<optim>][-<overrides>]-s<seed>` (`ncn.tracking.default_run_name`).
     checkpoint: what generate/analyze/eval load (latest | best | PATH | run name | MLflow run
@@ -515,11 +617,13 @@ class RunConfig:
 
     Raises:
         NCNConfigError: an unknown task, a threshold out of range, skip_draws < 1,
-            trainer.freeze=base without a controller (ncn.targets=[]).
+            trainer.freeze=base without a controller (ncn.targets=[]); a control the model or data
+            cannot carry (`check_control`).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     ncn: ModulationConfig = field(default_factory=ModulationConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -556,6 +660,12 @@ class RunConfig:
             raise NCNConfigError(
                 "trainer.freeze=base leaves nothing to train in a model without a controller (ncn=none): "
                 "choose an NCN option (e.g. ncn=full) or trainer.freeze=none"
+            )
+        check_control(self.control, self.ncn, self.data)
+        if self.control.active and self.skip_grid:
+            raise NCNConfigError(
+                f"skip_grid={self.skip_grid} measures skipping without a control input, but "
+                f"control={self.control.kind} gives one: drop skip_grid (or use control=none)"
             )
 
 

@@ -135,7 +135,7 @@ CASES = [
         ("task=generate", "checkpoint={checkpoint}", "model.d_model=64"),
         (
             "model.d_model cannot be set together with checkpoint=",
-            "a checkpoint carries its own model and ncn settings",
+            "a checkpoint carries its own model, ncn and control settings",
             "drop the override",
         ),
     ),

@@ -14,16 +14,17 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn.config import DataConfig, OptimConfig, TrackingConfig, TrainerConfig
+from ncn.config import ControlConfig, DataConfig, OptimConfig, TrackingConfig, TrainerConfig
 from ncn.errors import NCNConfigError
 from ncn.tracking import MLflowTracker, NullTracker, default_run_name, name_overrides, open_tracker
 
 from conftest import REPO, run_cli
 
-GROUPS = ("model", "ncn", "data", "optim", "trainer", "tracking")
+GROUPS = ("model", "ncn", "control", "data", "optim", "trainer", "tracking")
 TYPES = {
     "model": ModelConfig,
     "ncn": ModulationConfig,
+    "control": ControlConfig,
     "data": DataConfig,
     "optim": OptimConfig,
     "trainer": TrainerConfig,
@@ -81,7 +82,11 @@ def test_expected_options_exist() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_converts(typed_config, tmp_path: Path, group: str, option: str) -> None:
-    extra = {"ncn": ["model=tiny"], "data": ["data.path=/texts"] if option in ("text_files", "hf") else []}
+    extra = {
+        "ncn": ["model=tiny"],
+        "data": ["data.path=/texts"] if option in ("text_files", "hf") else [],
+        "control": ["data=text_files", "data.path=/texts"] if option == "labels" else [],
+    }
     cfg = typed_config([f"{group}={option}", *extra.get(group, [])])
     obj = getattr(cfg, group)
     assert type(obj) is TYPES[group]
@@ -108,7 +113,7 @@ def test_option_files_set_only_what_differs_from_the_schema() -> None:
         values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / group / f"{option}.yaml"))
         defaults = TYPES[group]() if group != "data" else DataConfig()
         for key, value in values.items():
-            if key in ("defaults", "source", "backend"):  # an option's defaults list; the discriminators it names
+            if key in ("defaults", "source", "backend", "kind"):  # an option's defaults list; the discriminators
                 continue
             assert value != getattr(defaults, key, object()), (
                 f"conf/{group}/{option}.yaml repeats the schema default {key}={value}"
@@ -218,7 +223,7 @@ def test_cli_config_errors_are_one_line(tmp_path: Path) -> None:
     ("override", "key", "choices"),
     [
         ("+trainer.max_step=10", "trainer.max_step", "trainer.{activation_checkpointing, batch_size,"),
-        ("++foo=1", "foo", "{checkpoint, data,"),
+        ("++foo=1", "foo", "{checkpoint, control, data,"),
         ("+model.d_modle=64", "model.d_modle", "model.{activation, bias, block_size, d_ff, d_model,"),
         ("++optim.lr_min=0.1", "optim.lr_min", "optim.{"),
     ],

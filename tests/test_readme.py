@@ -192,6 +192,10 @@ def test_readme_commands_work_in_order_as_written(tmp_path: Path) -> None:
         "sbatch",
         "pretrained",
         "harness",
+        "control train",
+        "control eval",
+        "control generate",
+        "control analyze",
     } <= set(seen), seen
 
 
@@ -208,6 +212,8 @@ def _save_tiny_gpt2(folder: Path) -> None:
 
 def _check_promise(command: str, out: str, workdir: Path, env: dict[str, str], argv: list[str]) -> str:
     """Assert what README's comment on `command` promises; returns the kind of command."""
+    if "control=genre" in command or "byte_small-full-genre-tokenizer_bytes-s0" in command:
+        return _check_control_promise(command, out, workdir, env, argv)
     if command == "python run.py":
         runs = _runs(workdir)["tiny-full-s0"]
         assert [r.info.status for r in runs] == ["FINISHED"]
@@ -278,3 +284,30 @@ def _check_promise(command: str, out: str, workdir: Path, env: dict[str, str], a
         assert _runs(workdir)["tiny-full-s0"][0].data.params["world_size"] == "2"
         return "torchrun"
     raise AssertionError(f"README command without a promise in tests/test_readme.py: {command}")
+
+
+def _check_control_promise(command: str, out: str, workdir: Path, env: dict[str, str], argv: list[str]) -> str:
+    """README's control example: train with genre labels, the control matrix, a comedy and a tragedy, heatmaps."""
+    name = "byte_small-full-genre-tokenizer_bytes-s0"
+    if "control=genre" in command:
+        runs = _runs(workdir)[name]
+        assert [r.info.status for r in runs] == ["FINISHED"] and "val/control/gain" in runs[0].data.metrics
+        assert runs[0].data.params["n_params_control"] == str(6 * 128)
+        return "control train"
+    assert f"checkpoint of run {name}" in out
+    if "task=eval" in command:
+        assert "control matrix:" in out and re.search(r"control gain [+-]\d+\.\d+ nats/token", out)
+        return "control eval"
+    if "task=generate" in command:
+        label = "comedies" if "comedies" in command else "tragedies"
+        assert f"generating with control.label={label}" in out
+        again = _run(argv, workdir, env)  # same seed, same text
+        text = [line for line in out.splitlines() if "tokens/s" not in line]
+        assert text == [line for line in again.splitlines() if "tokens/s" not in line]
+        return "control generate"
+    if "task=analyze" in command:
+        newest = max(workdir.glob("outputs/*/*/analysis/signals.csv"), key=lambda p: p.stat().st_mtime)
+        controls = {line.split(",")[-1] for line in newest.read_text().splitlines()[1:]}
+        assert controls == {"comedies", "histories", "problems", "roman", "romances", "tragedies"}
+        return "control analyze"
+    raise AssertionError(f"README control command without a promise in tests/test_readme.py: {command}")

@@ -102,14 +102,14 @@ def compute_curve(
     was_training = model.training
     model.eval()
     try:
-        tokens = sum(y.numel() for _, y in batches)
-        dense = sum(_ce_sum(model, x.to(device), y.to(device), None)[0] for x, y in batches) / tokens
+        tokens = sum(y.numel() for _, y, *_ in batches)
+        dense = sum(_ce_sum(model, x.to(device), y.to(device), None)[0] for x, y, *_ in batches) / tokens
         rows = []
         for tau in thresholds:
             gens = [torch.Generator().manual_seed(seed + d) for d in range(draws)]
             loss, random_loss = 0.0, [0.0] * draws
             flops = random_flops = FlopCount(0.0, 0.0, 0.0, 0.0)
-            for x, y in batches:
+            for x, y, *_ in batches:
                 x, y = x.to(device), y.to(device)
                 ce, masks = _ce_sum(model, x, y, SkipPlan(tau))
                 loss += ce

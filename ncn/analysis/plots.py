@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from matplotlib.colors import TwoSlopeNorm
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import ScalarFormatter
 
 from ncn.model.signals import NEUTRAL, RANGES
@@ -72,6 +72,47 @@ def _norm(name: str, values: np.ndarray, scale: str) -> TwoSlopeNorm:
     )
 
 
+def _rows_checked(signals: Mapping[str, torch.Tensor], tokens: Sequence[str], index: int) -> dict[str, np.ndarray]:
+    rows = signal_rows(signals, index)
+    if not rows:
+        raise ValueError("no modulation signals to draw: the model is a plain Transformer (ncn.targets=[])")
+    n_tokens = next(iter(rows.values())).shape[0]
+    if len(tokens) != n_tokens:
+        raise ValueError(f"{len(tokens)} token labels for {n_tokens} positions: pass one label per position")
+    return rows
+
+
+def _draw(fig: Figure | SubFigure, rows: dict[str, np.ndarray], tokens: Sequence[str], scale: str) -> None:
+    """One heatmap panel per signal of `rows` into `fig` (a figure or a sub-figure), stacked vertically."""
+    n_tokens, n_layer = next(iter(rows.values())).shape[:2]
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    step = max(1, math.ceil(n_tokens / MAX_X_LABELS))
+    for ax, (name, values) in zip(axes, rows.items(), strict=True):
+        per_head = values.ndim == 3
+        grid = values.mean(axis=2) if per_head else values  # (T, L)
+        image = ax.imshow(grid.T, aspect="auto", cmap="RdBu_r", norm=_norm(name, grid, scale), interpolation="nearest")
+        neutral = NEUTRAL[name]
+        heads = f", mean over {values.shape[2]} heads" if per_head else ""
+        ax.set_title(f"{name} (neutral {neutral:g}{heads})", fontsize=10, loc="left")
+        ax.set_yticks(range(n_layer), [f"L{i}" for i in range(n_layer)], fontsize=7)
+        ax.set_ylabel("layer", fontsize=8)
+        positions = range(0, n_tokens, step)
+        ax.set_xticks(positions, [_axis_label(tokens[i]) for i in positions], rotation=90, fontsize=7)
+        ax.set_xlabel("token", fontsize=8)
+        bar = fig.colorbar(image, ax=ax, pad=0.01, fraction=0.03)
+        bar.ax.axhline(neutral, color="black", linewidth=1.5)
+        vmin, vmax = image.norm.vmin, image.norm.vmax
+        ticks = [vmin, (vmin + neutral) / 2, neutral, (neutral + vmax) / 2, vmax]
+        labels = [_tick_label(v, neutral) for v in ticks]
+        labels[2] = f"neutral {neutral:g}"
+        bar.set_ticks(ticks, labels=labels, fontsize=7)
+
+
+def _size(n_tokens: int, n_layer: int, n_signals: int) -> tuple[float, float]:
+    width = min(max(8.0, 2.5 + 0.18 * min(n_tokens, MAX_X_LABELS * 2)), 40.0)
+    return width, 0.6 + (1.3 + 0.28 * n_layer) * n_signals
+
+
 def signal_heatmaps(
     signals: Mapping[str, torch.Tensor],
     tokens: Sequence[str],
@@ -95,39 +136,40 @@ def signal_heatmaps(
     Raises:
         ValueError: no signals (a plain-Transformer checkpoint), or len(tokens) != T.
     """
-    rows = signal_rows(signals, index)
-    if not rows:
-        raise ValueError("no modulation signals to draw: the model is a plain Transformer (ncn.targets=[])")
+    rows = _rows_checked(signals, tokens, index)
     n_tokens, n_layer = next(iter(rows.values())).shape[:2]
-    if len(tokens) != n_tokens:
-        raise ValueError(f"{len(tokens)} token labels for {n_tokens} positions: pass one label per position")
-
-    width = min(max(8.0, 2.5 + 0.18 * min(n_tokens, MAX_X_LABELS * 2)), 40.0)
-    panel_height = 1.3 + 0.28 * n_layer
-    fig = Figure(figsize=(width, 0.6 + panel_height * len(rows)), layout="constrained")
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    step = max(1, math.ceil(n_tokens / MAX_X_LABELS))
-    for ax, (name, values) in zip(axes, rows.items(), strict=True):
-        per_head = values.ndim == 3
-        grid = values.mean(axis=2) if per_head else values  # (T, L)
-        image = ax.imshow(grid.T, aspect="auto", cmap="RdBu_r", norm=_norm(name, grid, scale), interpolation="nearest")
-        neutral = NEUTRAL[name]
-        heads = f", mean over {values.shape[2]} heads" if per_head else ""
-        ax.set_title(f"{name} (neutral {neutral:g}{heads})", fontsize=10, loc="left")
-        ax.set_yticks(range(n_layer), [f"L{i}" for i in range(n_layer)], fontsize=7)
-        ax.set_ylabel("layer", fontsize=8)
-        positions = range(0, n_tokens, step)
-        ax.set_xticks(positions, [_axis_label(tokens[i]) for i in positions], rotation=90, fontsize=7)
-        ax.set_xlabel("token", fontsize=8)
-        bar = fig.colorbar(image, ax=ax, pad=0.01, fraction=0.03)
-        bar.ax.axhline(neutral, color="black", linewidth=1.5)
-        vmin, vmax = image.norm.vmin, image.norm.vmax
-        ticks = [vmin, (vmin + neutral) / 2, neutral, (neutral + vmax) / 2, vmax]
-        labels = [_tick_label(v, neutral) for v in ticks]
-        labels[2] = f"neutral {neutral:g}"
-        bar.set_ticks(ticks, labels=labels, fontsize=7)
+    fig = Figure(figsize=_size(n_tokens, n_layer, len(rows)), layout="constrained")
+    _draw(fig, rows, tokens, scale)
     if title:
         fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def control_heatmaps(
+    signals_by_control: Mapping[str, Mapping[str, torch.Tensor]],
+    tokens: Sequence[str],
+    scale: str = "range",
+    title: str | None = None,
+) -> Figure:
+    """The same prompt's `signal_heatmaps` under each control side by side: one column per control setting
+    (a label, or a mode value m), titled with its name; scale "range" by default so the columns share
+    each signal's colour scale (NCN paper §3.2, §6.1; `task=analyze` of a controlled checkpoint).
+
+    Raises:
+        ValueError: no settings, no signals, or len(tokens) != T.
+    """
+    if not signals_by_control:
+        raise ValueError("no control settings to draw")
+    rows = {name: _rows_checked(signals, tokens, 0) for name, signals in signals_by_control.items()}
+    first = next(iter(rows.values()))
+    n_tokens, n_layer = next(iter(first.values())).shape[:2]
+    width, height = _size(n_tokens, n_layer, len(first))
+    fig = Figure(figsize=(width * len(rows), height + 0.4), layout="constrained")
+    for sub, (name, signal_rows_of) in zip(np.atleast_1d(fig.subfigures(1, len(rows))), rows.items(), strict=True):
+        _draw(sub, signal_rows_of, tokens, scale)
+        sub.suptitle(name, fontsize=11)
+    if title:
+        fig.suptitle(title, fontsize=12)
     return fig
 
 

@@ -1,7 +1,8 @@
 """Training data (NCN paper §6): a token cache plus resumable, DDP-sharded block batches.
 
 `DataModule(DataConfig)` prepares the token cache of a source and serves epochs of
-non-overlapping `block_size + 1`-token blocks in a seeded per-epoch order. torch is imported
+non-overlapping `block_size + 1`-token blocks in a seeded per-epoch order; a labelled cache
+(control=genre / labels) adds each input token's label id to every batch. torch is imported
 only where batches are made, so `task=prepare` on a warm cache imports neither torch nor
 `datasets` and builds no tokenizer.
 """
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ncn.config import DataConfig, vocab_size
+from ncn.config import ControlConfig, DataConfig, vocab_size
 from ncn.data import token_cache
 from ncn.data.sources import make_source
 from ncn.data.token_cache import TOKEN_DTYPE, PreparedData
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
     import tiktoken
     import torch
 
-    Batch = tuple[torch.Tensor, torch.Tensor]
+    # (x, y) or, from a labelled cache, (x, y, labels): int64 (B, block_size) each.
+    Batch = tuple[torch.Tensor, ...]
 
 
 def _n_tokens(path: Path) -> int:
@@ -40,33 +42,49 @@ def _n_tokens(path: Path) -> int:
 
 
 class _Blocks:
-    """Rows of `block_size + 1` tokens of one token file; a map-style dataset indexed by arrays of block ids."""
+    """Rows of `block_size + 1` tokens of one token file (and of its label file, if given); a map-style
+    dataset indexed by arrays of block ids."""
 
-    def __init__(self, path: Path, block_size: int) -> None:
-        self.path, self.width = path, block_size + 1
+    def __init__(self, path: Path, block_size: int, labels: Path | None = None) -> None:
+        self.path, self.width, self.labels = path, block_size + 1, labels
         self.n_blocks = _n_tokens(path) // self.width
         self._rows: np.ndarray | None = None
+        self._label_rows: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         # Each DataLoader worker maps the file itself instead of receiving a pickled copy.
-        return {**self.__dict__, "_rows": None}
+        return {**self.__dict__, "_rows": None, "_label_rows": None}
+
+    def _map(self, path: Path) -> np.ndarray:
+        tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+        return tokens[: self.n_blocks * self.width].reshape(self.n_blocks, self.width)
 
     def rows(self) -> np.ndarray:
         if self._rows is None:
-            tokens = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")
-            self._rows = tokens[: self.n_blocks * self.width].reshape(self.n_blocks, self.width)
+            self._rows = self._map(self.path)
         return self._rows
+
+    def label_rows(self) -> np.ndarray:
+        """(n_blocks, block_size + 1) label ids; only for a labelled file."""
+        assert self.labels is not None
+        if self._label_rows is None:
+            self._label_rows = self._map(self.labels)
+        return self._label_rows
 
     def __len__(self) -> int:
         return self.n_blocks
 
     def batch(self, ids: np.ndarray) -> Batch:
+        """(x, y) int64 (B, T) of the blocks `ids`, plus the labels of x's tokens when labelled."""
         import torch
 
         rows = self.rows()[ids]  # (B, T+1) uint16
-        return torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
+        x, y = torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
+        if self.labels is None:
+            return x, y
+        return x, y, torch.from_numpy(self.label_rows()[ids][:, :-1].astype(np.int64))
 
-    def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple:
         epoch, position, ids = item
         return (*self.batch(ids), epoch, position)
 
@@ -83,7 +101,8 @@ class BlockLoader:
     the exact next batch, also with another batch size. Call `iter()` again after it.
 
     Yields:
-        (x, y): int64 CPU tensors (batch_size, block_size); y is x shifted by one token.
+        (x, y): int64 CPU tensors (batch_size, block_size); y is x shifted by one token; with a
+        `labels` file (x, y, labels), labels[b, t] the label id of token x[b, t].
     Raises:
         NCNConfigError: bad batch_size/rank/world_size, or fewer blocks than one global batch.
     """
@@ -98,13 +117,14 @@ class BlockLoader:
         world_size: int = 1,
         num_workers: int = 0,
         pin_memory: bool = False,
+        labels: str | os.PathLike | None = None,
     ) -> None:
         if not (batch_size >= 1 and world_size >= 1 and 0 <= rank < world_size):
             raise NCNConfigError(
                 f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need batch_size >= 1 "
                 "and 0 <= rank < world_size"
             )
-        self.blocks = _Blocks(Path(path), block_size)
+        self.blocks = _Blocks(Path(path), block_size, None if labels is None else Path(labels))
         self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -154,10 +174,10 @@ class BlockLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
-        for x, y, epoch, position in loader:
+        for *batch, epoch, position in loader:
             # The state advances only as batches are handed out, not as workers prefetch.
             self.epoch, self.position = epoch, position
-            yield x, y
+            yield tuple(batch)
 
 
 def _resolve_workers(num_workers: int | str) -> int:
@@ -181,9 +201,12 @@ class DataModule:
         NCNConfigError: the source cannot be found (a missing path, no .txt files).
     """
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, control: ControlConfig | None = None) -> None:
         self.cfg = cfg
+        self.control = control if control is not None else ControlConfig()
         self.source = make_source(cfg)
+        if self.control.labelled and hasattr(self.source, "label_column"):
+            self.source.label_column = self.control.column
         self.cache_dir = Path(cfg.cache_dir or os.environ.get("NCN_CACHE_DIR") or "~/.cache/ncn").expanduser()
         self.num_workers = _resolve_workers(cfg.num_workers)
         self.vocab_size = vocab_size(cfg.tokenizer, cfg.pad_vocab_to)
@@ -221,6 +244,7 @@ class DataModule:
                     self.cfg.val_fraction,
                     self.cfg.split_seed,
                     num_proc,
+                    labels=self.labelling,
                 )
             except OSError as exc:
                 if exc.errno in NO_SPACE:
@@ -247,6 +271,24 @@ class DataModule:
                 print(info.summary(), flush=True)
             self._prepared = info
         return self._prepared
+
+    @property
+    def labelling(self) -> dict | None:
+        """The token cache's labelling rule (`token_cache.prepare`'s `labels`), None without labels."""
+        if not self.control.labelled:
+            return None
+        column = self.control.column if self.cfg.source == "hf" else None
+        return {"kind": self.control.kind, "column": column}
+
+    @property
+    def label_names(self) -> list[str]:
+        """The label vocabulary (id = index) of a labelled cache, [] without labels; prepares the cache."""
+        return self.prepare().label_names if self.control.labelled else []
+
+    def _label_file(self, split: str) -> Path | None:
+        if not self.control.labelled:
+            return None
+        return self.prepare().cache_dir / token_cache.LABEL_FILES[split]
 
     def bits_per_byte(self, ce: float) -> float:
         """Bits per UTF-8 byte of val text for a val cross-entropy `ce` in nats per token.
@@ -288,17 +330,25 @@ class DataModule:
             world_size,
             self.num_workers,
             self.pin_memory,
+            self._label_file("train"),
         )
 
     def val_batches(self, batch_size: int, block_size: int, max_batches: int | None = None) -> list[Batch]:
-        """Fixed validation batches: the first blocks of the val split in order.
+        """Fixed validation batches: the first blocks of the val split in order (labelled: `stratified_blocks`).
 
         Returns up to `max_batches` (all when None) pairs (x, y) of int64 tensors
-        (batch_size, block_size); the last one may hold fewer rows.
+        (batch_size, block_size), or triples (x, y, labels) from a labelled cache; the last one
+        may hold fewer rows.
         """
-        blocks = _Blocks(self._split_file("val", block_size), block_size)
+        blocks = _Blocks(self._split_file("val", block_size), block_size, self._label_file("val"))
         n = blocks.n_blocks if max_batches is None else min(blocks.n_blocks, max_batches * batch_size)
-        return [blocks.batch(np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+        order = stratified_blocks(blocks.label_rows()[:, 0], n) if blocks.labels is not None else np.arange(n)
+        return [blocks.batch(order[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+    def probe_labels(self, n_tokens: int) -> list[int]:
+        """The label ids of `probe_tokens(n_tokens)` ([] without labels)."""
+        path = self._label_file("val")
+        return [] if path is None else np.memmap(path, dtype=TOKEN_DTYPE, mode="r")[:n_tokens].tolist()
 
     def probe_tokens(self, n_tokens: int) -> list[int]:
         """The first `n_tokens` token ids of the val split: a fixed probe prompt."""
@@ -308,6 +358,18 @@ class DataModule:
                 f"probe of {n_tokens} tokens: the val split has {info.val_tokens} tokens ({info.cache_dir})"
             )
         return np.memmap(info.cache_dir / "val.bin", dtype=TOKEN_DTYPE, mode="r")[:n_tokens].tolist()
+
+
+def stratified_blocks(first_labels: np.ndarray, n: int) -> np.ndarray:
+    """`n` block ids, taken round-robin over the labels (each label's blocks in file order).
+
+    first_labels: the label id of each block's first token, shape (n_blocks,). Every label with
+    a block gets one of the first `n_labels` picks, so a small eval budget still measures every
+    label (the control matrix needs each row); ids come back sorted by pick, not by position.
+    """
+    queues = [np.flatnonzero(first_labels == label) for label in np.unique(first_labels)]
+    picks = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+    return np.asarray(picks[:n], dtype=np.int64)
 
 
 def _documents(info: PreparedData, split: str) -> str:

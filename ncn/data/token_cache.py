@@ -12,10 +12,17 @@ are skipped and counted. Validation (`split_rule`): the source's own split ("sou
 whole documents ("documents"), taken in an order seeded by `split_seed`, the prefix whose token
 count is closest to val_fraction × all tokens (at least 1 document, at most all but one); a
 single document gives its last val_fraction of tokens ("token_tail").
+
+Labelled caches (control=genre / control=labels, NCN paper §3.2) also hold `train_labels.bin` /
+`val_labels.bin`: the label id (uint16) of every token, its document's label, beside the ids; the
+label vocabulary (sorted names, id = position) is in meta.json["labels"], the labelling is part
+of the key, and the "documents" rule is stratified: it picks the seeded val prefix within each
+label, so every label has validation tokens. Unlabelled caches are unchanged (same key, same files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -29,7 +36,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from ncn.config import TOKENIZERS
-from ncn.data.sources import Source
+from ncn.data.sources import Source, label_documents
 from ncn.data.tokenizer import get_encoding, tokenizer_hash
 from ncn.errors import NCNConfigError
 
@@ -69,6 +76,9 @@ META_SHAPE: dict[str, Any] = {
     "seconds": float,
 }
 _SPLIT_LISTS = {"val_names": str, "val_document_tokens": int, "order_tokens": int}
+# meta.json["labels"] of a labelled cache: the labelling rule, the names (id = index), tokens per label.
+LABELS_SHAPE: dict[str, Any] = {"rule": dict, "names": list, "train_tokens": list, "val_tokens": list}
+LABEL_FILES = {"train": "train_labels.bin", "val": "val_labels.bin"}
 
 
 class InvalidCache(Exception):
@@ -134,13 +144,20 @@ def _read_meta(cache_dir: Path, key: str) -> dict:
         if name in split and len(split[name]) != split["val_documents"]:
             raise InvalidCache(f"meta.json.split.{name} has {len(split[name])} entries, not val_documents")
     itemsize = np.dtype(TOKEN_DTYPE).itemsize
-    for s in ("train", "val"):
+    files = {s: f"{s}.bin" for s in ("train", "val")}
+    if "labels" in meta:
+        _check_field(meta["labels"], LABELS_SHAPE, "meta.json.labels")
+        if not meta["labels"]["names"] or not all(isinstance(n, str) for n in meta["labels"]["names"]):
+            raise InvalidCache("meta.json.labels.names is not a non-empty list of names")
+        files |= {f"{s} labels": name for s, name in LABEL_FILES.items()}
+    for what, name in files.items():
+        split = what.split()[0]
         try:
-            size = (cache_dir / f"{s}.bin").stat().st_size
+            size = (cache_dir / name).stat().st_size
         except OSError:
-            raise InvalidCache(f"{s}.bin is missing") from None
-        if size != meta["tokens"][s] * itemsize:
-            raise InvalidCache(f"{s}.bin holds {size} bytes, meta.json says {meta['tokens'][s]} tokens")
+            raise InvalidCache(f"{name} is missing") from None
+        if size != meta["tokens"][split] * itemsize:
+            raise InvalidCache(f"{name} holds {size} bytes, meta.json says {meta['tokens'][split]} tokens")
     return meta
 
 
@@ -196,6 +213,11 @@ class PreparedData:
         meta = _read_meta(cache_dir, key)
         tokens, n_bytes = meta["tokens"], meta["bytes"]
         return cls(cache_dir, tokens["train"], tokens["val"], n_bytes["train"], n_bytes["val"], meta, cache_hit)
+
+    @property
+    def label_names(self) -> list[str]:
+        """The label vocabulary of a labelled cache (id = index), [] for an unlabelled one."""
+        return list(self.meta.get("labels", {}).get("names", []))
 
     def bits_per_byte(self, ce: float) -> float:
         """Bits per UTF-8 byte of validation text, for a cross-entropy `ce` in nats per val token.
@@ -312,33 +334,53 @@ class _Tokenized:
     ids: pa.ChunkedArray
     tokens: np.ndarray  # (documents,) int64, end-of-text included
     n_bytes: np.ndarray  # (documents,) int64
+    labels: np.ndarray | None = None  # (documents,) label ids of a labelled cache
 
     @classmethod
-    def of(cls, dataset: datasets.Dataset) -> _Tokenized:
+    def of(cls, dataset: datasets.Dataset, labels: np.ndarray | None = None) -> _Tokenized:
         import pyarrow.compute as pc
 
         ids = dataset.data.column("ids")
         tokens = pc.list_value_length(ids).to_numpy().astype(np.int64)
-        return cls(ids, tokens, dataset.data.column("n_bytes").to_numpy())
+        return cls(ids, tokens, dataset.data.column("n_bytes").to_numpy(), labels)
+
+    def label_tokens(self, keep: np.ndarray, n_labels: int) -> list[int]:
+        """Tokens per label id of the documents where `keep` is True ([] when unlabelled)."""
+        if self.labels is None:
+            return []
+        return np.bincount(self.labels[keep], weights=self.tokens[keep], minlength=n_labels).astype(int).tolist()
 
     @property
     def kept(self) -> np.ndarray:
         """Indices of the documents that hold text."""
         return np.flatnonzero(self.tokens > 0)
 
-    def append(self, keep: np.ndarray, out: BinaryIO) -> None:
-        """Append the tokens of the documents where `keep` (bool, one per document) is True to `out`, in order."""
+    def append(self, keep: np.ndarray, out: Outputs) -> None:
+        """Append the tokens of the documents where `keep` (bool, one per document) is True to `out.ids`, in
+        order, and, when labelled, each token's document label id to `out.labels`."""
         import pyarrow.compute as pc
 
         doc = 0
         for chunk in self.ids.chunks:  # chunk by chunk: the corpus may not fit in memory
             lengths = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
             flat = chunk.flatten().to_numpy(zero_copy_only=False)
-            flat[np.repeat(keep[doc : doc + len(chunk)], lengths)].astype(TOKEN_DTYPE, copy=False).tofile(out)
+            chosen = keep[doc : doc + len(chunk)]
+            flat[np.repeat(chosen, lengths)].astype(TOKEN_DTYPE, copy=False).tofile(out.ids)
+            if self.labels is not None and out.labels is not None:
+                labels = self.labels[doc : doc + len(chunk)][chosen]
+                np.repeat(labels, lengths[chosen]).astype(TOKEN_DTYPE).tofile(out.labels)
             doc += len(chunk)
 
 
-def _split_source(train: _Tokenized, val: _Tokenized, out: tuple[BinaryIO, BinaryIO]) -> dict:
+@dataclass(frozen=True)
+class Outputs:
+    """The open files of one split: token ids and, for a labelled cache, label ids."""
+
+    ids: BinaryIO
+    labels: BinaryIO | None = None
+
+
+def _split_source(train: _Tokenized, val: _Tokenized, out: tuple[Outputs, Outputs]) -> dict:
     """The "source" rule: the source's own splits as they are."""
     train.append(train.tokens > 0, out[0])
     val.append(val.tokens > 0, out[1])
@@ -353,15 +395,19 @@ def _split_source(train: _Tokenized, val: _Tokenized, out: tuple[BinaryIO, Binar
 
 
 def _split_token_tail(
-    docs: _Tokenized, name: str | None, val_fraction: float, encoding: tiktoken.Encoding, out: tuple[BinaryIO, BinaryIO]
+    docs: _Tokenized, name: str | None, val_fraction: float, encoding: tiktoken.Encoding, out: tuple[Outputs, Outputs]
 ) -> dict:
     """The "token_tail" rule: the last val_fraction of the tokens of the only document with text."""
     (index,) = docs.kept
     ids = docs.ids[int(index)].values.to_numpy(zero_copy_only=False).astype(TOKEN_DTYPE)
     n_val = _tail_tokens(len(ids), val_fraction)
     cut = len(ids) - n_val
-    ids[:cut].tofile(out[0])
-    ids[cut:].tofile(out[1])
+    ids[:cut].tofile(out[0].ids)
+    ids[cut:].tofile(out[1].ids)
+    if docs.labels is not None and out[0].labels is not None and out[1].labels is not None:
+        label = docs.labels[int(index)]
+        np.full(cut, label, dtype=TOKEN_DTYPE).tofile(out[0].labels)
+        np.full(n_val, label, dtype=TOKEN_DTYPE).tofile(out[1].labels)
     val_bytes = len(encoding.decode_bytes(ids[cut:-1].tolist()))  # the last token is end-of-text: no bytes
     split = {
         "rule": "token_tail",
@@ -378,15 +424,42 @@ def _split_token_tail(
     }
 
 
+def _stratified_val(docs: _Tokenized, order: np.ndarray, val_fraction: float, names: list[str]) -> np.ndarray:
+    """The val documents of a labelled "documents" split: within each label, the prefix of that label's
+    documents (in the seeded `order`) whose tokens are closest to val_fraction of the label's tokens.
+
+    Raises:
+        NCNConfigError: a label with fewer than 2 non-empty documents (it cannot give both splits text).
+    """
+    assert docs.labels is not None
+    chosen = []
+    for label in range(len(names)):
+        mine = order[docs.labels[order] == label]
+        if len(mine) < 2:
+            raise NCNConfigError(
+                f"label {names[label]!r} has {len(mine)} non-empty document(s): a stratified split needs at least 2 "
+                "per label (one for validation): add documents with this label or relabel them"
+            )
+        chosen.append(mine[: val_prefix(docs.tokens[mine], val_fraction)])
+    return np.concatenate(chosen)
+
+
 def _split_documents(
-    docs: _Tokenized, names: list[str] | None, val_fraction: float, seed: int, out: tuple[BinaryIO, BinaryIO]
+    docs: _Tokenized,
+    names: list[str] | None,
+    val_fraction: float,
+    seed: int,
+    out: tuple[Outputs, Outputs],
+    label_names: list[str] | None = None,
 ) -> dict:
-    """The "documents" rule: the seeded prefix of documents whose tokens are closest to val_fraction of all."""
+    """The "documents" rule: the seeded prefix of documents whose tokens are closest to val_fraction of all
+    (stratified by label when `label_names` is given: `_stratified_val`)."""
     kept = docs.kept
     order = kept[np.random.default_rng(seed).permutation(len(kept))]
-    k = val_prefix(docs.tokens[order], val_fraction)
+    val_docs = _stratified_val(docs, order, val_fraction, label_names) if label_names else None
+    k = len(val_docs) if val_docs is not None else val_prefix(docs.tokens[order], val_fraction)
     is_val = np.zeros(len(docs.tokens), dtype=bool)
-    is_val[order[:k]] = True
+    is_val[val_docs if val_docs is not None else order[:k]] = True
     docs.append(~is_val, out[0])
     docs.append(is_val, out[1])
     split: dict[str, Any] = {"rule": "documents", "train_documents": len(kept) - k, "val_documents": k}
@@ -403,18 +476,31 @@ def _split_documents(
 
 
 def _build(source: Source, tmp: Path, key: str, split_rule: dict, tokenizer: str, num_proc: int | None) -> dict:
-    """Tokenize `source` into tmp/train.bin and tmp/val.bin; returns meta.json's split, tokens, bytes, tokenizer."""
+    """Tokenize `source` into tmp/train.bin and tmp/val.bin (and the label files when `split_rule` has
+    "labels"); returns meta.json's split, tokens, bytes, tokenizer (and labels)."""
     encoding = get_encoding(tokenizer)
     scratch = tmp / "scratch"
     scratch.mkdir()
     corpus = source.load(scratch)
     if len(corpus.documents) == 0:
         raise NCNConfigError(f"data source {source.describe()} has 0 documents: point data.path at some text")
+    labelling = split_rule.get("labels")
+    names: list[str] | None = None
+    doc_labels = val_labels = None
+    if labelling is not None:
+        corpus = label_documents(source, corpus, labelling.get("column"))
+        assert corpus.labels is not None
+        names = sorted(set(corpus.labels) | set(corpus.validation_labels or []))
+        index = {name: i for i, name in enumerate(names)}
+        doc_labels = np.array([index[v] for v in corpus.labels], dtype=np.int64)
+        if corpus.validation_labels is not None:
+            val_labels = np.array([index[v] for v in corpus.validation_labels], dtype=np.int64)
     col = corpus.text_column
-    docs = _Tokenized.of(_tokenize(corpus.documents, col, encoding, num_proc, scratch / "docs.arrow", key))
+    docs = _Tokenized.of(_tokenize(corpus.documents, col, encoding, num_proc, scratch / "docs.arrow", key), doc_labels)
     val = None
     if corpus.validation is not None:
-        val = _Tokenized.of(_tokenize(corpus.validation, col, encoding, num_proc, scratch / "val.arrow", key))
+        tokenized = _tokenize(corpus.validation, col, encoding, num_proc, scratch / "val.arrow", key)
+        val = _Tokenized.of(tokenized, val_labels)
     elif len(docs.kept) == 0:
         raise NCNConfigError(
             f"data source {source.describe()} has no text: its {len(docs.tokens)} documents are "
@@ -422,15 +508,26 @@ def _build(source: Source, tmp: Path, key: str, split_rule: dict, tokenizer: str
         )
     found = [len(d.tokens) for d in (docs, val) if d is not None]
     kept = [len(d.kept) for d in (docs, val) if d is not None]
-    with open(tmp / "train.bin", "wb") as train_out, open(tmp / "val.bin", "wb") as val_out:
-        out = (train_out, val_out)
+    with contextlib.ExitStack() as files:
+
+        def _open(name: str) -> BinaryIO:
+            return files.enter_context(open(tmp / name, "wb"))
+
+        out = tuple(
+            Outputs(_open(f"{split}.bin"), _open(LABEL_FILES[split]) if names is not None else None)
+            for split in ("train", "val")
+        )
         if val is not None:
             built = _split_source(docs, val, out)
         elif len(docs.kept) == 1:
             name = None if corpus.names is None else corpus.names[int(docs.kept[0])]
             built = _split_token_tail(docs, name, split_rule["val_fraction"], encoding, out)
         else:
-            built = _split_documents(docs, corpus.names, split_rule["val_fraction"], split_rule["seed"], out)
+            built = _split_documents(
+                docs, corpus.names, split_rule["val_fraction"], split_rule["seed"], out, label_names=names
+            )
+    if names is not None:
+        built["labels"] = _label_meta(labelling, names, tmp, source)
     built["split"] = {
         **split_rule,
         "documents_found": sum(found),
@@ -444,6 +541,25 @@ def _build(source: Source, tmp: Path, key: str, split_rule: dict, tokenizer: str
         "eot": encoding.eot_token,
     }
     return built
+
+
+def _label_meta(labelling: dict, names: list[str], tmp: Path, source: Source) -> dict:
+    """meta.json["labels"]: the rule, the names and the tokens per label of each split (counted from the files).
+
+    Raises:
+        NCNConfigError: a label without validation tokens (a source's own split that lacks it).
+    """
+    counts = {
+        split: np.bincount(np.fromfile(tmp / LABEL_FILES[split], dtype=TOKEN_DTYPE), minlength=len(names)).tolist()
+        for split in ("train", "val")
+    }
+    missing = [name for name, n in zip(names, counts["val"], strict=True) if n == 0]
+    if missing:
+        raise NCNConfigError(
+            f"labels {', '.join(missing)} of {source.describe()} have no validation tokens: every label needs "
+            "validation text (give the validation split documents of every label, or set data.val_split=null)"
+        )
+    return {"rule": labelling, "names": names, "train_tokens": counts["train"], "val_tokens": counts["val"]}
 
 
 def _existing(cache_dir: Path, key: str, notify: bool) -> PreparedData | None:
@@ -465,6 +581,7 @@ def prepare(
     val_fraction: float = 0.05,
     split_seed: int = 42,
     num_proc: int | None = None,
+    labels: dict | None = None,
 ) -> PreparedData:
     """Return the token cache of `source`, building it if absent, stale or damaged.
 
@@ -476,6 +593,8 @@ def prepare(
             docstring); ignored when the source has its own validation split.
         split_seed: seed of the document order.
         num_proc: processes for `datasets.map`; None picks one per 10,000 documents (1..8).
+        labels: None (unlabelled), or the labelling rule {"kind": "genre" | "labels", "column":
+            <hf column> | None}: per-token label files, a stratified split, a different key.
     Returns:
         PreparedData; `cache_hit` tells whether it was built now.
     Raises:
@@ -484,7 +603,9 @@ def prepare(
     """
     import filelock
 
-    split_rule = {"val_fraction": val_fraction, "seed": split_seed}
+    split_rule: dict[str, Any] = {"val_fraction": val_fraction, "seed": split_seed}
+    if labels is not None:
+        split_rule["labels"] = labels
     source_fp = source.fingerprint()
     key = cache_key(source_fp, split_rule, tokenizer)  # checks the tokenizer's name
     assert TOKENIZERS[tokenizer] <= np.iinfo(TOKEN_DTYPE).max + 1, f"{tokenizer} ids do not fit {TOKEN_DTYPE}"

@@ -144,3 +144,23 @@ def homeostatic_loss(signals: dict[str, Tensor], lam: float, gates: bool = True)
     if total is None:
         return torch.zeros(())
     return lam * total
+
+
+def mode_set_point(m: Tensor, span: float) -> Tensor:
+    """The precision set point β* = span^m of operational mode m in [-1, 1] (same shape as m).
+
+    span > 1: m = -1 gives 1/span (flatter attention, explore), m = 0 the neutral 1, m = 1 span
+    (sharper, exploit). Source: NCN paper §6.1 (operational modes), this project's design.
+    """
+    return torch.pow(torch.as_tensor(span, dtype=m.dtype, device=m.device), m)
+
+
+def mode_loss(precision: Tensor, m: Tensor, span: float, lam: float) -> Tensor:
+    """Mode penalty lam · mean((β − span^m)²) of the precision β toward its mode set point.
+
+    precision (B, T, L) or (B, T, L, H); m (B, T) the mode of each token, broadcast over layers
+    (and heads). Replaces the precision's homeostatic term under control=mode; 0-dim tensor.
+    """
+    target = mode_set_point(m.to(precision.dtype), span)
+    target = target.view(*target.shape, *([1] * (precision.dim() - 2)))
+    return lam * (precision - target).square().mean()

@@ -3,7 +3,8 @@
 Runs a prompt (default: the probe training logged, the first `trainer.probe_tokens` val tokens)
 through a checkpoint and writes a heatmap PNG ("brain scan", NCN paper §8), the raw signal values
 as CSV and summary statistics as JSON under the run dir, and attaches them to the checkpoint's
-MLflow run when it is in the store.
+MLflow run when it is in the store. A checkpoint trained with a control input is drawn under
+each of its labels (or `control.label`), or m = -1, 0, 1 (or `control.value`), side by side.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ncn.analysis.plots import signal_heatmaps, signal_rows
+from ncn.analysis.plots import control_heatmaps, signal_heatmaps, signal_rows
 from ncn.config import RunConfig, RunContext
 from ncn.data.loader import DataModule
 from ncn.data.tokenizer import encode_prompt, get_encoding, token_labels
 from ncn.errors import NCNConfigError
 from ncn.model.signals import GATES
 from ncn.tracking import open_tracker
-from ncn.training.checkpoint import load_model, open_checkpoint
+from ncn.training.checkpoint import CONTROL_USE_KEYS, Checkpoint, control_setting, load_model, open_checkpoint
 from ncn.training.evaluation import run_signals
 from ncn.training.runtime import default_device
 
@@ -32,6 +33,26 @@ log = logging.getLogger(__name__)
 
 GATE_THRESHOLD = 0.5  # ffn_gate below this = the layer's FFN is mostly switched off ("throttled")
 DEFAULT_PROBE_TOKENS = 32  # the default run's trainer.probe_tokens: the probe of a run trained without one
+ANALYZE_MODES = (-1.0, 0.0, 1.0)  # the mode values a control=mode checkpoint is drawn under by default
+
+
+def control_settings(ckpt: Checkpoint, label: str | None, value: float | None) -> dict[str, int | float] | None:
+    """{column name: label id or m} the prompt is analyzed under, None for a model without a control input.
+
+    Every label of the checkpoint (or `label` alone), or m in `ANALYZE_MODES` (or `value` alone).
+
+    Raises:
+        CheckpointError: see `ncn.training.checkpoint.control_setting`.
+    """
+    given = control_setting(ckpt, label, value)
+    control = ckpt.config.control
+    if not control.active:
+        return None
+    if control.kind == "mode":
+        values = ANALYZE_MODES if given is None else (given,)
+        return {f"m={m:+.1f}": float(m) for m in values}
+    ids = range(len(control.vocabulary)) if given is None else (int(given),)
+    return {control.vocabulary[i]: i for i in ids}
 
 
 def signal_table(signals: dict[str, torch.Tensor], tokens: Sequence[str], index: int = 0) -> pd.DataFrame:
@@ -112,8 +133,9 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
         CheckpointError: unusable checkpoint; NCNConfigError: a plain-Transformer checkpoint
             (no signals), an unusable tracking store.
     """
-    ckpt = open_checkpoint(cfg.checkpoint, ctx.launch_dir, ctx.overridden)
+    ckpt = open_checkpoint(cfg.checkpoint, ctx.launch_dir, ctx.overridden, allowed=CONTROL_USE_KEYS)
     print(ckpt.describe(), file=sys.stderr, flush=True)
+    settings = control_settings(ckpt, cfg.control.label, cfg.control.value)
     model = load_model(ckpt, default_device())
     if not model.modulation_config.targets:
         raise NCNConfigError(
@@ -125,7 +147,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
         ids, what = encode_prompt(cfg.prompt, encoding), "prompt"
     else:
         n = ckpt.config.trainer.probe_tokens or DEFAULT_PROBE_TOKENS
-        ids, what = DataModule(ckpt.config.data).probe_tokens(n), f"probe (first {n} val tokens)"
+        ids, what = DataModule(ckpt.config.data, ckpt.config.control).probe_tokens(n), f"probe (first {n} val tokens)"
         print(f"no prompt given: analyzing the training probe, the first {n} validation tokens", file=sys.stderr)
     block = model.config.block_size
     if len(ids) > block:
@@ -133,17 +155,28 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
             "prompt of %d tokens is longer than block_size=%d: analyzing its last %d tokens", len(ids), block, block
         )
         ids = ids[-block:]
-    signals = run_signals(model, ids)
     labels = token_labels(ids, encoding)
+    by_control = {name: run_signals(model, ids, value) for name, value in (settings or {}).items()}
+    signals = next(iter(by_control.values())) if by_control else run_signals(model, ids)
 
     out = ctx.run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "signals.png", out / "signals.csv", out / "summary.json"]
     name = ckpt.state.run_name or ckpt.config.run_name or ckpt.path.parent.parent.name
     title = f"{name}, step {ckpt.state.step}: {len(ids)} tokens of the {what}"
-    signal_heatmaps(signals, labels, title=title).savefig(files[0], dpi=120)
-    signal_table(signals, labels).to_csv(files[1], index=False)
-    summary = signal_summary(signals, skip_threshold=cfg.skip_threshold)
+    if by_control:
+        control_heatmaps(by_control, labels, title=title).savefig(files[0], dpi=120)
+        tables = [signal_table(sig, labels).assign(control=setting) for setting, sig in by_control.items()]
+        pd.concat(tables, ignore_index=True).to_csv(files[1], index=False)
+        summary = {
+            f"{setting}/{k}": v
+            for setting, sig in by_control.items()
+            for k, v in signal_summary(sig, skip_threshold=cfg.skip_threshold).items()
+        }
+    else:
+        signal_heatmaps(signals, labels, title=title).savefig(files[0], dpi=120)
+        signal_table(signals, labels).to_csv(files[1], index=False)
+        summary = signal_summary(signals, skip_threshold=cfg.skip_threshold)
     files[2].write_text(
         json.dumps(
             {
@@ -157,7 +190,10 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
         )
     )
     with pd.option_context("display.width", 120, "display.precision", 4):
-        print(summary_table(summary))
+        for setting, sig in by_control.items() or [(None, signals)]:
+            if setting is not None:
+                print(f"under {setting}:")
+            print(summary_table(signal_summary(sig)))
     for file in files:
         print(f"wrote {file}")
 

@@ -8,6 +8,8 @@ pooling also the leak audit (the same weights under causal pooling, NCN paper §
 `skip_threshold=τ` evaluates with every FFN, head and block whose gate is below τ skipped;
 `skip_grid=[τ, ...]` measures the quality–compute trade against random skipping
 (`ncn.analysis.compute`, NCN paper §6.1, §8), prints it, writes compute.csv and logs it.
+A checkpoint trained with a control input also prints what the control controls: the control
+matrix and gain (labels) or the mode's precision and entropy curve (NCN paper §3.2, §6.1).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from ncn.analysis.compute import FIELDS, compute_curve, has_gates
 from ncn.analysis.compute import metrics as compute_metrics
 from ncn.analysis.compute import table as compute_table
-from ncn.config import RunConfig, RunContext
+from ncn.config import MODE_GRID, RunConfig, RunContext
 from ncn.data.loader import DataModule
 from ncn.errors import CheckpointError, NCNConfigError
 from ncn.model.compute import FlopCount, SkipPlan, count_flops
@@ -30,11 +32,16 @@ from ncn.tracking import open_tracker
 from ncn.training.checkpoint import Checkpoint, load_model, open_checkpoint
 from ncn.training.evaluation import (
     EARLY_POSITIONS,
+    VAL_CONTROL_DIAGONAL,
+    VAL_CONTROL_GAIN,
+    VAL_CONTROL_OFF_DIAGONAL,
     VAL_LEAK,
     VAL_LEAK_EARLY,
     VAL_LEAK_LATE,
     VAL_LOSS_CAUSAL,
+    control_matrix_key,
     evaluate,
+    mode_key,
     uses_future,
 )
 from ncn.training.runtime import default_device
@@ -96,12 +103,17 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
         )
     model = load_model(ckpt, default_device())
     data_overridden = any(k.split(".")[0] == "data" for k in ctx.overridden)
-    data = DataModule(cfg.data if data_overridden else ckpt.config.data)
+    data = DataModule(cfg.data if data_overridden else ckpt.config.data, ckpt.config.control)
     if data.cfg.tokenizer != ckpt.config.data.tokenizer:
         raise NCNConfigError(
             f"data.tokenizer={data.cfg.tokenizer}, but {ckpt.path} was trained with "
             f"data.tokenizer={ckpt.config.data.tokenizer}: evaluate on data tokenized the same way "
             f"(data.tokenizer={ckpt.config.data.tokenizer})"
+        )
+    if (cfg.skip_threshold > 0 or cfg.skip_grid) and model.control is not None:
+        raise NCNConfigError(
+            f"skip_threshold/skip_grid measure skipping without a control input, and {ckpt.path} was trained with "
+            f"control={ckpt.config.control.kind}: drop skip_threshold and skip_grid"
         )
     if (cfg.skip_threshold > 0 or cfg.skip_grid) and not has_gates(model):
         raise NCNConfigError(
@@ -111,11 +123,17 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
         )
     limit = cfg.trainer.eval_batches if "trainer.eval_batches" in ctx.overridden else None
     batches = data.val_batches(cfg.trainer.batch_size, model.config.block_size, limit)
+    names = ckpt.config.control.vocabulary
+    if ckpt.config.control.labelled and data.label_names != names:
+        raise NCNConfigError(
+            f"the data's labels {', '.join(data.label_names)} differ from {ckpt.path}'s {', '.join(names)}: "
+            "evaluate on data labelled as in training"
+        )
     device = next(model.parameters()).device
     skip = SkipPlan(cfg.skip_threshold) if cfg.skip_threshold > 0 else None
-    metrics = evaluate(model, batches, device, bits_per_byte=data.bits_per_byte, skip=skip)
+    metrics = evaluate(model, batches, device, bits_per_byte=data.bits_per_byte, skip=skip, control_names=names)
     loss = metrics[VAL_LOSS_CAUSAL] if causal else metrics["val/loss"]
-    tokens = sum(y.numel() for _, y in batches)
+    tokens = sum(y.numel() for _, y, *_ in batches)
     pooling = "ncn.pooling=causal (trained: global) | " if causal else ""
     print(
         f"val loss {loss:.4f} | val ppl {math.exp(min(loss, 700.0)):.3f} | val bpb {data.bits_per_byte(loss):.4f} | "
@@ -125,6 +143,10 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     )
     if uses_future(model):
         print(_audit_line(metrics, model.config.block_size), flush=True)
+    if VAL_CONTROL_GAIN in metrics:
+        print(control_table(metrics, names), flush=True)
+    if mode_key(0.0, "entropy") in metrics:
+        print(mode_table(metrics, model.config.n_layer), flush=True)
     if skip is not None:
         flops = _skipped(model, batches, skip)
         print(
@@ -142,7 +164,7 @@ def _skipped(model: ModulatedGPT, batches: list, skip: SkipPlan) -> FlopCount:
     device = next(model.parameters()).device
     total = FlopCount(0.0, 0.0, 0.0, 0.0)
     with torch.no_grad():
-        for x, _ in batches:
+        for x, *_ in batches:
             masks = model(x.to(device), skip=skip).skipped
             total = total + count_flops(model.config, model.modulation_config, *x.shape, masks)
     return total
@@ -176,6 +198,36 @@ def _measure_grid(cfg: RunConfig, ctx: RunContext, ckpt: Checkpoint, model: Modu
     tracker.log_metrics(compute_metrics(rows), step=ckpt.state.step, run_id=run_id)
     tracker.log_artifact(path, f"compute/{ctx.run_dir.name}", run_id=run_id)
     print(f"logged to MLflow run {run_id} ({tracker.uri}): val/compute/t<τ>/*", flush=True)
+
+
+def control_table(metrics: dict[str, float], names: list[str]) -> str:
+    """The control matrix (rows: the tokens' true label; columns: the label forced on every token; val CE in
+    nats/token) and the control gain = mean off-diagonal − mean diagonal, as aligned text."""
+    width = max(8, *(len(n) for n in names))
+    lines = [
+        "control matrix: val loss of each label's tokens (rows) under each forced label (columns), nats/token",
+        " " * width + "".join(f" {n:>{width}}" for n in names),
+    ]
+    for true in names:
+        cells = "".join(f" {metrics[control_matrix_key(true, forced)]:>{width}.4f}" for forced in names)
+        lines.append(f"{true:<{width}}{cells}")
+    off, diagonal = metrics[VAL_CONTROL_OFF_DIAGONAL], metrics[VAL_CONTROL_DIAGONAL]
+    lines.append(
+        f"control gain {metrics[VAL_CONTROL_GAIN]:+.4f} nats/token (off-diagonal {off:.4f} - diagonal {diagonal:.4f}; "
+        "0 when the label is ignored)"
+    )
+    return "\n".join(lines)
+
+
+def mode_table(metrics: dict[str, float], n_layer: int) -> str:
+    """The mode slider's curve: per m, the mean precision of each layer, the next-token entropy and val loss."""
+    lines = ["mode slider: m | mean precision per layer | next-token entropy (nats) | val loss"]
+    for m in MODE_GRID:
+        precision = " ".join(f"{metrics[mode_key(m, f'precision/L{i}')]:.3f}" for i in range(n_layer))
+        lines.append(
+            f"m={m:+.1f} | {precision} | {metrics[mode_key(m, 'entropy')]:.4f} | {metrics[mode_key(m, 'loss')]:.4f}"
+        )
+    return "\n".join(lines)
 
 
 def _audit_line(metrics: dict[str, float], block_size: int) -> str:

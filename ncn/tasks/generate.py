@@ -3,7 +3,8 @@
 Decodes with the KV cache and the controller's constant-size salience state (NCN paper §5);
 the same seed gives the same text. A checkpoint trained with ncn.pooling=global (the leaking
 reference mode) cannot decode incrementally: it is decoded without the cache (the full forward
-per token), with a one-line warning.
+per token), with a one-line warning. A checkpoint trained with a control input takes
+`control.label=<label>` (labels) or `control.value=<m>` (mode, default 0): NCN paper §3.2, §6.1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from ncn.config import RunConfig, RunContext
 from ncn.data.tokenizer import encode_prompt, get_encoding, stream_text
-from ncn.training.checkpoint import load_model, open_checkpoint
+from ncn.errors import CheckpointError
+from ncn.training.checkpoint import CONTROL_USE_KEYS, control_setting, load_model, open_checkpoint
 from ncn.training.runtime import default_device
 
 
@@ -30,12 +32,28 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
 
     Raises:
         NCNConfigError: negative max_new_tokens or temperature, top_k < 1 (checked by
-            `ModulatedGPT.stream` before any output); CheckpointError: unusable checkpoint.
+            `ModulatedGPT.stream` before any output); CheckpointError: unusable checkpoint, a
+            control setting the checkpoint does not know (`control_setting`), no label for a
+            labelled checkpoint.
     """
-    ckpt = open_checkpoint(cfg.checkpoint, ctx.launch_dir, ctx.overridden)
+    ckpt = open_checkpoint(cfg.checkpoint, ctx.launch_dir, ctx.overridden, allowed=CONTROL_USE_KEYS)
     print(ckpt.describe(), file=sys.stderr, flush=True)
+    setting = control_setting(ckpt, cfg.control.label, cfg.control.value)
     device = default_device()
     model = load_model(ckpt, device)
+    control = None
+    if model.control is not None:
+        trained = ckpt.config.control
+        if setting is None and trained.kind != "mode":
+            raise CheckpointError(
+                f"{ckpt.path} was trained with control={trained.kind}: give control.label=<one of "
+                f"{', '.join(trained.vocabulary)}>"
+            )
+        mode = trained.kind == "mode"
+        value = 0.0 if setting is None else setting
+        control = torch.tensor([value], dtype=torch.float32 if mode else torch.long, device=device)
+        shown = f"control.value={value:+.2f}" if mode else f"control.label={trained.vocabulary[int(value)]}"
+        print(f"generating with {shown}", file=sys.stderr, flush=True)
     encoding = get_encoding(ckpt.config.data.tokenizer)
     prompt = encode_prompt(cfg.prompt, encoding)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -51,7 +69,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
 
     # stream() checks its arguments when called, so a bad setting fails before any output.
     new_tokens = model.stream(
-        idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache, cfg.skip_threshold
+        idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache, cfg.skip_threshold, control
     )
     count = 0
 

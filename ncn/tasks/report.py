@@ -25,10 +25,19 @@ from typing import Any
 from ncn.analysis import sample_efficiency as se
 from ncn.analysis.compute import REPORT_TAU
 from ncn.analysis.statistics import delta_interval, mean_interval, mean_std
-from ncn.config import RunConfig, RunContext, TrackingConfig
+from ncn.config import MODE_GRID, RunConfig, RunContext, TrackingConfig
 from ncn.errors import NCNConfigError
 from ncn.tracking import RunRecord, Tracker, open_tracker
-from ncn.training.evaluation import EARLY_POSITIONS, VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
+from ncn.training.evaluation import (
+    EARLY_POSITIONS,
+    VAL_BPB,
+    VAL_CONTROL_GAIN,
+    VAL_LEAK,
+    VAL_LEAK_EARLY,
+    VAL_LEAK_LATE,
+    VAL_LOSS_CAUSAL,
+    mode_key,
+)
 
 # Final metrics averaged per variant besides val/loss: column prefix, metric key, statistic
 # ("std": mean ± sample std; "ci": mean with a 95 % t-interval like Δ; "std+ci": both).
@@ -42,7 +51,10 @@ EXTRA_COLUMNS = (
     ("total_skipped", f"val/compute/t{REPORT_TAU:g}/total_skipped", "std"),
     ("compute_delta", f"val/compute/t{REPORT_TAU:g}/delta_loss", "ci"),
     ("compute_random_delta", f"val/compute/t{REPORT_TAU:g}/random_delta_loss", "ci"),
+    ("control_gain", VAL_CONTROL_GAIN, "ci"),
+    *((f"mode_entropy_m{m:+.1f}", mode_key(m, "entropy"), "std") for m in MODE_GRID),
 )
+MODE_ENTROPY = [f"mode_entropy_m{m:+.1f}" for m in MODE_GRID]
 
 SPREAD = {"std": ("std",), "ci": ("ci_low", "ci_high"), "std+ci": ("std", "ci_low", "ci_high")}
 # The iso-parameter baseline: in a sweep over `ncn` that has it, every variant also gets Δ against it.
@@ -280,11 +292,13 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
 
     A val bpb column appears when any run logged bits per byte; the leak audit's columns when
     any variant's mean leak is non-zero (a sweep with `global` salience pooling); the
-    conditional-compute columns when any run measured skipping at τ = `REPORT_TAU` (skip_grid).
+    conditional-compute columns when any run measured skipping at τ = `REPORT_TAU` (skip_grid); the
+    control gain and the mode's entropy curve when any run measured them (a sweep with a control).
     """
     bpb, leak = _has(rows, "val_bpb_mean"), _has(rows, "leak_mean", nonzero=True)
     compute = _has(rows, "ffn_skipped_mean")
     iso = _has(rows, "delta_iso_val_loss")
+    gain, mode = _has(rows, "control_gain_mean"), _has(rows, f"{MODE_ENTROPY[0]}_mean")
     header = ["variant", "seeds", "params", "controller %", "val loss ± std [95 % CI]", "val ppl"]
     align = ["---", "---", "---:", "---:", "---", "---"]
     if bpb:
@@ -308,6 +322,11 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
             "Δ loss random skipping [95 % CI]",
         ]
         align += ["---"] * 4
+    if gain:
+        header, align = [*header, "control gain [95 % CI]"], [*align, "---"]
+    if mode:
+        grid = " / ".join(f"{m:+.1f}" for m in MODE_GRID)
+        header, align = [*header, f"next-token entropy at m = {grid}"], [*align, "---"]
     header, align = [*header, "tokens/s"], [*align, "---:"]
     lines = [f"### {title}", "", f"| {' | '.join(header)} |", f"|{'|'.join(align)}|"]
     for r in rows:
@@ -337,6 +356,10 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
         if compute:
             cells += [_percent(r, "ffn_skipped"), _percent(r, "total_skipped")]
             cells += [_interval(r, name) for name in ("compute_delta", "compute_random_delta")]
+        if gain:
+            cells.append(_interval(r, "control_gain"))
+        if mode:
+            cells.append(" / ".join(_num(r[f"{name}_mean"], ".4f") for name in MODE_ENTROPY))
         cells.append(f"{r['tokens_per_s']:,.0f}")
         lines.append(f"| {' | '.join(str(c) for c in cells)} |")
     if leak:
@@ -344,6 +367,12 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
             "",
             "Leak: val loss of the same weights under causal salience pooling − val loss (nats/token); > 0 means "
             "the model uses future tokens. Exactly 0 for causal and pooling-free models (docs/sweeps.md).",
+        ]
+    if gain:
+        lines += [
+            "",
+            "Control gain: mean off-diagonal − mean diagonal of the control matrix (val loss of each label's tokens "
+            "under every forced label, nats/token); 0 when the label is ignored (docs/control.md).",
         ]
     if failed:
         lines += ["", f"Not included (did not finish): {', '.join(failed)}"]

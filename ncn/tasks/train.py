@@ -87,6 +87,23 @@ def _skip_finished(cfg: RunConfig, ctx: RunContext, attempt: job_resume.JobPlan)
     return float(attempt.val_loss)
 
 
+def _with_vocabulary(cfg: RunConfig, names: list[str], resumed: Checkpoint | None) -> RunConfig:
+    """`cfg` with `control.vocabulary` set to the token cache's label names (saved with every checkpoint).
+
+    Raises:
+        NCNConfigError: a resume whose checkpoint knows other labels than the data now has.
+    """
+    if not cfg.control.labelled:
+        return cfg
+    if resumed is not None and list(resumed.config.control.vocabulary) != names:
+        raise NCNConfigError(
+            f"the token cache's labels {', '.join(names)} differ from the checkpoint's "
+            f"{', '.join(resumed.config.control.vocabulary)} ({resumed.path}): a resume keeps the label "
+            "vocabulary; use the data it was trained on, or start a new run"
+        )
+    return dataclasses.replace(cfg, control=dataclasses.replace(cfg.control, vocabulary=list(names)))
+
+
 def _build_job(
     cfg: RunConfig,
     ctx: RunContext,
@@ -104,7 +121,7 @@ def _build_job(
     loader = data.train_loader(t.batch_size, cfg.model.block_size, cfg.seed, rank, world_size)
     val_batches = data.val_batches(t.batch_size, cfg.model.block_size, t.eval_batches)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = ModulatedGPT(cfg.model, cfg.ncn)
+    model = ModulatedGPT(cfg.model, cfg.ncn, cfg.control)
     if fresh and cfg.model.init_from:  # a resume takes every weight from its checkpoint
         from ncn.integrations.pretrained import load_pretrained
 
@@ -145,6 +162,9 @@ def _build_job(
         probe=probe,
         probe_labels=token_labels(probe, data.encoding),
         bits_per_byte=data.bits_per_byte,
+        control=cfg.control.kind,
+        control_names=list(cfg.control.vocabulary),
+        probe_control=data.probe_labels(len(probe)) if probe else [],
         extra=extra,
         seed=cfg.seed,
         rank=rank,
@@ -159,6 +179,7 @@ def _record_start(job: Job, state: TrainState, ctx: RunContext, data: DataModule
     sizes = {
         "n_params": count.total,
         "n_params_controller": count.controller,
+        **({"n_params_control": count.control} if job.control != "none" else {}),
         "controller_share_pct": f"{count.controller_share_pct:.3f}",
         "dataset.train_tokens": info.train_tokens,
         "dataset.val_tokens": info.val_tokens,
@@ -179,10 +200,13 @@ def _record_start(job: Job, state: TrainState, ctx: RunContext, data: DataModule
         state.run_name, job.config, sizes, source, run_id=state.mlflow_run_id, resume_step=resume_step
     )
     log.info(
-        "%s: %s params (controller %.2f%%), %d tokens per step, run dir %s",
+        "%s: %s params (controller %.2f%%%s), %d tokens per step, run dir %s",
         state.run_name,
         f"{count.total:,}",
         count.controller_share_pct,
+        f", control {job.control} route {job.config['control']['route']}: {count.control:,}"
+        if job.control != "none"
+        else "",
         job.tokens_per_step,
         ctx.run_dir,
     )
@@ -305,8 +329,9 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     tracker.check(resumed.state.mlflow_run_id if resumed is not None else None)
     if tracker.enabled:  # checkpoints record the store itself, so tasks find the run from any folder
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracker.uri))
-    data = DataModule(cfg.data)
+    data = DataModule(cfg.data, cfg.control)
     data.prepare(announce=rank == 0)
+    cfg = _with_vocabulary(cfg, data.label_names, resumed)
     if data.vocab_size > cfg.model.vocab_size:
         raise NCNConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -314,7 +339,7 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
         )
     job = _build_job(cfg, ctx, data, tracker, device, rank, world_size, fresh=resumed is None)
     if rank == 0:
-        covered = sum(y.numel() for _, y in job.val_batches)
+        covered = sum(y.numel() for _, y, *_ in job.val_batches)
         log.info(
             "val loss during training: the first %d val batches, %s of the %s val tokens "
             "(task=eval evaluates the whole split)",

@@ -30,8 +30,8 @@ NAME_DEFAULTS = {"data": "shakespeare", "optim": "adamw"}
 
 
 # Keys whose command-line value goes into a run's name: what the model is (its shape, its controller,
-# its tokenizer). A sweep's varied keys go in as well, whatever they are.
-NAME_KEY_PREFIXES = ("model.", "ncn.", "data.tokenizer")
+# its tokenizer, its control input). A sweep's varied keys go in as well, whatever they are.
+NAME_KEY_PREFIXES = ("model.", "ncn.", "data.tokenizer", "control.")
 NAME_MAX_PARTS, NAME_MAX_CHARS = 3, 48  # more named overrides than this: a short hash of them instead
 
 
@@ -53,11 +53,14 @@ def _name_part(key: str, value: str) -> str:
 
 
 def default_run_name(choices: Mapping[str, str], seed: int, overrides: Mapping[str, str] | None = None) -> str:
-    """`<model>-<ncn>[-<data>][-<optim>][-<overrides>]-s<seed>`: data/optim only when not the default option;
+    """`<model>-<ncn>[-<control>][-<data>][-<optim>][-<overrides>]-s<seed>`: the control option only when not
+    none, data/optim only when not the default option;
     `overrides` (`name_overrides`) as `<leaf key>_<value>` parts, e.g. small-full-d_model_96-n_layer_2-s0, or
     as `c<6 hex digits>` (sha1 of the sorted overrides) when more than `NAME_MAX_PARTS` or longer than
     `NAME_MAX_CHARS` characters, so runs with different overrides get different names."""
     parts = [choices.get("model", "model"), choices.get("ncn", "ncn")]
+    if choices.get("control", "none") != "none":
+        parts.append(choices["control"])
     parts += [choices[g] for g, default in NAME_DEFAULTS.items() if choices.get(g, default) != default]
     named = [_name_part(k, v) for k, v in sorted((overrides or {}).items())]
     if len(named) > NAME_MAX_PARTS or len("-".join(named)) > NAME_MAX_CHARS:

@@ -450,7 +450,7 @@ def load_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> Modulate
     Raises:
         CheckpointError: the weights do not fit the saved config.
     """
-    model = ModulatedGPT(ckpt.config.model, ckpt.config.ncn)
+    model = ModulatedGPT(ckpt.config.model, ckpt.config.ncn, ckpt.config.control)
     load_weights(model, ckpt.model, ckpt.path / "model.pt")
     return model.to(device).eval()
 
@@ -549,18 +549,62 @@ def open_checkpoint(
 ) -> Checkpoint:
     """Resolve and load the checkpoint a task uses (`checkpoint=`), refusing settings it would ignore.
 
-    A checkpoint carries its own model and ncn settings; a command-line override of a `model.*`
-    or `ncn.*` key (or of the `model`/`ncn` group) other than those in `allowed` would be
-    silently ignored, so it is refused.
+    A checkpoint carries its own model, ncn and control settings; a command-line override of a
+    `model.*`, `ncn.*` or `control.*` key (or of the group) other than those in `allowed` would
+    be silently ignored, so it is refused.
 
     Raises:
         CheckpointError: see `resolve` and `load`; or such an override, named.
     """
-    refused = sorted(k for k in overridden if k.split(".")[0] in ("model", "ncn") and k not in allowed)
+    refused = sorted(k for k in overridden if k.split(".")[0] in ("model", "ncn", "control") and k not in allowed)
     if refused:
         also = f" (only {', '.join(sorted(allowed))} may be set here)" if allowed else ""
         raise CheckpointError(
             f"{refused[0]} cannot be set together with checkpoint=: a checkpoint carries its own "
-            f"model and ncn settings{also}; drop the override"
+            f"model, ncn and control settings{also}; drop the override"
         )
     return load(resolve(spec, launch_dir))
+
+
+# What task=generate / task=analyze may set on a checkpoint: the control setting to use (NCN paper §3.2, §6.1).
+CONTROL_USE_KEYS = frozenset({"control.label", "control.value"})
+
+
+def control_setting(ckpt: Checkpoint, label: str | None, value: float | None) -> int | float | None:
+    """The control a task gives `ckpt`'s model: a label id (labels), a mode value m (mode), or None.
+
+    label / value: `control.label` / `control.value` from the command line (None = not given).
+    Returns None when the checkpoint's model takes no control input, or when nothing was given
+    (the task then picks: every label / the mode grid for analyze, m = 0 for generate).
+
+    Raises:
+        CheckpointError: a setting for a checkpoint trained without a control input, a label it does
+            not know, a label for a mode checkpoint or a value for a labelled one; each lists what
+            the checkpoint knows.
+    """
+    control = ckpt.config.control
+    if label is None and value is None:
+        return None
+    given = f"control.label={label}" if label is not None else f"control.value={value}"
+    if not control.active:
+        why = f"control={control.kind}" if control.kind == "none" else f"control.route={control.route}"
+        key = given.split("=")[0]
+        raise CheckpointError(
+            f"{given}: {ckpt.path} was trained with {why}, so its model takes no control input: drop {key}"
+        )
+    if control.kind == "mode":
+        if label is not None:
+            raise CheckpointError(
+                f"{given}: {ckpt.path} was trained with control=mode and knows no labels: "
+                "give control.value=<m in [-1, 1]> instead"
+            )
+        return float(value)
+    known = ", ".join(control.vocabulary)
+    if label is None:
+        raise CheckpointError(
+            f"{given}: {ckpt.path} was trained with control={control.kind}, which takes a label: "
+            f"give control.label=<one of {known}>"
+        )
+    if label not in control.vocabulary:
+        raise CheckpointError(f"control.label={label} is not a label of {ckpt.path}: choose one of {known}")
+    return control.vocabulary.index(label)

@@ -1,9 +1,13 @@
-"""Evaluation: validation loss, perplexity, bits per byte, the leak audit and signal statistics (NCN paper §4, §5, §8).
+"""Evaluation: val loss, perplexity, bits per byte, the leak audit, signal statistics, the control measurement.
+
+NCN paper §3.2, §4, §5, §6.1, §8.
 
 `evaluate` is used by training at every eval and by `task=eval`; `leak_audit` measures how much
 of a `global`-pooling model's val loss comes from seeing future tokens; `run_signals` gives the
-signals of one sequence (the probe heatmaps, `task=analyze`). All are pure functions of a model
-and fixed inputs. The metric keys added here are the constants below (docs/sweeps.md "Metrics").
+signals of one sequence (the probe heatmaps, `task=analyze`); `control_metrics` measures what a
+control input controls (the control matrix and gain of labels, the mode's precision and entropy
+curve). All are pure functions of a model and fixed inputs. The metric keys added here are the
+constants below (docs/sweeps.md "Metrics").
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ncn.config import MODE_GRID
 from ncn.errors import NCNConfigError
 from ncn.model.compute import SkipPlan
 from ncn.model.gpt import ModulatedGPT
 from ncn.training.runtime import autocast
 
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
+# (x, y) or, from a labelled cache, (x, y, labels): int64 (B, T) each.
+Batches = list[tuple[torch.Tensor, ...]]
 
 # The leak audit's position buckets: positions [0, EARLY_POSITIONS) of each val block are "early"
 # (little past context, so a view of the future helps most there), the rest "late".
@@ -33,6 +39,30 @@ VAL_LEAK = "val/leak/all"  # val/leak/causal_loss - val/loss: the CE the view of
 VAL_LEAK_EARLY = "val/leak/early"  # the same over positions < EARLY_POSITIONS of each block
 VAL_LEAK_LATE = "val/leak/late"  # ... over positions >= EARLY_POSITIONS
 LEAK_KEYS = (VAL_LOSS_CAUSAL, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE)
+# The control measurement (NCN paper §3.2, §6.1): its own metric section.
+VAL_CONTROL = "val/control"
+VAL_CONTROL_GAIN = "val/control/gain"  # mean off-diagonal - mean diagonal of the control matrix (nats/token)
+VAL_CONTROL_DIAGONAL = "val/control/diagonal"  # mean CE of each label's tokens under their own label
+VAL_CONTROL_OFF_DIAGONAL = "val/control/off_diagonal"  # ... under every other label
+
+
+def control_matrix_key(true: str, forced: str) -> str:
+    """Metric key of one control-matrix cell: val CE of label `true`'s tokens with every token forced to `forced`."""
+    return f"{VAL_CONTROL}/matrix/{true}/{forced}"
+
+
+def mode_key(m: float, what: str) -> str:
+    """Metric key of the mode sweep at m, e.g. `val/control/mode/m-0.5/entropy` or `.../m1.0/precision/L0`."""
+    return f"{VAL_CONTROL}/mode/m{m:.1f}/{what}"
+
+
+def eval_control(model: ModulatedGPT, labels: Sequence[torch.Tensor], batch: int, device: torch.device):
+    """The control input an evaluation uses: the true labels (B, T), m = 0 per sequence (B,) for mode, or None."""
+    if model.control is None:
+        return None
+    if model.control_config.kind == "mode":
+        return torch.zeros(batch, device=device)
+    return labels[0].to(device) if labels else None
 
 
 def uses_future(model: ModulatedGPT) -> bool:
@@ -62,7 +92,7 @@ def with_pooling(model: ModulatedGPT, pooling: str) -> ModulatedGPT:
         )
     cfg = dataclasses.replace(model.modulation_config, pooling=pooling)
     with torch.device("meta"):
-        twin = ModulatedGPT(model.config, cfg)
+        twin = ModulatedGPT(model.config, cfg, model.control_config)
     twin.load_state_dict(model.state_dict(), assign=True)
     return twin.train(model.training)
 
@@ -87,10 +117,11 @@ def _position_ce(
     model.eval()
     sums = counts = None
     try:
-        for x, y in batches:
+        for x, y, *labels in batches:
             y = y.to(device)
+            control = eval_control(model, labels, x.shape[0], device)
             with autocast(device, precision):
-                out = model(x.to(device), skip=skip)
+                out = model(x.to(device), skip=skip, control=control)
                 ce = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)  # (B, T)
             batch = ce.double().sum(0).cpu()  # (T,)
             sums = batch if sums is None else sums + batch
@@ -151,6 +182,7 @@ def evaluate(
     bits_per_byte: Callable[[float], float] | None = None,
     early: int = EARLY_POSITIONS,
     skip: SkipPlan | None = None,
+    control_names: Sequence[str] = (),
 ) -> dict[str, float]:
     """Validation metrics of `model` on `batches` of (x, y) int64 (B, T), under autocast `precision`.
 
@@ -160,7 +192,8 @@ def evaluate(
     `val/leak/early`, `val/leak/late`; leaks exactly 0.0 unless the model pools globally), and
     per signal and layer the mean and std over all val tokens (and heads):
     `val/signals/<name>/L<i>/mean|std`. `skip`: every number with those gated units skipped
-    (`ncn.model.compute.SkipPlan`). Restores the module's train/eval mode afterwards.
+    (`ncn.model.compute.SkipPlan`). For a run with a control, `control_metrics` (labels: pass the
+    vocabulary as `control_names`). Restores the module's train/eval mode afterwards.
     """
     moments: dict[str, torch.Tensor] = {}  # name -> (L, 3): count, sum, sum of squares
     sums, counts = _position_ce(model, batches, device, precision, moments, skip)
@@ -174,22 +207,147 @@ def evaluate(
             mean = total / count
             metrics[f"val/signals/{name}/L{layer}/mean"] = mean
             metrics[f"val/signals/{name}/L{layer}/std"] = math.sqrt(max(squares / count - mean * mean, 0.0))
+    metrics.update(control_metrics(model, batches, device, control_names, precision))
     return metrics
 
 
-def run_signals(model: ModulatedGPT, token_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def control_matrix(
+    model: ModulatedGPT, batches: Batches, device: torch.device, names: Sequence[str], precision: str = "fp32"
+) -> torch.Tensor:
+    """The control matrix (NCN paper §3.2): M[i, j] = mean val CE (nats/token) of the tokens whose true
+    label is i when every token of the batch is given label j. Shape (n_labels, n_labels), float64.
+
+    `batches` are labelled (x, y, labels). A model without a control input ignores the label: one
+    pass fills every column alike (gain exactly 0). A row whose label has no val tokens is NaN.
+    Restores the module's train/eval mode afterwards.
+    """
+    n = len(names)
+    sums = torch.zeros(n, n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y, labels in batches:
+            x, y = x.to(device), y.to(device)
+            counts += torch.bincount(labels.flatten(), minlength=n).double()
+            for forced in range(n if model.control is not None else 1):
+                control = torch.full_like(x, forced) if model.control is not None else None
+                with autocast(device, precision):
+                    logits = model(x, control=control).logits
+                    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
+                per_label = torch.zeros(n, dtype=torch.float64).index_add_(0, labels.flatten(), ce.double().cpu())
+                if model.control is None:
+                    sums += per_label[:, None]
+                else:
+                    sums[:, forced] += per_label
+    finally:
+        model.train(was_training)
+    return sums / counts[:, None]
+
+
+def control_gain(matrix: torch.Tensor) -> tuple[float, float, float]:
+    """(gain, mean diagonal, mean off-diagonal) of a control matrix (n, n), n >= 2, over its finite rows.
+
+    gain = mean off-diagonal − mean diagonal (nats/token): how much worse each label's tokens are
+    predicted under a wrong label than under their own; 0 when the control is ignored.
+    """
+    rows = torch.isfinite(matrix).all(1)
+    m = matrix[rows][:, rows]
+    eye = torch.eye(len(m), dtype=torch.bool)
+    diagonal, off = float(m[eye].mean()), float(m[~eye].mean())
+    return off - diagonal, diagonal, off
+
+
+@torch.no_grad()
+def mode_curve(
+    model: ModulatedGPT, batches: Batches, device: torch.device, grid: Sequence[float], precision: str = "fp32"
+) -> dict[str, float]:
+    """For each m of `grid`: the mean precision per layer and the mean entropy (nats) of the next-token
+    distribution over the val tokens, and the val CE, with m given to every sequence (control=mode,
+    NCN paper §6.1). Keys `mode_key(m, "precision/L<i>")`, `mode_key(m, "entropy")`, `mode_key(m, "loss")`.
+    """
+    metrics: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for m in grid:
+            tokens, entropy, ce, precision_sum = 0, 0.0, 0.0, None
+            for x, y, *_ in batches:
+                x, y = x.to(device), y.to(device)
+                with autocast(device, precision):
+                    out = model(x, control=torch.full((x.shape[0],), float(m), device=device))
+                logp = F.log_softmax(out.logits.float(), dim=-1)
+                entropy += float(-(logp.exp() * logp).sum(-1).sum())
+                ce += float(F.nll_loss(logp.flatten(0, 1), y.flatten(), reduction="sum"))
+                p = out.signals["precision"].double()  # (B, T, L[, H])
+                per_layer = p.movedim(2, 0).reshape(p.shape[2], -1).sum(1).cpu()
+                precision_sum = per_layer if precision_sum is None else precision_sum + per_layer
+                tokens += y.numel()
+            heads = out.signals["precision"].shape[3] if out.signals["precision"].dim() == 4 else 1
+            for layer, total in enumerate(precision_sum.tolist()):
+                metrics[mode_key(m, f"precision/L{layer}")] = total / (tokens * heads)
+            metrics[mode_key(m, "entropy")] = entropy / tokens
+            metrics[mode_key(m, "loss")] = ce / tokens
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+def control_metrics(
+    model: ModulatedGPT,
+    batches: Batches,
+    device: torch.device,
+    names: Sequence[str] = (),
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """What the control input controls, in its own metric section `val/control/...`:
+
+    labels (`names`, the vocabulary): every control-matrix cell (`control_matrix_key`), the gain,
+    the mean diagonal and off-diagonal (`control_gain`); mode: `mode_curve` over `MODE_GRID`.
+    {} for a model trained without a control (kind "none").
+    """
+    kind = model.control_config.kind
+    if kind == "mode":
+        return mode_curve(model, batches, device, MODE_GRID, precision) if model.control is not None else {}
+    if kind == "none" or not names:
+        return {}
+    matrix = control_matrix(model, batches, device, names, precision)
+    metrics = {
+        control_matrix_key(true, forced): float(matrix[i, j])
+        for i, true in enumerate(names)
+        for j, forced in enumerate(names)
+    }
+    gain, diagonal, off = control_gain(matrix)
+    return {**metrics, VAL_CONTROL_GAIN: gain, VAL_CONTROL_DIAGONAL: diagonal, VAL_CONTROL_OFF_DIAGONAL: off}
+
+
+def run_signals(
+    model: ModulatedGPT, token_ids: Sequence[int], control: float | int | Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
     """Signals (each (1, T, L[, H]), float32 on CPU) of one forward pass of `model` over `token_ids`.
 
+    control: for a model with a control input, a label id or mode value for every token, or a
+    label id per token (the last len(token_ids) used); None means label 0 / m = 0.
     Uses the last block_size tokens if the sequence is longer; runs in eval mode without
     gradients and restores the module's train/eval mode afterwards. {} for a plain Transformer.
     """
     device = next(model.parameters()).device
-    idx = torch.tensor([list(token_ids)[-model.config.block_size :]], dtype=torch.long, device=device)
+    ids = list(token_ids)[-model.config.block_size :]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    given = None
+    if model.control is not None:
+        mode = model.control_config.kind == "mode"
+        if control is None or isinstance(control, (int, float)):
+            value = 0 if control is None else control
+            given = torch.tensor([float(value) if mode else int(value)], device=device)
+        else:
+            given = torch.tensor([list(control)[-len(ids) :]], dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            signals = model(idx).signals
+            signals = model(idx, control=given).signals
     finally:
         model.train(was_training)
     return {name: value.float().cpu() for name, value in signals.items()}

@@ -32,7 +32,7 @@ from ncn.model.gpt import ModulatedGPT
 from ncn.tracking import Tracker
 from ncn.training import checkpoint
 from ncn.training.checkpoint import Snapshot, TrainState
-from ncn.training.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, evaluate, uses_future
+from ncn.training.evaluation import VAL_BPB, VAL_CONTROL_GAIN, VAL_LEAK, VAL_LEAK_EARLY, evaluate, uses_future
 from ncn.training.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ class Job:
     values written into every train_state.json. last_good: the newest checkpoint with finite
     weights and val loss (a resume's source until this run saves one). bits_per_byte: val CE
     (nats/token) -> bits per byte of val text (`DataModule.bits_per_byte`; None = not logged).
+    control: the control's kind ("none", "genre", "labels", "mode"): labelled batches carry label
+    ids, "mode" draws m per sequence. control_names: the label vocabulary (the control matrix's rows).
+    probe_control: the labels of the probe's tokens ([] = none).
     """
 
     model: ModulatedGPT
@@ -68,6 +71,9 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
     last_good: Path | None = None
     bits_per_byte: Callable[[float], float] | None = None
+    control: str = "none"
+    control_names: list[str] = field(default_factory=list)
+    probe_control: list[int] = field(default_factory=list)
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -80,39 +86,52 @@ def micro_batch_seed(seed: int, step: int, index: int, per_step: int) -> int:
     return hash((seed, step * per_step + index)) & (2**63 - 1)
 
 
+def control_input(kind: str, labels: list[torch.Tensor], batch: int, device: torch.device) -> torch.Tensor | None:
+    """The control input of one micro-batch: its label ids (B, T) for a labelled control, m ~ U[-1, 1] per
+    sequence (B,) for control=mode (drawn from torch's seeded RNG, so a resume draws the same), else None."""
+    if kind == "mode":
+        return (torch.rand(batch) * 2.0 - 1.0).to(device)
+    if labels:
+        return labels[0].to(device, non_blocking=True)
+    return None
+
+
 def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -> dict[str, float] | None:
     """Optimizer step `step` (0-based) over cfg.grad_accum micro-batches of (x, y) int64 (B, block_size) from `batches`.
 
     Each micro-batch seeds the RNG with `micro_batch_seed`; autocast per cfg.precision, backward
     (GradScaler for fp16), grad-norm clipping, AdamW, LR schedule.
     Returns the metrics train/loss, train/ce_loss, train/reg_loss, with ncn.compute_lambda > 0 also
-    train/compute_loss (sums of the micro-batch means / grad_accum,
+    train/compute_loss, under control=mode also train/mode_loss (sums of the micro-batch means / grad_accum,
     averaged over DDP ranks), train/ppl = exp(ce), train/grad_norm and train/lr, or None when the loss or
     the gradients were NaN/Inf (nothing is updated then).
     """
     model, optimizer, scaler = job.train_model, job.optimizer, job.scaler
     optimizer.zero_grad(set_to_none=True)
-    losses = torch.zeros(4, device=job.device)  # loss, ce, reg, compute summed over micro-batches
+    losses = torch.zeros(5, device=job.device)  # loss, ce, reg, compute, mode summed over micro-batches
     for micro in range(cfg.grad_accum):
-        x, y = next(batches)
+        x, y, *labels = next(batches)
         x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
         last = micro == cfg.grad_accum - 1
         # DDP all-reduces gradients only on the last micro-batch of a step
         sync = model.no_sync() if job.world_size > 1 and not last else contextlib.nullcontext()
         per_step = cfg.grad_accum * job.world_size  # global micro-batch index: the loader's data order
         torch.manual_seed(micro_batch_seed(job.seed, step, micro * job.world_size + job.rank, per_step))
+        control = control_input(job.control, labels, x.shape[0], job.device)
         with sync:
             with autocast(job.device, cfg.precision):
-                out = model(x, y)
+                out = model(x, y) if control is None else model(x, y, control=control)
             loss = out.loss / cfg.grad_accum
             scaler.scale(loss).backward()
         cost = out.compute_loss.detach() if out.compute_loss is not None else torch.zeros((), device=job.device)
+        mode = out.mode_loss.detach() if out.mode_loss is not None else torch.zeros((), device=job.device)
         losses += torch.stack(
             [
                 loss.detach(),
                 out.ce_loss.detach() / cfg.grad_accum,
                 out.reg_loss.detach() / cfg.grad_accum,
                 cost / cfg.grad_accum,
+                mode / cfg.grad_accum,
             ]
         ).float()
     scaler.unscale_(optimizer)
@@ -133,7 +152,7 @@ def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -
     if job.world_size > 1:
         torch_dist.all_reduce(losses)
         losses /= job.world_size
-    loss, ce, reg, cost = losses.tolist()
+    loss, ce, reg, cost, mode = losses.tolist()
     result = {
         "train/loss": loss,
         "train/ce_loss": ce,
@@ -144,6 +163,8 @@ def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -
     }
     if job.model.modulation_config.compute_lambda > 0:
         result["train/compute_loss"] = cost
+    if job.control == "mode":
+        result["train/mode_loss"] = mode
     return result
 
 
@@ -212,7 +233,7 @@ def _log_probe(job: Job, state: TrainState) -> None:
     from ncn.analysis.plots import signal_heatmaps  # matplotlib loads only when probing
     from ncn.training.evaluation import run_signals
 
-    signals = run_signals(job.model, job.probe)
+    signals = run_signals(job.model, job.probe, job.probe_control or None)
     if signals:  # {} for the plain-Transformer baseline
         title = f"{state.run_name}, step {state.step}: signals on the probe (first {len(job.probe)} val tokens)"
         figure = signal_heatmaps(signals, job.probe_labels, scale="range", title=title)
@@ -228,6 +249,8 @@ def _val_summary(val: dict[str, float], leaks: bool) -> str:
     if leaks:
         early = f" (early {val[VAL_LEAK_EARLY]:.4f})" if VAL_LEAK_EARLY in val else ""
         parts.append(f"leak {val[VAL_LEAK]:.4f}{early}")
+    if VAL_CONTROL_GAIN in val:
+        parts.append(f"control gain {val[VAL_CONTROL_GAIN]:.4f}")
     return " | ".join(parts)
 
 
@@ -271,7 +294,14 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
             saving = state.step > last_saved and (state.step % cfg.checkpoint_every == 0 or done)
             cadence = state.step % cfg.eval_every == 0 or done
             if job.rank == 0 and (cadence or saving) and not (state.step == start_step > 0):
-                val = evaluate(job.model, job.val_batches, job.device, cfg.precision, job.bits_per_byte)
+                val = evaluate(
+                    job.model,
+                    job.val_batches,
+                    job.device,
+                    cfg.precision,
+                    job.bits_per_byte,
+                    control_names=job.control_names,
+                )
                 state.val_loss = val["val/loss"]
                 metrics.update(val)
                 job.tracker.log_metrics(val, step=state.step)
