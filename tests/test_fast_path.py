@@ -6,6 +6,7 @@ Compile equality, graph breaks and activation checkpointing are pinned in tests/
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
@@ -22,6 +23,8 @@ from ncn import ModelConfig, ModulatedGPT, ModulationConfig
 from conftest import REPO, time_left
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+
+import profile_step  # noqa: E402  (benchmarks/profile_step.py)
 
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 
@@ -114,3 +117,26 @@ def test_train_step_benchmark_reports_median_ratio_as_last_line(tmp_path, capsys
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"ratio full/none: \d+\.\d{3}", last) and float(last.split()[-1]) == round(expected, 3)
     assert len(list(tmp_path.glob("train_step-tiny-*.json"))) == 1
+
+
+class _ThreeOps(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x * y) + x
+
+
+def test_profile_graph_ops_counts_the_captured_call_functions():
+    x = torch.randn(2, 3)
+    assert profile_step.graph_ops(_ThreeOps(), (x, x)) == (1, 3)  # mul, relu, add in one graph
+
+
+def test_profile_step_reports_added_self_time_as_full_minus_none(tmp_path, capsys, restore_torch_settings):
+    argv = ["--model", "tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--block-size", "32"]
+    report = profile_step.main([*argv, "--top", "3", "--out", str(tmp_path)])
+    none, full = report["none"], report["full"]
+    assert full["graph_ops"] > none["graph_ops"] and full["graphs"] == none["graphs"] == 1
+    assert full["ops_per_step"] > none["ops_per_step"]
+    added_ms = (sum(full["self_us"].values()) - sum(none["self_us"].values())) / 1000
+    out = capsys.readouterr().out
+    assert f"added by full over none: {added_ms:.2f} ms of op self time per step" in out
+    assert len(re.findall(r"^ +[+-]\d+\.\d{3} ms  aten::", out, re.M)) == 3
+    assert json.loads((tmp_path / "profile.json").read_text())["variants"]["full"]["graph_ops"] == full["graph_ops"]
