@@ -94,6 +94,26 @@ def test_frozen_base_is_bitwise_the_pretrained_weights(frozen_run: tuple[Path, s
     assert "freeze: base" in saved and f"init_from: {pretrained}" in saved
 
 
+def test_step0_val_loss_is_the_pretrained_models(frozen_run: tuple[Path, str], pretrained: Path) -> None:
+    """The reference row: with exact_neutral, training's step-0 eval is GPT2LMHeadModel's own loss."""
+    import torch.nn.functional as F
+
+    from ncn.config import DataConfig
+    from ncn.data.loader import DataModule
+
+    run_dir, _ = frozen_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step0 = next(r["val/loss"] for r in records if r["step"] == 0 and "val/loss" in r)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(pretrained).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in DataModule(DataConfig()).val_batches(4, 32, 2):  # trainer=smoke's eval batches
+            logits = hf(x).logits
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+            count += y.numel()
+    assert step0 == pytest.approx(total / count, abs=1e-4)
+
+
 def test_resume_of_a_frozen_run_is_bitwise_exact(frozen_run: tuple[Path, str], tmp_path: Path) -> None:
     run_dir, _ = frozen_run
     resumed = run_cli(
