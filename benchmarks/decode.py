@@ -9,8 +9,9 @@ the per-token time is the median over repeats of each run's median decode step a
 token (the first includes the prompt's prefill), alternating cached and uncached runs so machine noise hits
 both. Prints a table and writes JSON to outputs/benchmarks/ (or --out).
 
-With --skip-thresholds, a trained checkpoint's batch-1 cached decoding instead: per context
-and threshold τ (0 = dense first), the prefill time of the prompt, the median time per decoded
+With --skip-thresholds, a trained checkpoint's batch-1 cached decoding instead, the prompt being
+the start of its validation text: per context and threshold τ (0 = dense first), the prefill
+time of the prompt, the median time per decoded
 token, and the FFN and forward FLOPs the decode steps skipped (counted, `ncn.model.compute`);
 dense and skipping runs alternate. A fresh model's gates are ≈ 0.95, so it skips nothing.
 """
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ncn import ModulatedGPT, cli  # noqa: E402
+from ncn.data.loader import DataModule  # noqa: E402
 from ncn.model.compute import FlopCount, SkipPlan, count_flops  # noqa: E402
 from ncn.training.checkpoint import load_model, open_checkpoint  # noqa: E402
 
@@ -99,10 +101,9 @@ def skip_benchmark(args: argparse.Namespace, contexts: list[int], device: torch.
     thresholds = [0.0, *(float(t) for t in args.skip_thresholds.split(","))]
     load_before = os.getloadavg()
     results = []
+    text = DataModule(ckpt.config.data).probe_tokens(max(contexts))  # the gates react to text, not random ids
     for context in contexts:
-        prompt = torch.randint(
-            0, model.config.vocab_size, (1, context - args.new_tokens), generator=torch.Generator().manual_seed(context)
-        ).to(device)
+        prompt = torch.tensor([text[: context - args.new_tokens]], dtype=torch.long, device=device)
         for tau in thresholds:  # warm-up
             time_skipping(model, prompt, 2, tau)
         samples = {tau: [] for tau in thresholds}
