@@ -506,9 +506,9 @@ class TrainerConfig:
     process (null = cores / local processes). deterministic: deterministic algorithms (exact
     resume on CPU). progress: tqdm bar on an interactive terminal. probe_tokens: at each eval,
     log the signal heatmaps of the first N val tokens (0 = off; NCN paper §8). freeze: "none"
-    (train everything) or "base" (train the controller only, the base LM's weights stay as
-    initialised or loaded by model.init_from: NCN paper §3.1's fixed θ; needs a controller;
-    fixed on resume).
+    (train everything) or "base" (train only the controller and a control input's embedding;
+    the base LM's weights stay as initialised or loaded by model.init_from: NCN paper §3.1's
+    fixed θ; needs a controller; fixed on resume).
 
     Raises:
         NCNConfigError: no bound, a non-positive count, an unknown precision, device or freeze.

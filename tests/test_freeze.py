@@ -209,3 +209,17 @@ def test_optimizer_holds_only_the_controller() -> None:
     optimizer = build_optimizer(model, OptimConfig())
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert held == {id(p) for p in model.controller.parameters()}
+
+
+def test_the_control_embedding_trains_with_the_controller(pretrained: Path) -> None:
+    from ncn.config import ControlConfig
+    from ncn.integrations.pretrained import load_pretrained
+
+    control = ControlConfig(kind="genre", vocabulary=["comedy", "tragedy"])
+    model = ModulatedGPT(ModelConfig(**TINY, norm="layer", activation="gelu_tanh"), ModulationConfig(), control)
+    load_pretrained(model, str(pretrained))  # the control embedding is not a base tensor: not expected in the file
+    trainable, frozen = freeze_base(model)
+    count = model.num_parameters()
+    assert trainable == count.controller + 2 * 32 and frozen == count.total - trainable
+    learning = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert learning == {f"controller.{n}" for n, _ in model.controller.named_parameters()} | {"control.weight"}

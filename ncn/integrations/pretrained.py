@@ -245,7 +245,8 @@ def convert(hf_state: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor
 def load_pretrained(model: ModulatedGPT, spec: str) -> Path:
     """Load the HF GPT-2 weights `spec` (hub id or folder) into `model`'s base; returns their folder.
 
-    Every base parameter is replaced; the controller keeps its initialisation.
+    Every base parameter is replaced; the controller and the control input's embedding keep their
+    initialisation.
 
     Raises:
         NCNConfigError: see `locate`, `read_hf_config`, `check_hf_config`, `read_weights`,
@@ -256,7 +257,7 @@ def load_pretrained(model: ModulatedGPT, spec: str) -> Path:
     check_hf_config(hf, model.config, folder / CONFIG_FILE)
     weights = convert(read_weights(folder), model.config)
     state = model.state_dict()
-    base = {k for k in state if not k.startswith("controller.")}
+    base = {k for k in state if not k.startswith(("controller.", "control."))}
     missing = sorted(base - weights.keys())
     if missing:
         raise NCNConfigError(f"{folder} lacks {missing[0]} ({len(missing)} tensors missing): the file is incomplete")

@@ -189,9 +189,10 @@ def _record_start(job: Job, state: TrainState, ctx: RunContext, data: DataModule
     if "freeze" in job.extra:
         sizes.update(n_params_trainable=job.extra["n_params_trainable"], n_params_frozen=job.extra["n_params_frozen"])
         log.info(
-            "trainer.freeze=%s: %s trainable parameters (the controller), %s frozen",
+            "trainer.freeze=%s: %s trainable parameters (the controller%s), %s frozen",
             job.extra["freeze"],
             f"{job.extra['n_params_trainable']:,}",
+            " and the control embedding" if job.model.control is not None else "",
             f"{job.extra['n_params_frozen']:,}",
         )
     source = RunSource(ctx.command, ctx.run_dir, ctx.launch_dir, dict(ctx.choices))

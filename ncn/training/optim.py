@@ -23,8 +23,9 @@ from ncn.model.gpt import ModulatedGPT
 
 
 def freeze_base(model: ModulatedGPT) -> tuple[int, int]:
-    """Stop gradients to every parameter outside `model.controller` (NCN paper §3.1: the base θ is
-    fixed, only the controller learns); returns (trainable, frozen) parameter counts, tied weights once.
+    """Stop gradients to every parameter outside `model.controller` and the control input's embedding
+    `model.control` (NCN paper §3.1: the base θ is fixed, only the controller learns); returns
+    (trainable, frozen) parameter counts, tied weights once.
 
     Raises:
         NCNConfigError: the model has no controller (nothing would train).
@@ -34,9 +35,10 @@ def freeze_base(model: ModulatedGPT) -> tuple[int, int]:
             "trainer.freeze=base leaves nothing to train in a model without a controller (ncn=none): "
             "choose an NCN option (e.g. ncn=full) or trainer.freeze=none"
         )
-    controller = {id(p) for p in model.controller.parameters()}
+    learns = [model.controller] + ([model.control] if model.control is not None else [])
+    trainable = {id(p) for module in learns for p in module.parameters()}
     for p in model.parameters():
-        p.requires_grad_(id(p) in controller)
+        p.requires_grad_(id(p) in trainable)
     return trainable_counts(model)
 
 
