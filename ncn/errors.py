@@ -44,6 +44,12 @@ class DiskFullError(NCNConfigError):
 NO_SPACE = frozenset({28, 122})  # errno.ENOSPC, errno.EDQUOT (Linux)
 
 
+def fixed(x: float, spec: str) -> str:
+    """format(x, spec) without a negative zero: -0.00001 with "+.4f" is "+0.0000", not "-0.0000"."""
+    text = format(x, spec)
+    return format(0.0, spec) if text.lstrip("+-").strip("0.,%") == "" and text.startswith("-") else text
+
+
 def mb(n_bytes: float) -> str:
     """Bytes as megabytes for a message: "12.3 MB"."""
     return f"{n_bytes / 1e6:,.1f} MB"

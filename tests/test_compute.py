@@ -383,6 +383,7 @@ def test_sparse_trains_measures_and_skips_through_run_py(tmp_path: Path, mlflow_
         [
             "task=eval",
             ckpt,
+            "trainer.eval_batches=2",  # the batches training evaluated (task=eval's default is the whole split)
             "skip_threshold=1.0",
             "skip_grid=[0.5,1.0]",
             "skip_draws=2",

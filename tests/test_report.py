@@ -19,10 +19,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+import ncn.tasks.report as report_module
 from ncn.analysis.plots import loss_curves, sample_efficiency_figure
 from ncn.analysis.sample_efficiency import parse_reference_log
 from ncn.analysis.statistics import delta_interval
-from ncn.errors import NCNConfigError
+from ncn.errors import NCNConfigError, fixed
 from ncn.tasks.report import RunResult, cli, markdown, report, table
 from ncn.tracking import MLflowTracker
 from ncn.training.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
@@ -415,3 +416,11 @@ def test_report_of_a_reference_log_alone_prints_its_sei(tmp_path: Path, capsys) 
     (tmp_path / "empty.log").write_text("nothing here\n")
     with pytest.raises(NCNConfigError, match="no 'Step: N ... Loss: x' line"):
         cli(["--reference-log", str(tmp_path / "empty.log")])
+
+
+def test_no_negative_zero_in_reports_and_logs() -> None:
+    """A value that rounds to zero prints as +0.0000 / 0.0000, never -0.0000; other values keep their sign."""
+    assert fixed(-0.00001, "+.4f") == "+0.0000" and fixed(-0.0, ".4f") == "0.0000"
+    assert fixed(-0.00005, "+.4f") == "-0.0001" and fixed(0.01234, "+.4f") == "+0.0123"
+    assert report_module._signed_interval(-0.00001, -0.00003, 0.00002) == "+0.0000 [+0.0000, +0.0000]"
+    assert report_module._signed_interval(-0.0123, float("nan"), 0.5) == "-0.0123 [n/a, +0.5000]"

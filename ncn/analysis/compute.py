@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ncn.errors import NCNConfigError
+from ncn.errors import NCNConfigError, fixed
 from ncn.model.compute import FlopCount, SkipPlan, count_flops, random_like
 from ncn.model.gpt import ModulatedGPT
 from ncn.model.signals import GATES
@@ -156,7 +156,7 @@ def table(dense: float, rows: list[ComputeRow]) -> str:
         ratio = r.delta_loss / r.random_delta_loss if r.random_delta_loss > 0 else math.nan
         lines.append(
             f"| {r.tau:g} | {100 * r.ffn_skipped:.1f} % | {100 * r.total_skipped:.1f} % | {r.val_loss:.4f} | "
-            f"{r.delta_loss:+.4f} | {r.random_delta_loss:+.4f} ± {r.random_delta_std:.4f}"
+            f"{fixed(r.delta_loss, '+.4f')} | {fixed(r.random_delta_loss, '+.4f')} ± {r.random_delta_std:.4f}"
             + ("" if math.isnan(ratio) else f" (gated/random {ratio:.2f})")
             + " |"
         )

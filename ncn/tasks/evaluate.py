@@ -25,7 +25,7 @@ from ncn.analysis.compute import metrics as compute_metrics
 from ncn.analysis.compute import table as compute_table
 from ncn.config import MODE_GRID, RunConfig, RunContext
 from ncn.data.loader import DataModule
-from ncn.errors import CheckpointError, NCNConfigError
+from ncn.errors import CheckpointError, NCNConfigError, fixed
 from ncn.model.compute import FlopCount, SkipPlan, count_flops
 from ncn.model.gpt import ModulatedGPT
 from ncn.tracking import open_tracker
@@ -213,8 +213,8 @@ def control_table(metrics: dict[str, float], names: list[str]) -> str:
         lines.append(f"{true:<{width}}{cells}")
     off, diagonal = metrics[VAL_CONTROL_OFF_DIAGONAL], metrics[VAL_CONTROL_DIAGONAL]
     lines.append(
-        f"control gain {metrics[VAL_CONTROL_GAIN]:+.4f} nats/token (off-diagonal {off:.4f} - diagonal {diagonal:.4f}; "
-        "0 when the label is ignored)"
+        f"control gain {fixed(metrics[VAL_CONTROL_GAIN], '+.4f')} nats/token "
+        f"(off-diagonal {off:.4f} - diagonal {diagonal:.4f}; 0 when the label is ignored)"
     )
     return "\n".join(lines)
 
@@ -233,11 +233,11 @@ def mode_table(metrics: dict[str, float], n_layer: int) -> str:
 def _audit_line(metrics: dict[str, float], block_size: int) -> str:
     """The leak audit of a global-pooling model as one line (nats/token; > 0: the model uses the future)."""
     early = min(EARLY_POSITIONS, block_size)
-    buckets = f"positions 0-{early - 1}: {metrics[VAL_LEAK_EARLY]:+.4f}"
+    buckets = f"positions 0-{early - 1}: {fixed(metrics[VAL_LEAK_EARLY], '+.4f')}"
     if VAL_LEAK_LATE in metrics:
-        buckets += f", positions {early}-{block_size - 1}: {metrics[VAL_LEAK_LATE]:+.4f}"
+        buckets += f", positions {early}-{block_size - 1}: {fixed(metrics[VAL_LEAK_LATE], '+.4f')}"
     return (
         f"leak audit (trained with ncn.pooling=global): val loss {metrics['val/loss']:.4f} global, "
         f"{metrics[VAL_LOSS_CAUSAL]:.4f} with the same weights under causal pooling; the future buys "
-        f"{metrics[VAL_LEAK]:+.4f} nats/token ({buckets})"
+        f"{fixed(metrics[VAL_LEAK], '+.4f')} nats/token ({buckets})"
     )

@@ -26,7 +26,7 @@ from ncn.analysis import sample_efficiency as se
 from ncn.analysis.compute import REPORT_TAU
 from ncn.analysis.statistics import delta_interval, mean_interval, mean_std
 from ncn.config import MODE_GRID, RunConfig, RunContext, TrackingConfig
-from ncn.errors import NCNConfigError
+from ncn.errors import NCNConfigError, fixed
 from ncn.tracking import RunRecord, Tracker, open_tracker
 from ncn.training.evaluation import (
     EARLY_POSITIONS,
@@ -247,7 +247,12 @@ def table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> 
 
 
 def _num(x: float, fmt: str) -> str:
-    return "n/a" if isinstance(x, float) and math.isnan(x) else format(x, fmt)
+    return "n/a" if isinstance(x, float) and math.isnan(x) else fixed(x, fmt)
+
+
+def _signed_interval(mean: float, low: float, high: float) -> str:
+    """ "+0.0137 [+0.0100, +0.0174]": a signed value and its interval, no negative zero ("n/a" for NaN bounds)."""
+    return f"{_num(mean, '+.4f')} [{_num(low, '+.4f')}, {_num(high, '+.4f')}]"
 
 
 def _has(rows: list[dict[str, Any]], field: str, nonzero: bool = False) -> bool:
@@ -259,7 +264,7 @@ def _interval(r: dict[str, Any], name: str) -> str:
     """ "+0.0137 [+0.0100, +0.0174]": a `ci` column's mean and 95 % interval ("n/a" where no run logged it)."""
     if math.isnan(r[f"{name}_mean"]):
         return "n/a"
-    return f"{r[f'{name}_mean']:+.4f} [{_num(r[f'{name}_ci_low'], '+.4f')}, {_num(r[f'{name}_ci_high'], '+.4f')}]"
+    return _signed_interval(r[f"{name}_mean"], r[f"{name}_ci_low"], r[f"{name}_ci_high"])
 
 
 def _spread(r: dict[str, Any], name: str, fmt: str) -> str:
@@ -284,7 +289,7 @@ def _delta(r: dict[str, Any], name: str) -> str:
     """ "-0.0123 [-0.0200, -0.0046]": a Δ column with its 95 % interval ("n/a" where undefined)."""
     if math.isnan(r[f"{name}_val_loss"]):
         return "n/a"
-    return f"{r[f'{name}_val_loss']:+.4f} [{_num(r[f'{name}_ci_low'], '+.4f')}, {_num(r[f'{name}_ci_high'], '+.4f')}]"
+    return _signed_interval(r[f"{name}_val_loss"], r[f"{name}_ci_low"], r[f"{name}_ci_high"])
 
 
 def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
@@ -332,8 +337,7 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
     for r in rows:
         if r["delta_method"]:
             delta = (
-                f"{r['delta_val_loss']:+.4f} [{_num(r['delta_ci_low'], '+.4f')}, {_num(r['delta_ci_high'], '+.4f')}]"
-                f" vs {r['baseline']}"
+                _signed_interval(r["delta_val_loss"], r["delta_ci_low"], r["delta_ci_high"]) + f" vs {r['baseline']}"
             )
         else:
             delta = "baseline" if r["baseline"] == r["variant"] else "n/a"

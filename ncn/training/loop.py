@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ncn.config import TrainerConfig
-from ncn.errors import DiskFullError, DivergenceError
+from ncn.errors import DiskFullError, DivergenceError, fixed
 from ncn.model.gpt import ModulatedGPT
 from ncn.tracking import Tracker
 from ncn.training import checkpoint
@@ -247,10 +247,10 @@ def _val_summary(val: dict[str, float], leaks: bool) -> str:
     if VAL_BPB in val:
         parts.append(f"val bpb {val[VAL_BPB]:.4f}")
     if leaks:
-        early = f" (early {val[VAL_LEAK_EARLY]:.4f})" if VAL_LEAK_EARLY in val else ""
-        parts.append(f"leak {val[VAL_LEAK]:.4f}{early}")
+        early = f" (early {fixed(val[VAL_LEAK_EARLY], '.4f')})" if VAL_LEAK_EARLY in val else ""
+        parts.append(f"leak {fixed(val[VAL_LEAK], '.4f')}{early}")
     if VAL_CONTROL_GAIN in val:
-        parts.append(f"control gain {val[VAL_CONTROL_GAIN]:.4f}")
+        parts.append(f"control gain {fixed(val[VAL_CONTROL_GAIN], '.4f')}")
     return " | ".join(parts)
 
 
