@@ -65,6 +65,9 @@ RESUME_MUTABLE = frozenset(
     }
 )
 RESUME_FIXED_GROUPS = ("model", "ncn", "data", "control")
+# Keys the config computes from others (conf/config.yaml: the vocabulary from data.tokenizer; conf/ncn/none_iso.yaml:
+# the iso-parameter FFN width): a refused resume names the key they follow, unless they were typed themselves.
+RESUME_DERIVED = frozenset({"model.vocab_size", "model.d_ff"})
 # Keys outside those groups that a resume must keep as the checkpoint has them (the optimizer's
 # parameter set depends on trainer.freeze).
 RESUME_FIXED_KEYS = frozenset({"seed", "trainer.freeze"})

@@ -258,8 +258,10 @@ def test_a_refused_resume_names_the_key_typed_not_the_one_it_derives(saved: Path
         "model.vocab_size): a resume continues the checkpoint's model, ncn and data settings; drop the override, "
         "or start a new run"
     )
+    with pytest.raises(CheckpointError, match=r"^data\.tokenizer=bytes differs .* \(and with it model\.vocab_size\)"):
+        ckpt.resume_config(current, loaded, frozenset({"model", "data"}))  # groups only: still the tokenizer
     with pytest.raises(CheckpointError, match=r"^model\.vocab_size=320 differs .* \(and with it data\.tokenizer\)"):
-        ckpt.resume_config(current, loaded, frozenset({"model", "data"}))  # nothing typed: the first key
+        ckpt.resume_config(current, loaded, frozenset({"model.vocab_size", "data"}))  # typed itself: named
 
 
 def test_load_model_rebuilds_from_saved_config(saved: Path) -> None:

@@ -27,7 +27,15 @@ import numpy as np
 import torch
 import yaml
 
-from ncn.config import RESUME_FIXED_GROUPS, RESUME_FIXED_KEYS, RESUME_MUTABLE, OptimConfig, RunConfig, config_from_dict
+from ncn.config import (
+    RESUME_DERIVED,
+    RESUME_FIXED_GROUPS,
+    RESUME_FIXED_KEYS,
+    RESUME_MUTABLE,
+    OptimConfig,
+    RunConfig,
+    config_from_dict,
+)
 from ncn.errors import NO_SPACE, CheckpointError, DiskFullError, NCNConfigError, mb
 from ncn.model.gpt import ModulatedGPT
 from ncn.training.optim import apply_settings
@@ -476,9 +484,8 @@ def resume_config(cfg: RunConfig, ckpt: Checkpoint, overridden: frozenset[str]) 
 
     Raises:
         CheckpointError: naming such a key, the checkpoint's value and the new one: the first one
-            typed on the command line (`data.tokenizer=bytes`), else the first one set by a group
-            or derived from another key (`model.vocab_size`, which follows the tokenizer), then
-            the other keys that differ.
+            that the config does not derive from another (`RESUME_DERIVED`: `model.vocab_size`
+            follows `data.tokenizer`) unless typed itself, then the other keys that differ.
     """
     current, saved = _flat(asdict(cfg)), _flat(asdict(ckpt.config))
     merged, refused = {}, []
@@ -490,8 +497,8 @@ def resume_config(cfg: RunConfig, ckpt: Checkpoint, overridden: frozenset[str]) 
         if fixed and key not in RESUME_MUTABLE and current[key] != saved.get(key, current[key]):
             refused.append(key)
         merged[key] = current[key]
-    if refused:  # name the key the user typed (data.tokenizer), not one only its group or a derived value set
-        key = next((k for k in refused if k in overridden), refused[0])
+    if refused:  # name a key the user set (data.tokenizer), not one the config derives from it (model.vocab_size)
+        key = next((k for k in refused if k not in RESUME_DERIVED or k in overridden), refused[0])
         also = ", ".join(k for k in refused if k != key)
         raise CheckpointError(
             f"{key}={current[key]} differs from the checkpoint's {key}={saved[key]} ({ckpt.path})"
