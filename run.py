@@ -52,9 +52,5 @@ if __name__ == "__main__":
     except OSError as exc:
         if exc.filename is None:  # not a bad path: a real failure, keep its traceback
             raise
-        print(
-            f"error: cannot write {exc.filename} ({exc.strerror}): check the path and its permissions "
-            "(e.g. hydra.run.dir=<writable folder>)",
-            file=sys.stderr,
-        )
+        print(f"error: {cli.os_error_line(exc)}", file=sys.stderr)
         sys.exit(2)

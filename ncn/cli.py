@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import shlex
+import shutil
 import string
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandat
 
 import ncn.schema  # noqa: F401  (registers the resolvers and the schema before composition)
 from ncn.config import SWEPT_ENV, RunConfig, RunContext
-from ncn.errors import NCNConfigError, RunFailedError
+from ncn.errors import NO_SPACE, NCNConfigError, RunFailedError, mb
 from ncn.schema import conf_dir
 
 _SHELL_SPECIAL = set("$`\\!")  # special to bash inside double quotes (besides the quote itself)
@@ -161,6 +162,24 @@ def typed_override(fragment: str, argv: list[str]) -> str:
     while end < len(argv) and "=" not in argv[end]:
         end += 1
     return " ".join(argv[start:end]) if "=" in argv[start] else fragment
+
+
+def os_error_line(exc: OSError) -> str:
+    """The error line for an OSError on a path a run writes (`exc.filename`): a full disk (ENOSPC,
+    EDQUOT) names the file, the free space of its folder and where to write instead; any other
+    error names the file, the system's reason and the permissions to check."""
+    if exc.errno in NO_SPACE:
+        folder = Path(exc.filename).parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return (
+            f"no space left to write {exc.filename} ({mb(shutil.disk_usage(folder).free)} free in {folder}): "
+            "free some space or set hydra.run.dir=<folder on a disk with space>"
+        )
+    return (
+        f"cannot write {exc.filename} ({exc.strerror}): check the path and its permissions "
+        "(e.g. hydra.run.dir=<writable folder>)"
+    )
 
 
 def one_line(exc: BaseException) -> str:

@@ -8,7 +8,10 @@ token cache, no checkpoint folder. Run: python -m pytest -q tests/test_cli_error
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -356,3 +359,22 @@ def test_generate_crops_a_prompt_longer_than_block_size(tmp_path: Path, trained:
     assert "prompt of 50 tokens is longer than block_size=32: using its last 32 tokens" in done.stderr
     assert done.stdout.startswith(prompt)  # the whole prompt is still echoed
     assert done.stderr.strip().splitlines()[-1].startswith("4 tokens in ")
+
+
+def test_an_os_error_on_a_written_file_is_one_line_that_names_the_cause(tmp_path: Path) -> None:
+    """run.py's line for an OSError with a path: a full disk or spent quota names the file, its folder's
+    free space and hydra.run.dir; any other error names the file and the system's reason."""
+    from ncn.cli import os_error_line
+
+    target = tmp_path / "run" / "metrics.json"  # its folder does not exist: the free space is its parent's
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        line = os_error_line(OSError(code, os.strerror(code), str(target)))
+        assert re.fullmatch(
+            rf"no space left to write {re.escape(str(target))} \([\d,.]+ MB free in {re.escape(str(tmp_path))}\): "
+            r"free some space or set hydra.run.dir=<folder on a disk with space>",
+            line,
+        ), line
+    assert os_error_line(OSError(errno.EACCES, "Permission denied", str(target))) == (
+        f"cannot write {target} (Permission denied): check the path and its permissions "
+        "(e.g. hydra.run.dir=<writable folder>)"
+    )
