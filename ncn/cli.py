@@ -93,11 +93,9 @@ def _refuse_unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") 
         if prefix == "" and key == "hydra":
             continue
         path = f"{prefix}{key}"
-        if key not in schema:
-            known = ", ".join(sorted(str(k) for k in schema))
-            raise NCNConfigError(
-                f"{path} is not a config key: use one of {prefix or ''}{{{known}}} (python run.py --help)"
-            )
+        if key not in schema:  # the same line as a misspelt key without `+` (`one_line`)
+            known = ", ".join(str(k) for k in schema if str(k) != "hydra" and not str(k).startswith("_"))
+            raise NCNConfigError(f"{path} is not a setting: check the spelling, valid keys here are {known}")
         if dataclasses.is_dataclass(OmegaConf.get_type(schema, key)):  # a typed group: its keys are fixed
             _refuse_unknown_keys(cfg[key], schema[key], f"{path}.")
 
