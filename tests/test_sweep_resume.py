@@ -258,6 +258,39 @@ def test_a_sweep_grows_shrinks_and_reorders_under_its_parent(corpus: Path, tmp_p
     assert len(client.search_runs([exp])) == 4 and client.get_run(parent).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_a_job_that_lost_its_checkpoints_says_it_restarts(corpus: Path, tmp_path: Path, mlflow_store) -> None:
+    """A one-job sweep whose job folder lost its checkpoints and final metrics: the resumed sweep trains it again
+    from step 0 into a new run tagged ncn.restarted, warns with the same text, and keeps the old metrics aside."""
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    grid = ["ncn=full", "seed=0"]
+    first = run_cli(_args(corpus, tmp_path, grid=grid), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job = _sweep_dir(tmp_path) / "0"
+    before = (job / "metrics.jsonl").read_text()
+    shutil.rmtree(job / "checkpoints")
+    (job / "metrics.json").unlink()
+    again = run_cli(_args(corpus, tmp_path, f"sweep_resume={_sweep_dir(tmp_path)}", grid=grid), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    note = (
+        f"sweep job 0: its folder {job} holds an earlier attempt's metrics.jsonl but no checkpoint (no "
+        "checkpoints/latest): training it again from step 0 (the earlier metrics are kept as "
+        "metrics.before_restart.jsonl)"
+    )
+    assert note in (job / "run.log").read_text()
+    assert (job / "metrics.before_restart.jsonl").read_text() == before
+    old = {r["step"]: r["train/loss"] for r in map(json.loads, before.splitlines()) if "train/loss" in r}
+    assert sorted(old) == STEPS and _jsonl(job, "train/loss") == old  # every step once, as the first attempt's
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ncn").experiment_id])
+    children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.start_time)
+    assert [(r.info.status, r.data.tags.get("ncn.restarted")) for r in children] == [
+        ("FINISHED", None),
+        ("FINISHED", note),
+    ]
+    assert children[0].data.tags["ncn.superseded_by"] == children[1].info.run_id
+
+
 def test_plan_folders_matches_jobs_by_their_swept_values(tmp_path: Path) -> None:
     """Folders of a sweep ncn=none,full x seed=0,1 (jobs 0-3; job 2 died before writing its overrides): a grid
     with seed 2 added continues every earlier job in its folder; a new job takes its launch number's folder
