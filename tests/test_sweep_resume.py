@@ -197,12 +197,13 @@ def test_joblib_resume_by_folder_skips_finished_jobs(corpus: Path, tmp_path: Pat
     assert (parent.info.status, parent.data.tags["ncn.sweep.resumes"]) == ("FINISHED", "1")
     assert sorted(p.name for p in folder.glob("multirun*.yaml")) == ["multirun.before_resume_1.yaml", "multirun.yaml"]
 
-    other = run_cli(_args(corpus, tmp_path, resume, grid=["ncn=full,none", "seed=0,1"]), cwd=tmp_path)
+    another_sweep = [a if a != "ablation" else "leave_one_out" for a in _args(corpus, tmp_path, resume, grid=grid)]
+    other = run_cli(another_sweep, cwd=tmp_path)
     assert other.returncode == 2
     assert other.stderr.strip().splitlines()[-1] == (
-        f'error: {resume} is sweep ablation with grid {{"seed": ["0", "1"]}}, this launch is ablation with '
-        'grid {"ncn": ["full", "none"], "seed": ["0", "1"]}: resume with the sweep\'s own -cn and the same swept '
-        "keys (their values may grow, shrink or be reordered)"
+        f'error: {resume} is sweep ablation with grid {{"seed": ["0", "1"]}}, this launch is leave_one_out with '
+        'grid {"seed": ["0", "1"]}: resume with the sweep\'s own -cn and its swept keys (their values may grow, '
+        "shrink or be reordered)"
     )
     assert len(client.search_runs([exp])) == 3 and client.get_run(parent.info.run_id).info.status == "FINISHED"
 
@@ -256,6 +257,34 @@ def test_a_sweep_grows_shrinks_and_reorders_under_its_parent(corpus: Path, tmp_p
     )
     assert out.count("already finished") == 1
     assert len(client.search_runs([exp])) == 4 and client.get_run(parent).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_moved_jobs_find_their_folders_in_joblib_workers(corpus: Path, tmp_path: Path, mlflow_store) -> None:
+    """ncn=none, resumed with ncn=gain_only,none in two joblib workers: the new job (launch number 0) runs in
+    folder 1, the finished one is skipped in folder 0; each worker reads its folder from the table."""
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    first = run_cli(_args(corpus, tmp_path, grid=["ncn=none", "seed=0"]), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = _sweep_dir(tmp_path)
+    files = _files(folder / "0")
+    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    again = run_cli(
+        _args(corpus, tmp_path, *joblib, f"sweep_resume={folder}", grid=["ncn=gain_only,none", "seed=0"]), cwd=tmp_path
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert files == _files(folder / "0")
+    assert {"ncn=gain_only", "seed=0"} <= set(yaml.safe_load((folder / "1" / ".hydra" / "overrides.yaml").read_text()))
+    client = MlflowClient(uri)
+    children = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("ncn").experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    ]
+    assert sorted((r.data.tags["ncn.sweep.job"], r.info.status) for r in children) == [
+        ("0: ncn=none", "FINISHED"),
+        ("1: ncn=gain_only", "FINISHED"),
+    ]
 
 
 @pytest.mark.slow

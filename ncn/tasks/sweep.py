@@ -286,8 +286,9 @@ class SweepCallback(Callback):
     def _resume(self, tracker: MLflowTracker, config: DictConfig, spec: str, grid: Mapping[str, Any]) -> str:
         """Reopen the parent run of the sweep `spec` names and move this launch into its folder; returns its id.
 
-        The grid may differ from the sweep's in its values (added, dropped, reordered: `_place_jobs`),
-        not in its swept keys; the parent's `ncn.sweep.grid` becomes the union of both.
+        The grid may differ from the sweep's in its values (added, dropped, reordered: `_place_jobs`)
+        and may vary a key the sweep held at one value, but must sweep every key the sweep swept; the
+        parent's `ncn.sweep.grid` becomes the union of both.
 
         Raises:
             NCNConfigError: see `resume_target`; a parent of another experiment or sweep, or of a
@@ -303,20 +304,23 @@ class SweepCallback(Callback):
             )
         theirs: dict[str, Any] = json.loads(parent.tags.get("ncn.sweep.grid", "{}"))
         ours = {k: grid[k] for k in grid if k in theirs or k in self.swept}  # a key cut to one value is still swept
-        values_only = set(theirs) == set(ours) and all(
-            ours[k] == theirs[k] or (isinstance(ours[k], list) and isinstance(theirs[k], list)) for k in ours
+        # the sweep's keys must all be swept here (a key it held at one value may vary now)
+        values_only = set(theirs) <= set(ours) and all(
+            ours[k] == theirs[k] or (isinstance(ours[k], list) and isinstance(theirs[k], list)) for k in theirs
         )
         if parent.tags["ncn.sweep"] != self.sweep_name or not values_only:
             raise NCNConfigError(
                 f"sweep_resume={spec} is sweep {parent.tags['ncn.sweep']} with grid {json.dumps(theirs)}, this launch "
-                f"is {self.sweep_name} with grid {json.dumps(ours)}: resume with the sweep's own -cn and the same "
-                "swept keys (their values may grow, shrink or be reordered)"
+                f"is {self.sweep_name} with grid {json.dumps(ours)}: resume with the sweep's own -cn and its swept "
+                "keys (their values may grow, shrink or be reordered)"
             )
         count = int(parent.tags.get("ncn.sweep.resumes", "0")) + 1
         self.swept = list(ours)
         union = {
-            k: theirs[k] + [v for v in ours[k] if v not in theirs[k]] if isinstance(ours[k], list) else ours[k]
-            for k in theirs
+            k: theirs[k] + [v for v in ours[k] if v not in theirs[k]]
+            if k in theirs and isinstance(ours[k], list)
+            else ours[k]
+            for k in ours
         }
         tags = {
             "ncn.sweep.resumes": str(count),
