@@ -177,7 +177,7 @@ class ModulationConfig:
     per_head_precision: one β per attention head instead of one per layer (NCN paper §7).
     activation: "gate" (paper's FFN output gate) or "swish_beta" (FFN activation x·sigmoid(β·x)).
     compute_lambda: weight >= 0 of the compute cost, the FLOP-weighted mean of the gates
-        (`ncn.model.compute.compute_loss`); 0 = off. When > 0 the homeostatic penalty leaves
+        (`ncn.model.compute.compute_cost`); 0 = off. When > 0 the homeostatic penalty leaves
         the gates (ffn_gate, head_gate, layer_gate) alone, so it does not pull them back to 1.
     parametrisation: "paper" (the transforms and near-neutral init of NCN paper §3) or
         "exact_neutral" (gain, precision and FFN gate exactly 1 at init, so a pretrained base
