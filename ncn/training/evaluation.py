@@ -219,7 +219,7 @@ def control_matrix(
     label is i when every token of the batch is given label j. Shape (n_labels, n_labels), float64.
 
     `batches` are labelled (x, y, labels). A model without a control input ignores the label: one
-    pass fills every column alike (gain exactly 0). A row whose label has no val tokens is NaN.
+    pass fills every column alike (gain 0 up to float rounding). A row whose label has no val tokens is NaN.
     Restores the module's train/eval mode afterwards.
     """
     n = len(names)
