@@ -41,7 +41,7 @@ def test_salience_heads_irrelevant_without_salience_pool():
 
 def test_unknown_target():
     msg = _raises(r"ncn\.targets contains unknown target 'attention'", ModulationConfig, targets=["gain", "attention"])
-    assert msg.endswith("choose from temperature, gain, activation")
+    assert msg.endswith("choose from temperature, gain, activation, head_gate, layer_gate")
 
 
 def test_unknown_pooling():
