@@ -98,6 +98,14 @@ def skip_benchmark(args: argparse.Namespace, contexts: list[int], device: torch.
     """--skip-thresholds: dense vs skipping cached decoding of a checkpoint; prints a table, writes JSON."""
     ckpt = open_checkpoint(args.checkpoint, Path.cwd(), frozenset())
     model = load_model(ckpt, device)
+    if max(contexts) > model.config.block_size:
+        block = model.config.block_size
+        print(
+            f"error: --contexts {max(contexts)} exceeds the checkpoint's model.block_size={block}: "
+            f"give contexts up to {block}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     thresholds = [0.0, *(float(t) for t in args.skip_thresholds.split(","))]
     load_before = os.getloadavg()
     results = []
