@@ -609,7 +609,9 @@ class RunConfig:
     generate from a fresh document; analyze the training probe). max_new_tokens, temperature
     (0 = greedy), top_k: sampling. sweep_run: the sweep a report is about. reference_log: a
     training log in the reference implementation's text format whose SEI a report states (and
-    draws beside the sweep's curves, docs/method.md §9). sweep_resume: a
+    draws beside the sweep's curves, docs/method.md §9). baseline: the variant label (or
+    `<key>=<value>` of a swept key) every Δ of a report compares with; None = the first value of
+    `ncn` (else of the first swept key), docs/sweeps.md. sweep_resume: a
     multirun continues this earlier sweep (its MLflow parent run id or its sweep folder):
     finished jobs are skipped, interrupted ones resume from their latest checkpoint
     (docs/sweeps.md "Resuming a sweep"). skip_threshold τ in [0, 1]: eval, generate and analyze
@@ -641,6 +643,7 @@ class RunConfig:
     top_k: int | None = None
     sweep_run: str | None = None
     reference_log: str | None = None
+    baseline: str | None = None
     sweep_resume: str | None = None
     skip_threshold: float = 0.0
     skip_grid: list[float] = field(default_factory=list)

@@ -1,8 +1,9 @@
 """Tests of the report task on synthetic sweeps logged to a real temporary MLflow store: the table's
 statistics checked by hand (mean ± sample std, paired and Welch 95 % t-intervals, perplexity,
-tokens/s, bits per byte, the leak audit's 95 % intervals), grid order, baselines, excluded failed
-runs, the CSV/PNG/Markdown files and artifacts, finding a sweep by id, experiment or a name with
-quotes and non-ASCII, and the plot's axis.
+tokens/s, bits per byte, the leak audit's 95 % intervals, the control gain and mode entropy, the
+quality–compute table), grid order, baselines (also `baseline=`), excluded failed runs, the
+CSV/PNG/Markdown files and artifacts, finding a sweep by id, experiment or a name with quotes and
+non-ASCII, and the plots' axes.
 
 Run: python -m pytest -q tests/test_report.py   (a few seconds)
 """
@@ -18,15 +19,27 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from PIL import Image
 
 import ncn.tasks.report as report_module
-from ncn.analysis.plots import loss_curves, sample_efficiency_figure
+from ncn.analysis.plots import loss_curves, quality_compute_figure, sample_efficiency_figure
 from ncn.analysis.sample_efficiency import parse_reference_log
 from ncn.analysis.statistics import delta_interval
+from ncn.config import MODE_GRID
 from ncn.errors import NCNConfigError, fixed
 from ncn.tasks.report import RunResult, cli, markdown, report, table
 from ncn.tracking import MLflowTracker
-from ncn.training.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
+from ncn.training.evaluation import (
+    VAL_BPB,
+    VAL_CONTROL_GAIN,
+    VAL_LEAK,
+    VAL_LEAK_EARLY,
+    VAL_LEAK_LATE,
+    VAL_LOSS_CAUSAL,
+    mode_key,
+)
+
+from conftest import run_cli
 
 T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5 %, 2 degrees of freedom (table value)
 REPORT_FILES = [
@@ -424,3 +437,242 @@ def test_no_negative_zero_in_reports_and_logs() -> None:
     assert fixed(-0.00005, "+.4f") == "-0.0001" and fixed(0.01234, "+.4f") == "+0.0123"
     assert report_module._signed_interval(-0.00001, -0.00003, 0.00002) == "+0.0000 [+0.0000, +0.0000]"
     assert report_module._signed_interval(-0.0123, float("nan"), 0.5) == "-0.0123 [n/a, +0.5000]"
+
+
+# control sweep: variant -> {seed: (final val loss, control gain or None)}; mode logs its entropy curve instead
+CONTROL = {
+    "genre_none": {0: (2.50, 0.0), 1: (2.52, 0.0), 2: (2.49, 0.0)},
+    "genre_embedding": {0: (2.45, 0.05), 1: (2.46, 0.07), 2: (2.47, 0.06)},
+    "genre": {0: (2.40, 0.10), 1: (2.44, 0.13), 2: (2.41, 0.09)},
+    "mode": {0: (2.48, None), 1: (2.50, None), 2: (2.47, None)},
+}
+MODE_ENTROPY = {0: [2.6, 2.5, 2.4, 2.3, 2.2], 1: [2.7, 2.5, 2.3, 2.2, 2.1], 2: [2.5, 2.5, 2.4, 2.4, 2.3]}
+
+
+def _t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and two-sided 95 % Student-t interval, computed here from scipy's quantile."""
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def _store_sweep(
+    client: MlflowClient, tmp_path: Path, name: str, grid: dict, runs: dict[str, dict[int, dict[str, float]]]
+) -> str:
+    """A finished parent `name` with `grid` and one finished child per (variant, seed) logging those metrics."""
+    exp = client.create_experiment("ncn", artifact_location=(tmp_path / "artifacts").as_uri())
+    tags = {"ncn.sweep": name, "ncn.sweep.grid": json.dumps(grid), "ncn.sweep.dir": str(tmp_path / "sweep")}
+    parent = client.create_run(exp, run_name=name, tags=tags).info.run_id
+    key = next(k for k in grid if k != "seed")
+    for variant, by_seed in runs.items():
+        for seed, metrics in by_seed.items():
+            rid = client.create_run(
+                exp, run_name=f"{variant}-s{seed}", tags={"mlflow.parentRunId": parent, f"hydra.choices.{key}": variant}
+            ).info.run_id
+            params = {"seed": str(seed), "n_params": "1000", "controller_share_pct": "5.0", "tokens_per_step": "100"}
+            client.log_batch(
+                rid,
+                metrics=[Metric(k, v, 0, 20) for k, v in metrics.items()],
+                params=[Param(k, v) for k, v in params.items()],
+            )
+            client.set_terminated(rid, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    return parent
+
+
+@pytest.fixture
+def control_sweep(tmp_path: Path, mlflow_store) -> tuple[MLflowTracker, str]:
+    tracker = MLflowTracker(mlflow_store(tmp_path / "mlflow.db"))
+    runs: dict[str, dict[int, dict[str, float]]] = {}
+    for variant, by_seed in CONTROL.items():
+        for seed, (loss, gain) in by_seed.items():
+            metrics = {"val/loss": loss}
+            if gain is None:
+                metrics |= {mode_key(m, "entropy"): h for m, h in zip(MODE_GRID, MODE_ENTROPY[seed], strict=True)}
+            else:
+                metrics[VAL_CONTROL_GAIN] = gain
+            runs.setdefault(variant, {})[seed] = metrics
+    grid = {"control": list(CONTROL), "seed": ["0", "1", "2"]}
+    return tracker, _store_sweep(MlflowClient(tracker.uri), tmp_path, "control", grid, runs)
+
+
+def _losses(variant: str) -> list[float]:
+    return [CONTROL[variant][s][0] for s in (0, 1, 2)]
+
+
+def test_control_report_shows_the_gain_and_the_mode_entropy_and_compares_with_the_chosen_baseline(
+    control_sweep, tmp_path: Path
+) -> None:
+    tracker, parent = control_sweep
+    rows, paths = report(tracker, tracker.get_run(parent), tmp_path / "default")
+    by = {r["variant"]: r for r in rows}
+    # default: the contrast key's first value, genre_none; genre - genre_none by seed: -0.10, -0.08, -0.08
+    diffs = [a - b for a, b in zip(_losses("genre"), _losses("genre_none"), strict=True)]
+    assert by["genre"]["baseline"] == "genre_none" and by["genre"]["delta_method"] == "paired"
+    expected = _t_interval(diffs)
+    assert (by["genre"]["delta_val_loss"], by["genre"]["delta_ci_low"], by["genre"]["delta_ci_high"]) == tuple(
+        pytest.approx(x) for x in expected
+    )
+    # control gain: 0.10, 0.13, 0.09 -> mean with its t-interval; exact zeros stay exact; mode has none
+    gain = _t_interval([0.10, 0.13, 0.09])
+    genre = by["genre"]
+    assert (genre["control_gain_mean"], genre["control_gain_ci_low"], genre["control_gain_ci_high"]) == tuple(
+        pytest.approx(x) for x in gain
+    )
+    assert (by["genre_none"]["control_gain_mean"], by["genre_none"]["control_gain_ci_high"]) == (0.0, 0.0)
+    assert math.isnan(by["mode"]["control_gain_mean"])
+    # the mode's entropy at each m: mean over seeds (e.g. m = -1: 2.6, 2.7, 2.5 -> 2.6); label variants have none
+    entropy = [statistics.fmean(MODE_ENTROPY[s][i] for s in (0, 1, 2)) for i in range(len(MODE_GRID))]
+    assert [by["mode"][f"mode_entropy_m{m:+.1f}_mean"] for m in MODE_GRID] == pytest.approx(entropy)
+    assert by["mode"]["mode_entropy_m-1.0_std"] == pytest.approx(0.1)
+    assert math.isnan(by["genre"]["mode_entropy_m+0.0_mean"])
+    text = paths[0].read_text()
+    assert "| control gain [95 % CI] | next-token entropy at m = -1.0 / -0.5 / +0.0 / +0.5 / +1.0 | tokens/s |" in text
+    no_curve = " / ".join(["n/a"] * len(MODE_GRID))
+    assert f"| {gain[0]:+.4f} [{gain[1]:+.4f}, {gain[2]:+.4f}] | {no_curve} |" in text  # genre: gain, no mode curve
+    assert f"| +0.0000 [+0.0000, +0.0000] | {no_curve} |" in text  # genre_none: the label is ignored
+    assert f"| n/a | {' / '.join(f'{h:.4f}' for h in entropy)} |" in text  # mode: no gain, its curve
+
+    # baseline=genre_embedding: the paired difference ncn-route - embedding-route (and the others against it)
+    rows, paths = report(tracker, tracker.get_run(parent), tmp_path / "vs_embedding", baseline="genre_embedding")
+    by = {r["variant"]: r for r in rows}
+    vs_embedding = _t_interval([a - b for a, b in zip(_losses("genre"), _losses("genre_embedding"), strict=True)])
+    assert by["genre"]["baseline"] == "genre_embedding" == by["genre_none"]["baseline"]
+    assert (by["genre"]["delta_val_loss"], by["genre"]["delta_ci_low"], by["genre"]["delta_ci_high"]) == tuple(
+        pytest.approx(x) for x in vs_embedding
+    )
+    assert by["genre"]["delta_val_loss"] == pytest.approx(-0.13 / 3)
+    assert by["genre_none"]["delta_val_loss"] == pytest.approx(0.13 / 3)
+    assert math.isnan(by["genre_embedding"]["delta_val_loss"])  # the baseline's own row
+    text = paths[0].read_text()
+    assert f"| {vs_embedding[0]:+.4f} [{vs_embedding[1]:+.4f}, {vs_embedding[2]:+.4f}] vs genre_embedding |" in text
+    assert "| genre_embedding | 0,1,2 | 1,000 | 5.00 | 2.4600 ± 0.0100 [2.4352, 2.4848] | " in text
+    assert text.count("| baseline |") == 1
+    with paths[4].open() as f:  # sample_efficiency.csv: its ratios use the same baseline
+        assert {r["variant"]: r["vs_baseline_name"] for r in csv.DictReader(f)}["genre"] == "genre_embedding"
+    # <key>=<value> picks the same variant
+    keyed = {r["variant"]: r for r in table(*_results(tracker, parent), baseline="control=genre_embedding")}
+    assert (
+        keyed["genre"]["delta_val_loss"] == pytest.approx(-0.13 / 3) and keyed["genre"]["baseline"] == "genre_embedding"
+    )
+    with pytest.raises(
+        NCNConfigError,
+        match="^baseline=nope is not a variant of this sweep: choose one of genre_none, genre_embedding, genre, mode$",
+    ):
+        report(tracker, tracker.get_run(parent), tmp_path / "bad", baseline="nope")
+    with pytest.raises(NCNConfigError, match="^baseline=control=tragedies is not a variant"):
+        report(tracker, tracker.get_run(parent), tmp_path / "bad", baseline="control=tragedies")
+
+
+def _results(tracker: MLflowTracker, parent: str) -> tuple[list[RunResult], list[str], dict]:
+    run = tracker.get_run(parent)
+    results, labels, _ = report_module.collect(tracker, run)
+    return results, labels, json.loads(run.tags["ncn.sweep.grid"])
+
+
+def test_an_unknown_baseline_is_one_error_line_with_exit_2(control_sweep, tmp_path: Path) -> None:
+    tracker, parent = control_sweep
+    done = run_cli(
+        ["task=report", f"sweep_run={parent}", "baseline=genre_nope", f"tracking.uri={tracker.uri}"], cwd=tmp_path
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: baseline=genre_nope is not a variant of this sweep: "
+        "choose one of genre_none, genre_embedding, genre, mode"
+    )
+
+
+# compute sweep: λ -> {seed: {τ: (FFN skipped, forward skipped, Δ gated, Δ random, random FFN skipped)}}
+COMPUTE = {
+    "0.0": {0: {0.1: (0.0, 0.0, 0.0, 0.0, 0.0), 0.5: (0.02, 0.01, 0.003, 0.004, 0.02)}},
+    "0.2": {
+        0: {0.1: (0.05, 0.020, 0.0010, 0.004, 0.05), 0.5: (0.30, 0.15, 0.010, 0.050, 0.30)},
+        1: {0.1: (0.07, 0.030, 0.0020, 0.006, 0.07), 0.5: (0.34, 0.17, 0.030, 0.080, 0.34)},
+        2: {0.1: (0.06, 0.025, 0.0015, 0.005, 0.06), 0.5: (0.32, 0.16, 0.020, 0.065, 0.33)},
+    },
+}
+COMPUTE_KEYS = ("ffn_skipped", "total_skipped", "delta_loss", "random_delta_loss", "random_ffn_skipped")
+
+
+def test_quality_compute_table_and_plot_over_every_logged_threshold(tmp_path: Path, mlflow_store) -> None:
+    tracker = MLflowTracker(mlflow_store(tmp_path / "mlflow.db"))
+    runs = {
+        variant: {
+            seed: {"val/loss": 2.0}
+            | {
+                f"val/compute/t{tau:g}/{key}": value
+                for tau, cells in curve.items()
+                for key, value in zip(COMPUTE_KEYS, cells, strict=True)
+            }
+            for seed, curve in by_seed.items()
+        }
+        for variant, by_seed in COMPUTE.items()
+    }
+    grid = {"ncn.compute_lambda": list(COMPUTE), "seed": ["0", "1", "2"]}
+    parent = _store_sweep(MlflowClient(tracker.uri), tmp_path, "compute", grid, runs)
+    rows, paths = report(tracker, tracker.get_run(parent), tmp_path / "out")
+    assert [p.name for p in paths[6:]] == ["compute.md", "compute.csv", "quality_compute.png"]
+    with paths[7].open() as f:
+        table_rows = list(csv.DictReader(f))
+    assert [(r["variant"], float(r["tau"]), r["seeds"]) for r in table_rows] == [
+        ("0.0", 0.1, "0"),
+        ("0.0", 0.5, "0"),
+        ("0.2", 0.1, "0,1,2"),
+        ("0.2", 0.5, "0,1,2"),
+    ]
+    top = table_rows[3]  # λ = 0.2, τ = 0.5
+    assert float(top["ffn_skipped_pct_mean"]) == pytest.approx(32.0) and float(
+        top["ffn_skipped_pct_std"]
+    ) == pytest.approx(2.0)
+    assert float(top["total_skipped_pct_mean"]) == pytest.approx(16.0)
+    assert float(top["random_ffn_skipped_pct_mean"]) == pytest.approx(97.0 / 3)
+    gated, random = _t_interval([0.010, 0.030, 0.020]), _t_interval([0.050, 0.080, 0.065])
+    paired = _t_interval([-0.040, -0.050, -0.045])  # gated - random by seed
+    for side, expected in (("gated_delta", gated), ("random_delta", random), ("gated_minus_random", paired)):
+        assert [float(top[f"{side}_{p}"]) for p in ("mean", "ci_low", "ci_high")] == pytest.approx(list(expected))
+    assert paired[2] < 0  # gating beats random skipping here: the whole interval is below 0
+    one_seed = table_rows[1]  # λ = 0: one seed, no interval
+    assert (one_seed["gated_delta_mean"], one_seed["gated_delta_ci_low"], one_seed["gated_minus_random_ci_high"]) == (
+        "0.003",
+        "",
+        "",
+    )
+    text = paths[6].read_text()
+    assert (
+        f"| 0.2 | 0.5 | 0,1,2 | 32.0 ± 2.0 | 16.0 ± 1.0 | +0.0200 [{gated[1]:+.4f}, {gated[2]:+.4f}] | "
+        f"+0.0650 [{random[1]:+.4f}, {random[2]:+.4f}] | -0.0450 [{paired[1]:+.4f}, {paired[2]:+.4f}] |"
+    ) in text
+    assert "| 0.0 | 0.1 | 0 | 0.0 ± n/a | 0.0 ± n/a | +0.0000 [n/a, n/a] |" in text
+    # report.md keeps the τ = 0.5 columns, now from a real store
+    assert f"| 32.0 ± 2.0 | 16.0 ± 1.0 | +0.0200 [{gated[1]:+.4f}, {gated[2]:+.4f}] |" in paths[0].read_text()
+    with Image.open(paths[8]) as png:
+        assert (png.format, png.size) == ("PNG", (960, 660))  # 8 × 5.5 in at 120 dpi
+    logged = sorted(a.path for a in MlflowClient(tracker.uri).list_artifacts(parent, "report"))
+    assert logged == sorted(
+        f"report/{name}" for name in [*REPORT_FILES, "compute.csv", "compute.md", "quality_compute.png"]
+    )
+
+
+def test_quality_compute_figure_draws_each_interval_as_an_error_bar() -> None:
+    curves = {
+        "0.2": {
+            "gated": [(32.0, 0.02, 0.01, 0.04), (6.0, 0.001, math.nan, math.nan)],
+            "random": [(33.0, 0.06, 0.05, 0.08)],
+        }
+    }
+    fig = quality_compute_figure(curves, "quality–compute: t")
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("FFN FLOPs skipped (%)", "Δ val loss vs dense (nats/token)")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "dense (Δ = 0)",
+        "0.2: gated skipping",
+        "0.2: random skipping",
+    ]
+    gated, random = ax.containers
+    assert list(gated.lines[0].get_xdata()) == [6.0, 32.0]  # drawn in x order
+    bars = [seg.tolist() for seg in gated.lines[2][0].get_segments()]
+    assert bars == [[[6.0, 0.001], [6.0, 0.001]], [[32.0, 0.01], [32.0, 0.04]]]  # no interval: a zero-length bar
+    assert [seg.tolist() for seg in random.lines[2][0].get_segments()] == [[[33.0, 0.05], [33.0, 0.08]]]
+    assert gated.lines[0].get_color() == random.lines[0].get_color()  # one colour per variant

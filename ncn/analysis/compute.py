@@ -11,7 +11,9 @@ Gating is worth something only where it beats random skipping at equal compute.
 from __future__ import annotations
 
 import math
+import re
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,7 @@ FIELDS = (
     "random_delta_std",
     "random_ffn_skipped",
 )
+_METRIC = re.compile(r"val/compute/t([^/]+)/([a-z_]+)")
 
 
 @dataclass
@@ -143,6 +146,17 @@ def compute_curve(
 def metrics(rows: list[ComputeRow]) -> dict[str, float]:
     """The rows as metrics `val/compute/t<τ>/<field>` (τ printed with %g: t0.5)."""
     return {f"val/compute/t{r.tau:g}/{name}": getattr(r, name) for r in rows for name in FIELDS if name != "tau"}
+
+
+def parse_metrics(logged: Mapping[str, float]) -> dict[float, dict[str, float]]:
+    """The inverse of `metrics`: {τ: {field: value}} of every `val/compute/t<τ>/<field>` key in `logged`,
+    τ ascending; other keys are ignored, and a τ keeps only the fields that were logged."""
+    curve: dict[float, dict[str, float]] = {}
+    for key, value in logged.items():
+        match = _METRIC.fullmatch(key)
+        if match and match[2] in FIELDS:
+            curve.setdefault(float(match[1]), {})[match[2]] = value
+    return dict(sorted(curve.items()))
 
 
 def table(dense: float, rows: list[ComputeRow]) -> str:

@@ -1,5 +1,6 @@
-"""Figures: signal heatmaps ("brain scans", NCN paper §8), a sweep's val-loss curves and its
-sample-efficiency figure (log–log, with power-law fits).
+"""Figures: signal heatmaps ("brain scans", NCN paper §8), a sweep's val-loss curves, its
+sample-efficiency figure (log–log, with power-law fits) and the quality–compute curve of gated vs
+random skipping (NCN paper §6.1, §8).
 
 Every figure is a plain `matplotlib.figure.Figure` (no pyplot state; rendered by Agg on
 `savefig`), safe in headless training loops and needing no `plt.close`.
@@ -242,5 +243,56 @@ def sample_efficiency_figure(
     ax.yaxis.set_minor_formatter(formatter)
     ax.set(xlabel="tokens seen (log scale)", ylabel="loss (nats/token, log scale)", title=title)
     ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+# One point of a quality–compute curve: (FFN FLOPs skipped in %, Δ val loss vs dense in nats/token,
+# lower and upper end of its 95 % interval; NaN ends: no interval, e.g. one seed).
+CurvePoint = tuple[float, float, float, float]
+
+
+def quality_compute_figure(curves: Mapping[str, Mapping[str, Sequence[CurvePoint]]], title: str) -> Figure:
+    """Δ val loss vs dense against the share of FFN FLOPs skipped: per variant gated skipping (solid,
+    circles) and random skipping at the same count per layer and kind (dashed, squares), in the
+    variant's colour, each point with its 95 % interval as an error bar; a grey line marks dense (Δ = 0).
+
+    curves: variant -> {"gated": points, "random": points} (`CurvePoint`s, one per threshold τ,
+    drawn in x order). Below the dense line means skipping helped; the gap between a variant's two
+    curves at equal x is what gating buys over random skipping (NCN paper §6.1, §8).
+    """
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.subplots()
+    ax.axhline(0.0, color="0.6", linewidth=1, label="dense (Δ = 0)")
+    for variant, sides in curves.items():
+        colour = None
+        for side, style, marker in (("gated", "-", "o"), ("random", "--", "s")):
+            points = sorted(sides.get(side, ()))
+            if not points:
+                continue
+            x, y, low, high = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+            below = np.nan_to_num(y - low, nan=0.0)  # no interval: no bar
+            above = np.nan_to_num(high - y, nan=0.0)
+            bars = ax.errorbar(
+                x,
+                y,
+                yerr=[below, above],
+                linestyle=style,
+                marker=marker,
+                markersize=5,
+                capsize=3,
+                color=colour,
+                label=f"{variant}: {side} skipping",
+            )
+            colour = bars.lines[0].get_color()
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    ax.yaxis.set_major_formatter(formatter)
+    ax.set(
+        xlabel="FFN FLOPs skipped (%)",
+        ylabel="Δ val loss vs dense (nats/token)",
+        title=title,
+    )
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -22,13 +22,23 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
 
     Returns (mean, low, high); NaN bounds for a single value, a zero-width interval when all are equal.
     """
-    from scipy.stats import t  # scipy comes with mlflow
-
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, math.nan, math.nan
-    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+    return mean, *summary_interval(mean, statistics.stdev(values), len(values))
+
+
+def summary_interval(mean: float, std: float, n: int) -> tuple[float, float]:
+    """The two-sided 95 % Student-t interval of a mean from its summary: n values with sample std `std`.
+
+    Returns (low, high) = mean ∓ t(0.975, n−1)·std/√n; NaN bounds for n < 2.
+    """
+    from scipy.stats import t  # scipy comes with mlflow
+
+    if n < 2:
+        return math.nan, math.nan
+    half = t.ppf(0.975, n - 1) * std / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def delta_interval(variant: dict[int, float], baseline: dict[int, float]) -> tuple[float, float, float, str]:

@@ -7,7 +7,8 @@ pooling also the leak audit (the same weights under causal pooling, NCN paper §
 `ncn.pooling=causal` makes the causal evaluation of such a checkpoint the headline number.
 `skip_threshold=τ` evaluates with every FFN, head and block whose gate is below τ skipped;
 `skip_grid=[τ, ...]` measures the quality–compute trade against random skipping
-(`ncn.analysis.compute`, NCN paper §6.1, §8), prints it, writes compute.csv and logs it.
+(`ncn.analysis.compute`, NCN paper §6.1, §8), prints it, writes compute.csv and the curve
+quality_compute.png and logs both.
 A checkpoint trained with a control input also prints what the control controls: the control
 matrix and gain (labels) or the mode's precision and entropy curve (NCN paper §3.2, §6.1).
 """
@@ -17,12 +18,14 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from pathlib import Path
 
 import torch
 
-from ncn.analysis.compute import FIELDS, compute_curve, has_gates
+from ncn.analysis.compute import FIELDS, ComputeRow, compute_curve, has_gates
 from ncn.analysis.compute import metrics as compute_metrics
 from ncn.analysis.compute import table as compute_table
+from ncn.analysis.statistics import summary_interval
 from ncn.config import MODE_GRID, RunConfig, RunContext
 from ncn.data.loader import DataModule
 from ncn.errors import CheckpointError, NCNConfigError, fixed
@@ -171,10 +174,11 @@ def _skipped(model: ModulatedGPT, batches: list, skip: SkipPlan) -> FlopCount:
 
 
 def _measure_grid(cfg: RunConfig, ctx: RunContext, ckpt: Checkpoint, model: ModulatedGPT, batches: list) -> None:
-    """The τ grid against random skipping: printed, written to <run dir>/compute.csv, logged to the checkpoint's run.
+    """The τ grid against random skipping: printed, written to <run dir>/compute.csv and drawn in
+    <run dir>/quality_compute.png (`curve_plot`), logged to the checkpoint's run.
 
     Metrics `val/compute/t<τ>/<field>` go to the checkpoint's MLflow run at its step (when
-    tracking is on and the run is in the store), with compute.csv as an artifact under
+    tracking is on and the run is in the store), with compute.csv and the PNG as artifacts under
     `compute/<run dir name>/`.
     """
     device = next(model.parameters()).device
@@ -185,7 +189,9 @@ def _measure_grid(cfg: RunConfig, ctx: RunContext, ckpt: Checkpoint, model: Modu
         writer = csv.DictWriter(f, fieldnames=["dense_val_loss", *FIELDS])
         writer.writeheader()
         writer.writerows({"dense_val_loss": dense, **r.as_dict()} for r in rows)
-    print(f"wrote {path}", flush=True)
+    name = ckpt.state.run_name or ckpt.config.run_name or ckpt.path.name
+    png = curve_plot(rows, cfg.skip_draws, f"{name}, step {ckpt.state.step}", ctx.run_dir / "quality_compute.png")
+    print(f"wrote {path} and {png}", flush=True)
     tracking_overridden = any(k.split(".")[0] == "tracking" for k in ctx.overridden)
     tracker = open_tracker(cfg.tracking if tracking_overridden else ckpt.config.tracking, ctx.launch_dir)
     run_id = ckpt.state.mlflow_run_id
@@ -196,8 +202,41 @@ def _measure_grid(cfg: RunConfig, ctx: RunContext, ckpt: Checkpoint, model: Modu
         print(f"warning: MLflow run {run_id} is not in {tracker.uri}: results are only local", file=sys.stderr)
         return
     tracker.log_metrics(compute_metrics(rows), step=ckpt.state.step, run_id=run_id)
-    tracker.log_artifact(path, f"compute/{ctx.run_dir.name}", run_id=run_id)
+    for artifact in (path, png):
+        tracker.log_artifact(artifact, f"compute/{ctx.run_dir.name}", run_id=run_id)
     print(f"logged to MLflow run {run_id} ({tracker.uri}): val/compute/t<τ>/*", flush=True)
+
+
+def curve_points(rows: list[ComputeRow], draws: int) -> dict[str, list[tuple[float, float, float, float]]]:
+    """One checkpoint's quality–compute curve as {"gated": points, "random": points}, one point per τ:
+    (FFN FLOPs skipped in %, Δ val loss vs dense in nats/token, low, high).
+
+    Gated skipping is one deterministic evaluation per τ (no interval: NaN ends); the random
+    control's interval is the two-sided 95 % Student-t interval of the mean of its `draws` draws
+    (`summary_interval`, df = draws − 1; NaN for one draw), at the FFN share the draws skipped.
+    """
+    return {
+        "gated": [(100 * r.ffn_skipped, r.delta_loss, math.nan, math.nan) for r in rows],
+        "random": [
+            (
+                100 * r.random_ffn_skipped,
+                r.random_delta_loss,
+                *summary_interval(r.random_delta_loss, r.random_delta_std, draws),
+            )
+            for r in rows
+        ],
+    }
+
+
+def curve_plot(rows: list[ComputeRow], draws: int, title: str, path: Path) -> Path:
+    """`curve_points` drawn by `ncn.analysis.plots.quality_compute_figure` into the PNG `path`."""
+    from ncn.analysis.plots import quality_compute_figure  # matplotlib loads only when a curve is drawn
+
+    figure = quality_compute_figure(
+        {"checkpoint": curve_points(rows, draws)}, f"quality–compute: {title} ({draws} random draws)"
+    )
+    figure.savefig(path, dpi=120)
+    return path
 
 
 def control_table(metrics: dict[str, float], names: list[str]) -> str:

@@ -6,7 +6,9 @@ run dir) or `python -m ncn.tasks.report [<same>] [--uri URI] [--out DIR]` (into 
 An experiment (or nothing: `tracking.experiment`) means its newest sweep, a sweep name its newest
 launch. The files are also logged to the parent run under `report/`; statistics: docs/sweeps.md.
 `reference_log=<training.log>` (`--reference-log`) states the SEI of a log in the reference
-implementation's format, alone or drawn beside the sweep (docs/method.md §9).
+implementation's format, alone or drawn beside the sweep (docs/method.md §9). `baseline=<variant>`
+(`--baseline`) picks the variant every Δ compares with. Runs that measured skip_grid also get the
+quality–compute curve of gated vs random skipping: compute.md/.csv and quality_compute.png.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ncn.analysis import sample_efficiency as se
-from ncn.analysis.compute import REPORT_TAU
+from ncn.analysis.compute import REPORT_TAU, parse_metrics
 from ncn.analysis.statistics import delta_interval, mean_interval, mean_std
 from ncn.config import MODE_GRID, RunConfig, RunContext, TrackingConfig
 from ncn.errors import NCNConfigError, fixed
@@ -56,6 +58,8 @@ EXTRA_COLUMNS = (
 )
 MODE_ENTROPY = [f"mode_entropy_m{m:+.1f}" for m in MODE_GRID]
 
+INTERVAL = ("mean", "ci_low", "ci_high")
+COMPUTE_SIDES = ("gated_delta", "random_delta", "gated_minus_random")
 SPREAD = {"std": ("std",), "ci": ("ci_low", "ci_high"), "std+ci": ("std", "ci_low", "ci_high")}
 # The iso-parameter baseline: in a sweep over `ncn` that has it, every variant also gets Δ against it.
 ISO_BASELINE = "none_iso"
@@ -89,6 +93,8 @@ class RunResult:
     """One finished child run: its variant label, seed and final numbers (losses in nats/token).
 
     finals: the final value of each `EXTRA_COLUMNS` metric the run logged (bits per byte, leak audit).
+    compute: the run's quality–compute curve, {τ: {field: value}} of its `val/compute/t<τ>/<field>`
+    metrics (`ncn.analysis.compute.FIELDS`; fractions in [0, 1], losses in nats/token); {} without skip_grid.
     """
 
     variant: str
@@ -101,6 +107,7 @@ class RunResult:
     finals: dict[str, float] = field(default_factory=dict)
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
     tokens_per_step: float = math.nan
+    compute: dict[float, dict[str, float]] = field(default_factory=dict)
 
 
 def _extra(runs: Sequence[RunResult]) -> list[float]:
@@ -159,6 +166,7 @@ def collect(tracker: Tracker, parent: RunRecord) -> tuple[list[RunResult], list[
                 {key: run.metrics[key] for _, key, _ in EXTRA_COLUMNS if key in run.metrics},
                 tracker.metric_history(run.run_id, "train/loss"),
                 per_step,
+                parse_metrics(run.metrics),
             )
         )
     order = _grid_order(grid, keys)
@@ -182,8 +190,33 @@ def _label_with(label: str, keys: list[str], key: str, value: str) -> str:
     return " ".join(f"{k}={parts[k]}" for k in keys)
 
 
-def _baseline_of(label: str, keys: list[str], grid: dict[str, Any], labels: list[str]) -> str | None:
-    """Same values on the other keys, the contrast key (ncn if swept, else the first) at its first value."""
+def check_baseline(baseline: str | None, grid: dict[str, Any], labels: list[str]) -> None:
+    """Check `baseline=`: a variant label of the sweep, or `<key>=<value>` with a swept key and one of its values.
+
+    Raises:
+        NCNConfigError: anything else; the message lists the variants.
+    """
+    if baseline is None or baseline in labels:
+        return
+    keys = [k for k in grid if k != "seed"] or ["ncn"]
+    key, _, value = baseline.partition("=")
+    if key in keys and isinstance(grid.get(key), list) and value in [str(v) for v in grid[key]]:
+        return
+    hint = f" (or <key>=<value> of a swept key, e.g. {keys[0]}={grid[keys[0]][0]})" if len(keys) > 1 else ""
+    raise NCNConfigError(f"baseline={baseline} is not a variant of this sweep: choose one of {', '.join(labels)}{hint}")
+
+
+def _baseline_of(
+    label: str, keys: list[str], grid: dict[str, Any], labels: list[str], baseline: str | None = None
+) -> str | None:
+    """The variant `label` is compared with. `baseline` (checked by `check_baseline`) when given: a variant
+    label is every row's baseline, `<key>=<value>` the variant with that value and the other keys equal.
+    Without it: the contrast key (ncn if swept, else the first) at its first value, the other keys equal."""
+    if baseline in labels:
+        return baseline
+    if baseline is not None:
+        key, _, value = baseline.partition("=")
+        return _label_with(label, keys, key, value)
     contrast = "ncn" if "ncn" in keys else keys[0]
     first = grid.get(contrast, [None])[0] if isinstance(grid.get(contrast), list) else None
     if first is None:
@@ -198,8 +231,11 @@ def _iso_baseline_of(label: str, keys: list[str], base: str | None) -> str | Non
     return _label_with(label, keys, "ncn", ISO_BASELINE)
 
 
-def table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per variant (FIELDS); Δ vs the variant's baseline, NaN where not defined."""
+def table(
+    results: list[RunResult], labels: list[str], grid: dict[str, Any], baseline: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per variant (FIELDS); Δ vs the variant's baseline (`_baseline_of`; `baseline=` picks
+    it), NaN where not defined."""
     keys = [k for k in grid if k != "seed"] or ["ncn"]
     by_label = {v: {r.seed: r for r in results if r.variant == v} for v in labels}
     rows = []
@@ -209,7 +245,7 @@ def table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> 
         loss_mean, loss_std = mean_std(losses)
         ppl_mean, ppl_std = mean_std([math.exp(x) for x in losses])
         final = {s: r.val_loss for s, r in runs.items()}
-        base = _baseline_of(label, keys, grid, labels)
+        base = _baseline_of(label, keys, grid, labels, baseline)
         delta = (math.nan, math.nan, math.nan, "")
         if base in by_label and base != label and by_label[base]:
             delta = delta_interval(final, {s: r.val_loss for s, r in by_label[base].items()})
@@ -392,6 +428,108 @@ def plot(results: list[RunResult], labels: list[str], title: str, path: Path) ->
     return path
 
 
+# The quality–compute table: one row per variant and threshold τ (docs/compute.md).
+COMPUTE_FIELDS = [
+    "variant",
+    "tau",
+    "seeds",
+    "runs",
+    "ffn_skipped_pct_mean",
+    "ffn_skipped_pct_std",
+    "total_skipped_pct_mean",
+    "total_skipped_pct_std",
+    "random_ffn_skipped_pct_mean",
+    *(f"{side}_{part}" for side in COMPUTE_SIDES for part in INTERVAL),
+]
+# The fields a run must have logged at τ to count in that τ's row.
+COMPUTE_NEEDED = ("ffn_skipped", "total_skipped", "delta_loss", "random_delta_loss")
+
+
+def compute_table(results: list[RunResult], labels: list[str]) -> list[dict[str, Any]]:
+    """The quality–compute curve of gated vs random skipping: one row (COMPUTE_FIELDS) per variant and
+    threshold τ any of its runs logged, in τ order (NCN paper §6.1, §8).
+
+    Over the runs (seeds) of the variant that logged τ: the FFN and forward FLOPs skipped in %
+    (mean and sample std), the FFN share the random control skipped (mean, %), Δ val loss vs the
+    same model dense of gated and of random skipping (mean with a two-sided 95 % Student-t
+    interval over seeds, df = n−1; nats/token) and the paired (by seed) difference gated − random
+    (`delta_interval`: the t-interval of the per-seed differences; < 0: gating beats random
+    skipping at equal compute). NaN bounds with one seed. [] when no run logged `val/compute/...`.
+    """
+    rows = []
+    for label in labels:
+        curves = {r.seed: r.compute for r in results if r.variant == label}
+        complete = {s: {t: f for t, f in c.items() if all(n in f for n in COMPUTE_NEEDED)} for s, c in curves.items()}
+        for tau in sorted({t for c in complete.values() for t in c}):
+            at = {s: c[tau] for s, c in sorted(complete.items()) if tau in c}
+            gated = {s: f["delta_loss"] for s, f in at.items()}
+            random = {s: f["random_delta_loss"] for s, f in at.items()}
+            ffn = mean_std([100 * f["ffn_skipped"] for f in at.values()])
+            total = mean_std([100 * f["total_skipped"] for f in at.values()])
+            random_ffn = statistics.fmean(100 * f.get("random_ffn_skipped", f["ffn_skipped"]) for f in at.values())
+            cells = [label, tau, ",".join(str(s) for s in at), len(at), *ffn, *total, random_ffn]
+            cells += [*mean_interval(list(gated.values())), *mean_interval(list(random.values()))]
+            cells += delta_interval(gated, random)[:3]
+            rows.append(dict(zip(COMPUTE_FIELDS, cells, strict=True)))
+    return rows
+
+
+def compute_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The quality–compute table as Markdown (FLOPs skipped in %, Δ in nats/token with 95 % intervals)."""
+    header = [
+        "variant",
+        "τ",
+        "seeds",
+        "FFN FLOPs skipped (%)",
+        "forward FLOPs skipped (%)",
+        "Δ val loss, gated skipping [95 % CI]",
+        "Δ val loss, random skipping [95 % CI]",
+        "gated − random, paired by seed [95 % CI]",
+    ]
+    lines = [f"### Quality–compute curve: {title}", "", f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            r["variant"],
+            f"{r['tau']:g}",
+            r["seeds"],
+            f"{r['ffn_skipped_pct_mean']:.1f} ± {_num(r['ffn_skipped_pct_std'], '.1f')}",
+            f"{r['total_skipped_pct_mean']:.1f} ± {_num(r['total_skipped_pct_std'], '.1f')}",
+            *(_signed_interval(*(r[f"{side}_{part}"] for part in INTERVAL)) for side in COMPUTE_SIDES),
+        ]
+        lines.append(f"| {' | '.join(str(c) for c in cells)} |")
+    lines += [
+        "",
+        "Δ val loss: skipping every unit whose gate is below τ, minus the same model dense (nats/token), mean over "
+        "seeds [two-sided 95 % Student-t interval, df = n−1]. Random: as many units of each kind per layer skipped "
+        "at random (mean of skip_draws draws per seed). gated − random < 0: gating beats random skipping at equal "
+        "compute (docs/compute.md). Drawn in quality_compute.png.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def compute_plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """PNG of the quality–compute table (`ncn.analysis.plots.quality_compute_figure`): per variant gated skipping
+    at its FFN share and random skipping at the random draws' FFN share, each Δ with its 95 % interval."""
+    from ncn.analysis.plots import quality_compute_figure  # matplotlib loads only for a report
+
+    curves: dict[str, dict[str, list[tuple[float, float, float, float]]]] = {}
+    for r in rows:
+        sides = curves.setdefault(r["variant"], {"gated": [], "random": []})
+        sides["gated"].append((r["ffn_skipped_pct_mean"], *(r[f"gated_delta_{part}"] for part in INTERVAL)))
+        sides["random"].append((r["random_ffn_skipped_pct_mean"], *(r[f"random_delta_{part}"] for part in INTERVAL)))
+    quality_compute_figure(curves, f"quality–compute: {title}").savefig(path, dpi=120)
+    return path
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> Path:
+    """`rows` as CSV with header `fields`; NaN as an empty cell."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows)
+    return path
+
+
 SE_FIELDS = [
     "variant",
     "seeds",
@@ -448,10 +586,12 @@ def _ratio_cells(label: str, base: str | None, by_label: dict[str, dict[int, Run
     ]
 
 
-def efficiency_table(results: list[RunResult], labels: list[str], grid: dict[str, Any]) -> list[dict[str, Any]]:
+def efficiency_table(
+    results: list[RunResult], labels: list[str], grid: dict[str, Any], baseline: str | None = None
+) -> list[dict[str, Any]]:
     """One row per variant (SE_FIELDS): power-law fit parameters over seeds (mean, 95 % CI), the
-    efficiency ratio against the baseline and the iso-parameter baseline, and the reference's SEI
-    (on training loss) at 95 % and 99 % with its settling step."""
+    efficiency ratio against the baseline (`_baseline_of`, as in `table`) and the iso-parameter
+    baseline, and the reference's SEI (on training loss) at 95 % and 99 % with its settling step."""
     keys = [k for k in grid if k != "seed"] or ["ncn"]
     by_label = {v: {r.seed: r for r in results if r.variant == v} for v in labels}
     rows = []
@@ -461,7 +601,7 @@ def efficiency_table(results: list[RunResult], labels: list[str], grid: dict[str
         cells: list[Any] = [label, ",".join(str(s) for s in sorted(by_label[label]))]
         for name in ("E", "A", "alpha", "rmse"):
             cells += _interval_of([getattr(f, name) if f else math.nan for f in fits])
-        base = _baseline_of(label, keys, grid, labels)
+        base = _baseline_of(label, keys, grid, labels, baseline)
         cells += _ratio_cells(label, base, by_label)
         cells += _ratio_cells(label, _iso_baseline_of(label, keys, base), by_label)
         for threshold in (0.95, 0.99):
@@ -573,11 +713,22 @@ def efficiency_plot(
 
 
 def report(
-    tracker: Tracker, parent: RunRecord, out_dir: Path, reference: tuple[se.ReferenceLog, str] | None = None
+    tracker: Tracker,
+    parent: RunRecord,
+    out_dir: Path,
+    reference: tuple[se.ReferenceLog, str] | None = None,
+    baseline: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Write report.md, report.csv, val_loss.png and sample_efficiency.md/.csv/.png into out_dir
+    """Write report.md, report.csv, val_loss.png and sample_efficiency.md/.csv/.png into out_dir,
+    and compute.md/.csv and quality_compute.png when runs logged `val/compute/t<τ>/...` (skip_grid),
     and log them to the parent run under `report/`; returns (rows, paths). reference: a log in the
-    reference's format and its name, whose SEI the sample-efficiency files state and draw."""
+    reference's format and its name, whose SEI the sample-efficiency files state and draw.
+    baseline: the variant every Δ and efficiency ratio compares with (`check_baseline`); None: the
+    contrast key's first value.
+
+    Raises:
+        NCNConfigError: no finished child run, or a `baseline` that is not a variant of the sweep.
+    """
     results, labels, failed = collect(tracker, parent)
     if not results:
         raise NCNConfigError(
@@ -585,33 +736,36 @@ def report(
             "nothing to report (check the sweep's job logs)"
         )
     grid = json.loads(parent.tags.get("ncn.sweep.grid", "{}"))
-    rows = table(results, labels, grid)
+    check_baseline(baseline, grid, labels)
+    rows = table(results, labels, grid, baseline)
     title = f"sweep {parent.tags.get('ncn.sweep', parent.name)} (parent run {parent.run_id[:8]})"
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "report.md"
     md.write_text(markdown(rows, title, failed))
-    with (out_dir / "report.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows)
-    paths = [md, out_dir / "report.csv", plot(results, labels, title, out_dir / "val_loss.png")]
-    se_rows = efficiency_table(results, labels, grid)
+    paths = [
+        md,
+        _write_csv(out_dir / "report.csv", FIELDS, rows),
+        plot(results, labels, title, out_dir / "val_loss.png"),
+    ]
+    se_rows = efficiency_table(results, labels, grid, baseline)
     se_md = out_dir / "sample_efficiency.md"
     text = efficiency_markdown(se_rows, title)
     if reference is not None:
         text += "\n" + reference_markdown(*reference)
     se_md.write_text(text)
-    with (out_dir / "sample_efficiency.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, SE_FIELDS)
-        writer.writeheader()
-        writer.writerows(
-            {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in se_rows
-        )
     paths += [
         se_md,
-        out_dir / "sample_efficiency.csv",
+        _write_csv(out_dir / "sample_efficiency.csv", SE_FIELDS, se_rows),
         efficiency_plot(results, labels, title, out_dir / "sample_efficiency.png", reference),
     ]
+    if compute_rows := compute_table(results, labels):
+        compute_md = out_dir / "compute.md"
+        compute_md.write_text(compute_markdown(compute_rows, title))
+        paths += [
+            compute_md,
+            _write_csv(out_dir / "compute.csv", COMPUTE_FIELDS, compute_rows),
+            compute_plot(compute_rows, title, out_dir / "quality_compute.png"),
+        ]
     for path in paths:
         tracker.log_artifact(path, "report", run_id=parent.run_id)
     return rows, paths
@@ -632,44 +786,49 @@ def load_reference(path: str | Path) -> tuple[se.ReferenceLog, str]:
         raise NCNConfigError(f"reference_log={path}: {exc} (pass the reference's training.log)") from None
 
 
-def _write(tracker: Tracker, sweep_run: str | None, out: Path | None, reference_log: str | None) -> None:
+def _write(
+    tracker: Tracker, sweep_run: str | None, out: Path | None, reference_log: str | None, baseline: str | None
+) -> None:
     reference = load_reference(reference_log) if reference_log else None
     tracker.check()
     parent = tracker.find_sweep(sweep_run)
     out = out or Path(parent.tags.get("ncn.sweep.dir", ".")) / "report"
-    _, paths = report(tracker, parent, out, reference)
-    print(paths[0].read_text() + "\n" + paths[3].read_text())
+    _, paths = report(tracker, parent, out, reference, baseline)
+    print("\n".join(p.read_text() for p in paths if p.suffix == ".md"))
     print(f"written: {', '.join(str(p) for p in paths)} (and to run {parent.run_id})")
 
 
 def main(cfg: RunConfig, ctx: RunContext) -> None:
-    """`python run.py task=report sweep_run=<id | experiment | sweep name> [reference_log=<path>]`:
-    report into the run dir; `reference_log=<path>` alone prints that log's SEI.
+    """`python run.py task=report sweep_run=<id | experiment | sweep name> [reference_log=<path>]
+    [baseline=<variant>]`: report into the run dir; `reference_log=<path>` alone prints that log's SEI.
 
     Raises:
-        NCNConfigError: tracking=none, no such sweep (see `Tracker.find_sweep`), or an unreadable
-            reference log.
+        NCNConfigError: tracking=none, no such sweep (see `Tracker.find_sweep`), an unreadable
+            reference log, or a baseline that is not a variant of the sweep.
     """
     if cfg.reference_log is not None and cfg.sweep_run is None:  # a reference log alone: nothing read from a store
         print(reference_markdown(*load_reference(cfg.reference_log)))
         return
-    _write(open_tracker(cfg.tracking, ctx.launch_dir), cfg.sweep_run, ctx.run_dir / "report", cfg.reference_log)
+    tracker = open_tracker(cfg.tracking, ctx.launch_dir)
+    _write(tracker, cfg.sweep_run, ctx.run_dir / "report", cfg.reference_log, cfg.baseline)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """`python -m ncn.tasks.report [SWEEP_RUN] [--uri URI] [--experiment NAME] [--out DIR] [--reference-log PATH]`."""
+    """`python -m ncn.tasks.report [SWEEP_RUN] [--uri URI] [--experiment NAME] [--out DIR] [--reference-log PATH]
+    [--baseline VARIANT]`."""
     parser = argparse.ArgumentParser(prog="python -m ncn.tasks.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_run", nargs="?", help="parent run id, experiment or sweep name (default: newest sweep)")
     parser.add_argument("--uri", help="tracking URI (default: sqlite:///<cwd>/mlflow.db)")
     parser.add_argument("--experiment", default="ncn", help="experiment searched when sweep_run is not given")
     parser.add_argument("--out", type=Path, help="output folder (default: <sweep dir>/report)")
     parser.add_argument("--reference-log", help="a training log in the reference's format: its SEI (drawn beside)")
+    parser.add_argument("--baseline", help="the variant every Δ compares with (default: the first of the contrast key)")
     args = parser.parse_args(argv)
     tracking = TrackingConfig(uri=args.uri, experiment=args.experiment)
     if args.reference_log is not None and args.sweep_run is None:
         print(reference_markdown(*load_reference(args.reference_log)))
         return
-    _write(open_tracker(tracking, Path.cwd()), args.sweep_run, args.out, args.reference_log)
+    _write(open_tracker(tracking, Path.cwd()), args.sweep_run, args.out, args.reference_log, args.baseline)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ RUNTIME_KEYS = frozenset(
         "top_k",
         "sweep_run",
         "reference_log",
+        "baseline",
         "trainer.resume",
         "trainer.progress",
         "trainer.threads",
