@@ -1,22 +1,27 @@
-"""Conditional compute: head and layer gates, skipping equals masking, the KV cache, FLOP counts (NCN paper §6.1, §8).
+"""Conditional compute: head and layer gates, skipping equals masking, the KV cache, FLOP counts, the
+quality–compute curve of one checkpoint (NCN paper §6.1, §8).
 
 Tiny CPU models (vocab 97, d_model 32, 2 layers, 4 heads). `python -m pytest -q tests/test_compute.py`.
 """
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
+from scipy.stats import t
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn.analysis.compute import REPORT_TAU, compute_curve
+from ncn.analysis.compute import REPORT_TAU, ComputeRow, compute_curve, metrics, parse_metrics
 from ncn.errors import NCNConfigError
 from ncn.model.blocks import Block, BlockSkip, CausalSelfAttention
 from ncn.model.compute import SkipMasks, SkipPlan, compute_cost, count_flops, random_like, threshold_masks
 from ncn.model.signals import homeostatic_loss
+from ncn.tasks.evaluate import curve_plot, curve_points
 from ncn.tasks.report import RunResult, markdown, table
 
 from conftest import run_cli
@@ -363,6 +368,34 @@ def test_report_shows_the_compute_columns_at_the_report_threshold():
     assert "FLOPs skipped" not in markdown(table(plain, ["full"], {"ncn": ["full"]}), "ablation", [])
 
 
+ROWS = [
+    ComputeRow(0.1, 0.05, 0.03, 2.01, 0.01, 0.02, 0.004, 0.05),
+    ComputeRow(0.5, 0.40, 0.25, 2.10, 0.10, 0.16, 0.010, 0.38),
+]
+
+
+def test_compute_metrics_parse_back_to_the_rows():
+    logged = metrics(ROWS) | {"val/loss": 2.0, "val/compute/t0.5/unknown_field": 1.0}
+    assert parse_metrics(logged) == {
+        0.1: {k: v for k, v in ROWS[0].as_dict().items() if k != "tau"},
+        0.5: {k: v for k, v in ROWS[1].as_dict().items() if k != "tau"},
+    }
+    assert list(parse_metrics(logged)) == [0.1, 0.5] and parse_metrics({"val/loss": 2.0}) == {}
+
+
+def test_eval_curve_of_one_checkpoint_gives_random_skipping_the_t_interval_of_its_draws(tmp_path: Path):
+    points = curve_points(ROWS, draws=5)
+    half = t.ppf(0.975, 4) * 0.010 / 5**0.5  # sample std 0.010 over 5 draws
+    assert points["random"][1] == pytest.approx((38.0, 0.16, 0.16 - half, 0.16 + half))
+    assert points["gated"][1][:2] == pytest.approx((40.0, 0.10))  # one deterministic evaluation: no interval
+    assert all(math.isnan(x) for x in points["gated"][1][2:])
+    one_draw = curve_points(ROWS, draws=1)["random"][0]
+    assert one_draw[:2] == pytest.approx((5.0, 0.02)) and math.isnan(one_draw[2])
+    path = curve_plot(ROWS, 5, "tiny-sparse-s0, step 6", tmp_path / "quality_compute.png")
+    with Image.open(path) as png:
+        assert (png.format, png.size) == ("PNG", (960, 660))
+
+
 @pytest.mark.slow
 def test_sparse_trains_measures_and_skips_through_run_py(tmp_path: Path, mlflow_store) -> None:
     """ncn=sparse trains with the cost logged apart, measures its τ grid at the end, and eval, generate and
@@ -395,11 +428,17 @@ def test_sparse_trains_measures_and_skips_through_run_py(tmp_path: Path, mlflow_
     assert "skip_threshold 1: 100.0 % of FFN FLOPs and" in evaluated.stdout
     rows = list(csv.DictReader((tmp_path / "e" / "compute.csv").open()))
     assert [float(r["tau"]) for r in rows] == [0.5, 1.0]
+    png = tmp_path / "e" / "quality_compute.png"
+    assert f"wrote {tmp_path / 'e' / 'compute.csv'} and {png}" in evaluated.stdout
+    with Image.open(png) as image:
+        assert (image.format, image.size) == ("PNG", (960, 660))
     assert float(rows[1]["ffn_skipped"]) == 1.0 == float(rows[1]["random_ffn_skipped"])
     assert float(rows[0]["total_skipped"]) == 0.0 < float(rows[1]["total_skipped"]) < 1.0  # K/V, head, controller stay
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("ncn").experiment_id])[0]
     assert run.data.metrics["val/compute/t1/ffn_skipped"] == 1.0 and run.info.status == "FINISHED"
+    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id, "compute/e"))
+    assert logged == ["compute/e/compute.csv", "compute/e/quality_compute.png"]
 
     args = ["task=generate", ckpt, "prompt=ROMEO:", "max_new_tokens=16", "seed=0"]
     dense = run_cli([*args, f"hydra.run.dir={tmp_path / 'g0'}"], cwd=tmp_path)

@@ -2,7 +2,7 @@
 
 Uses the session's tiny trained checkpoint (tests/tiny_checkpoint.py) and a tiny run trained with
 the reference's global salience pooling (the leak audit logged at every eval, printed by task=eval,
-`ncn.pooling=causal` and the overrides refused with `checkpoint=`).
+`ncn.pooling=causal` and the overrides refused with `checkpoint=`); the control matrix as printed.
 Run: `python -m pytest tests/test_evaluate.py`.
 """
 
@@ -15,12 +15,24 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from ncn.data.loader import DataModule
 from ncn.errors import CheckpointError
-from ncn.tasks.evaluate import main
-from ncn.training.evaluation import VAL_BPB, VAL_LEAK, VAL_LEAK_EARLY, VAL_LEAK_LATE, VAL_LOSS_CAUSAL
+from ncn.tasks.evaluate import control_table, main
+from ncn.training.evaluation import (
+    VAL_BPB,
+    VAL_CONTROL_DIAGONAL,
+    VAL_CONTROL_GAIN,
+    VAL_CONTROL_OFF_DIAGONAL,
+    VAL_LEAK,
+    VAL_LEAK_EARLY,
+    VAL_LEAK_LATE,
+    VAL_LOSS_CAUSAL,
+    control_gain,
+    control_matrix_key,
+)
 
 from conftest import run_cli
 from tiny_checkpoint import TinyRun, tiny_run
@@ -183,3 +195,24 @@ def test_a_refused_pooling_override_exits_2_with_one_line(global_run, tmp_path):
         .splitlines()[-1]
         .startswith("error: ncn.pooling=global cannot be set together with checkpoint=: only ncn.pooling=causal may be")
     )
+
+
+def test_control_table_prints_every_cell_and_the_gain_off_diagonal_minus_diagonal():
+    names = ["comedies", "histories", "tragedies"]
+    matrix = [[2.0, 2.3, 2.6], [2.4, 2.1, 2.5], [2.2, 2.9, 1.9]]  # rows: true label; columns: forced label
+    gain, diagonal, off = control_gain(torch.tensor(matrix, dtype=torch.float64))
+    # diagonal (2.0 + 2.1 + 1.9) / 3 = 2.0; off-diagonal (2.3 + 2.6 + 2.4 + 2.5 + 2.2 + 2.9) / 6 = 14.9 / 6
+    assert (diagonal, off, gain) == (pytest.approx(2.0), pytest.approx(14.9 / 6), pytest.approx(14.9 / 6 - 2.0))
+    metrics = {control_matrix_key(t, f): matrix[i][j] for i, t in enumerate(names) for j, f in enumerate(names)}
+    metrics |= {VAL_CONTROL_GAIN: gain, VAL_CONTROL_DIAGONAL: diagonal, VAL_CONTROL_OFF_DIAGONAL: off}
+    assert control_table(metrics, names).splitlines() == [
+        "control matrix: val loss of each label's tokens (rows) under each forced label (columns), nats/token",
+        "           comedies histories tragedies",
+        "comedies     2.0000    2.3000    2.6000",
+        "histories    2.4000    2.1000    2.5000",
+        "tragedies    2.2000    2.9000    1.9000",
+        "control gain +0.4833 nats/token (off-diagonal 2.4833 - diagonal 2.0000; 0 when the label is ignored)",
+    ]
+    ignored = dict.fromkeys(metrics, 2.5) | {VAL_CONTROL_GAIN: -1e-17}  # an ignored label: 0 up to float rounding
+    last = control_table(ignored, names).splitlines()[-1]
+    assert last.startswith("control gain +0.0000 nats/token (off-diagonal 2.5000 - diagonal 2.5000")
