@@ -1,6 +1,6 @@
 """Entry point: `python run.py [group=option ...] [key=value ...]` composes conf/ and runs `task`.
 
-Tasks: train (default), prepare, generate, analyze, eval, report; each is
+Tasks: train (default), prepare, generate, analyze, eval, report, import; each is
 `ncn.tasks.<module>.main(cfg, ctx)` with a typed `RunConfig` and `RunContext`, imported only when
 chosen. A user mistake ends with `error: <message>` as the last stderr line and exit status 2, a
 run that failed on its own (divergence) with 3, an interrupt with 130 (docs/errors.md). The
@@ -28,6 +28,7 @@ TASK_MODULES = {
     "analyze": "analyze",
     "eval": "evaluate",
     "report": "report",
+    "import": "import_reference",
 }
 
 

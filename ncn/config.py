@@ -31,7 +31,10 @@ ACTIVATIONS = ("gate", "swish_beta")
 NORMS = ("rms", "layer")
 FFN_ACTIVATIONS = ("gelu", "gelu_tanh")
 # Signal parametrisations (ModulationConfig.parametrisation, docs/method.md §3).
-PARAMETRISATIONS = ("paper", "exact_neutral")
+PARAMETRISATIONS = ("paper", "exact_neutral", "reference")
+# The controller MLP (ModulationConfig.controller_activation, .controller_norm).
+CONTROLLER_ACTIVATIONS = ("tanh", "relu", "gelu", "sigmoid")
+CONTROLLER_NORMS = ("rms", "none")
 GATE_MODES = ("soft", "hard")
 SOURCES = ("shakespeare", "text_files", "hf")
 # Tokenizers a token cache can be built with, and their vocabulary sizes (end-of-text included).
@@ -40,7 +43,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 FREEZES = ("none", "base")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("mlflow", "none")
-TASKS = ("train", "prepare", "generate", "analyze", "eval", "report")
+TASKS = ("train", "prepare", "generate", "analyze", "eval", "report", "import")
 # Control inputs (`conf/control/`): what the control is, and where it enters the model.
 CONTROL_KINDS = ("none", "genre", "labels", "mode")
 CONTROL_ROUTES = ("ncn", "embedding", "none")
@@ -111,13 +114,15 @@ class ModelConfig:
     activation: FFN nonlinearity, "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation,
         GPT-2's `gelu_new`).
     bias: biases in the attention and FFN linears (and in LayerNorm); the head has none.
+    norm_eps: the norms' epsilon; None = RMSNorm's machine epsilon of the dtype, LayerNorm's
+        1e-5 (the reference implementation's checkpoints carry their own, 1e-5 by default).
     init_from: None, or a Hugging Face hub id (e.g. "gpt2") or a local folder of HF-format
         GPT-2 weights (config.json + model.safetensors or pytorch_model.bin) that a fresh
         training run loads into the base model (`ncn.integrations.pretrained`).
 
     Raises:
         NCNConfigError: a non-positive size, d_model not divisible by n_head, dropout outside
-            [0, 1), an unknown norm or activation, an empty init_from.
+            [0, 1), an unknown norm or activation, a norm_eps <= 0, an empty init_from.
     """
 
     vocab_size: int = 50304
@@ -131,6 +136,7 @@ class ModelConfig:
     norm: str = "rms"
     activation: str = "gelu"
     bias: bool = True
+    norm_eps: float | None = None
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -151,6 +157,10 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise NCNConfigError(f"model.dropout={self.dropout} is outside [0, 1): use e.g. model.dropout=0.1")
+        if self.norm_eps is not None and not self.norm_eps > 0.0:
+            raise NCNConfigError(
+                f"model.norm_eps={self.norm_eps} is not positive: use e.g. model.norm_eps=1e-5, or null for the default"
+            )
 
     @property
     def ffn_dim(self) -> int:
@@ -179,17 +189,23 @@ class ModulationConfig:
     compute_lambda: weight >= 0 of the compute cost, the FLOP-weighted mean of the gates
         (`ncn.model.compute.compute_cost`); 0 = off. When > 0 the homeostatic penalty leaves
         the gates (ffn_gate, head_gate, layer_gate) alone, so it does not pull them back to 1.
-    parametrisation: "paper" (the transforms and near-neutral init of NCN paper §3) or
+    parametrisation: "paper" (the transforms and near-neutral init of NCN paper §3),
         "exact_neutral" (gain, precision and FFN gate exactly 1 at init, so a pretrained base
-        keeps its logits; docs/method.md §3). exact_neutral has no swish_beta, head_gate or
-        layer_gate.
+        keeps its logits; docs/method.md §3) or "reference" (as "paper" but the reference
+        implementation's gain sigmoid(z) + 0.5 in (0.5, 1.5); what `task=import` builds).
+        exact_neutral has no swish_beta, head_gate or layer_gate.
+    controller_activation: the controller MLP's nonlinearity, "tanh" (default), "relu" (the
+        reference implementation's default), "gelu" or "sigmoid".
+    controller_norm: "rms" (RMSNorm on the controller's input, default) or "none" (the
+        reference implementation has none).
     gate_mode: "soft" (a gate scales its unit by g) or "hard" (the unit runs at full weight
         where g >= 0.5 and not at all below, in training and inference alike; gradients reach g
         straight through, Bengio et al. 2013). Under a compute cost soft gates can shrink while
         the unit's weights grow to make up for it (docs/compute.md); hard gates cannot.
 
     Raises:
-        NCNConfigError: unknown target/pooling/activation/parametrisation, repeated target, bad
+        NCNConfigError: unknown target/pooling/activation/parametrisation/controller_activation/
+            controller_norm, repeated target, bad
             sizes or ranges, exact_neutral with swish_beta, head_gate or layer_gate.
     """
 
@@ -204,6 +220,8 @@ class ModulationConfig:
     compute_lambda: float = 0.0
     parametrisation: str = "paper"
     gate_mode: str = "soft"
+    controller_activation: str = "tanh"
+    controller_norm: str = "rms"
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -231,6 +249,8 @@ class ModulationConfig:
                 "drop it from ncn.targets, or use ncn.parametrisation=paper"
             )
         _choice("ncn.gate_mode", self.gate_mode, GATE_MODES)
+        _choice("ncn.controller_activation", self.controller_activation, CONTROLLER_ACTIVATIONS)
+        _choice("ncn.controller_norm", self.controller_norm, CONTROLLER_NORMS)
         _positive(self, "ncn", "hidden_dim")
         _positive(self, "ncn", "heads")
         if not self.homeostatic_lambda >= 0.0:
@@ -618,7 +638,9 @@ class RunConfig:
     skip every FFN, head and block whose gate is below τ (0 = dense). skip_grid: thresholds in
     (0, 1] at which eval (and train, after its last step) measures the FLOPs skipped and Δ val
     loss against random skipping at the same rate, with skip_draws >= 1 random draws
-    (NCN paper §6.1, §8; docs/compute.md).
+    (NCN paper §6.1, §8; docs/compute.md). reference_checkpoint: the .pt file of the reference
+    implementation's train.py that task=import converts; unsafe_unpickle: let task=import fully
+    unpickle a file that needs it (can run code; `ncn.integrations.reference`).
 
     Raises:
         NCNConfigError: an unknown task, a threshold out of range, skip_draws < 1,
@@ -648,6 +670,8 @@ class RunConfig:
     skip_threshold: float = 0.0
     skip_grid: list[float] = field(default_factory=list)
     skip_draws: int = 3
+    reference_checkpoint: str | None = None
+    unsafe_unpickle: bool = False
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)

@@ -44,6 +44,7 @@ TARGETS = {
     "per_head_temperature": ["temperature", "gain", "activation"],
     "swish_beta": ["temperature", "gain", "activation"],
     "paper_global": ["temperature", "gain", "activation"],
+    "reference": ["temperature", "gain", "activation"],
     "head_gate": ["temperature", "gain", "activation", "head_gate"],
     "layer_gate": ["temperature", "gain", "activation", "layer_gate"],
     "sparse": ["temperature", "gain", "activation", "head_gate", "layer_gate"],

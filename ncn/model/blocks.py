@@ -48,10 +48,13 @@ class KVCache:
         self.pos += n
 
 
-def make_norm(kind: str, d_model: int, bias: bool) -> nn.Module:
+def make_norm(kind: str, d_model: int, bias: bool, eps: float | None = None) -> nn.Module:
     """Normalisation over the last dim of size d_model: "rms" -> RMSNorm (no bias, eps = the
-    dtype's machine epsilon); "layer" -> LayerNorm (eps 1e-5 as GPT-2, bias if `bias`)."""
-    return nn.RMSNorm(d_model) if kind == "rms" else nn.LayerNorm(d_model, bias=bias)
+    dtype's machine epsilon); "layer" -> LayerNorm (eps 1e-5 as GPT-2, bias if `bias`).
+    eps (`ModelConfig.norm_eps`) replaces that default when given."""
+    if kind == "rms":
+        return nn.RMSNorm(d_model, eps=eps)
+    return nn.LayerNorm(d_model, eps=1e-5 if eps is None else eps, bias=bias)
 
 
 @dataclass
@@ -226,7 +229,8 @@ class Block(nn.Module):
     u = g·Attn(N(x)) + g·γ·FFN(N(x + g·Attn(N(x)))) and returns x + λ·u (dynamic depth, NCN
     paper §8). `skip` (inference): the skipped work is not computed, and the result equals
     the block with those gates set to 0, up to float rounding.
-    norm, activation, bias: see `make_norm` and `MLP` (`ModelConfig.norm`, `.activation`, `.bias`).
+    norm, activation, bias, norm_eps: see `make_norm` and `MLP` (`ModelConfig.norm`, `.activation`, `.bias`,
+    `.norm_eps`).
     """
 
     def __init__(
@@ -239,11 +243,12 @@ class Block(nn.Module):
         norm: str = "rms",
         activation: str = "gelu",
         bias: bool = True,
+        norm_eps: float | None = None,
     ) -> None:
         super().__init__()
-        self.norm1 = make_norm(norm, d_model, bias)
+        self.norm1 = make_norm(norm, d_model, bias, norm_eps)
         self.attn = CausalSelfAttention(d_model, n_head, dropout, layer, bias)
-        self.norm2 = make_norm(norm, d_model, bias)
+        self.norm2 = make_norm(norm, d_model, bias, norm_eps)
         self.mlp = MLP(d_model, d_ff, dropout, activation, bias)
 
     def forward(

@@ -17,6 +17,9 @@ from torch import Tensor, nn
 
 from ncn.model.signals import NEUTRAL_BIAS, transform
 
+# The controller MLP's nonlinearity (ModulationConfig.controller_activation); the reference's are these four.
+CONTROLLER_ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "sigmoid": torch.sigmoid}
+
 # Causal pooling works on chunks of this many positions: memory and work O(T·chunk), not O(T²).
 _CHUNK = 64
 
@@ -130,6 +133,9 @@ class Controller(nn.Module):
     z_t = W2 · tanh(W1 · RMSNorm(c_t + E_t) + b1) + b2, reshaped to (n_layer, width) and split
     into signals; each signal is one column per layer, or n_head columns for head_gate and
     for precision when it is per head. Output dict: name -> (B, T, n_layer) or (B, T, n_layer, n_head).
+    activation ("tanh", "relu", "gelu", "sigmoid") replaces the tanh and norm="none" drops the
+    RMSNorm (`ModulationConfig.controller_activation`, `.controller_norm`): the reference
+    implementation's controller is W2 · relu(W1 · (c_t + E_t) + b1) + b2.
     """
 
     def __init__(
@@ -144,13 +150,16 @@ class Controller(nn.Module):
         precision_max: float,
         per_head_precision: bool,
         parametrisation: str = "paper",
+        activation: str = "tanh",
+        norm: str = "rms",
     ) -> None:
         super().__init__()
         self.n_layer, self.signals, self.precision_max = n_layer, signals, precision_max
         self.parametrisation = parametrisation
+        self.activation = CONTROLLER_ACTIVATIONS[activation]
         self.widths = [n_head if (s == "precision" and per_head_precision) or s == "head_gate" else 1 for s in signals]
         self.salience = SaliencePooling(d_model, heads, causal=pooling == "causal") if pooling != "none" else None
-        self.norm = nn.RMSNorm(d_model)
+        self.norm = nn.RMSNorm(d_model) if norm == "rms" else nn.Identity()
         self.fc1 = nn.Linear(d_model, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, n_layer * sum(self.widths))
 
@@ -183,7 +192,8 @@ class Controller(nn.Module):
                     nn.init.zeros_(module.bias)
         if self.salience is not None:
             nn.init.normal_(self.salience.query, 0.0, 0.02)
-        nn.init.ones_(self.norm.weight)
+        if isinstance(self.norm, nn.RMSNorm):
+            nn.init.ones_(self.norm.weight)
         if self.parametrisation == "exact_neutral":
             nn.init.zeros_(self.fc2.weight)
             nn.init.zeros_(self.fc2.bias)
@@ -205,7 +215,7 @@ class Controller(nn.Module):
         else:
             c, state = self.salience.step(e, state)
             u = e + c
-        z = self.fc2(torch.tanh(self.fc1(self.norm(u))))  # (B, T, L * width)
+        z = self.fc2(self.activation(self.fc1(self.norm(u))))  # (B, T, L * width)
         B, T, _ = z.shape
         parts = z.view(B, T, self.n_layer, sum(self.widths)).split(self.widths, dim=3)
         out = {}

@@ -114,9 +114,10 @@ class ModulatedGPT(nn.Module):
         self.pos_emb = nn.Embedding(c.block_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(c.d_model, c.n_head, c.ffn_dim, c.dropout, i, c.norm, c.activation, c.bias) for i in range(c.n_layer)
+            Block(c.d_model, c.n_head, c.ffn_dim, c.dropout, i, c.norm, c.activation, c.bias, c.norm_eps)
+            for i in range(c.n_layer)
         )
-        self.norm = make_norm(c.norm, c.d_model, c.bias)
+        self.norm = make_norm(c.norm, c.d_model, c.bias, c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
@@ -135,6 +136,8 @@ class ModulatedGPT(nn.Module):
                 m.precision_max,
                 m.per_head_precision,
                 m.parametrisation,
+                m.controller_activation,
+                m.controller_norm,
             )
             self.controller.init_weights()
         self.control: nn.Module | None = None

@@ -61,6 +61,8 @@ NEUTRAL_BIAS: dict[str, float] = {
 # transform maps raw z = 0 to exactly 1, and the controller starts with a zero output layer, so a
 # fresh model computes bit for bit what its base computes (a pretrained base keeps its logits).
 EXACT_RANGES: dict[str, tuple[float, float]] = {"gain": (0.0, 2.0), "precision": (0.0, 4.0), "ffn_gate": (0.0, 2.0)}
+# The reference parametrisation's gain range (its other signals keep RANGES).
+REFERENCE_GAIN_RANGE = (0.5, 1.5)
 
 # Which signal each user-facing target produces (NCN paper §3, "vocabulary").
 _TARGET_SIGNAL = {"temperature": "precision", "gain": "gain", "head_gate": "head_gate", "layer_gate": "layer_gate"}
@@ -90,6 +92,8 @@ def transform(
     parametrisation "exact_neutral" (docs/method.md §3): gain = 2·sigmoid(z) in (0, 2);
     precision = min(exp(z), precision_max) in (0, precision_max]; ffn_gate = 2·sigmoid(z) in
     (0, 2); each is exactly 1 at z = 0. The other signals have no such transform (KeyError).
+    parametrisation "reference" (the reference implementation's `ncn.py`, docs/method.md §3):
+    gain = sigmoid(z) + 0.5 in (0.5, 1.5), 1 at z = 0; every other signal as "paper".
     """
     if parametrisation == "exact_neutral":
         if name == "precision":
@@ -98,7 +102,7 @@ def transform(
             return 2.0 * torch.sigmoid(z)
         raise KeyError(f"signal {name!r} has no exact_neutral transform; it has: {', '.join(EXACT_RANGES)}")
     if name == "gain":
-        return 2.0 * torch.sigmoid(z)
+        return torch.sigmoid(z) + 0.5 if parametrisation == "reference" else 2.0 * torch.sigmoid(z)
     if name == "precision":
         return (F.softplus(z) + 0.01).clamp(max=precision_max)
     if name in GATES:
