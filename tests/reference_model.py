@@ -109,7 +109,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, precision: Tensor | None) -> Tensor:
         B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.nhead, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        heads = (B, T, self.nhead, self.head_dim)
+        q, k, v = (p(x).view(heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
         if precision is not None:  # (B, T, 1) -> (B, 1, T, 1), clamped at 4
             q = q * precision.unsqueeze(1).clamp(max=4.0)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -180,7 +181,7 @@ def randomise(model: ModulatedLLM, seed: int) -> None:
             if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "final_norm.weight":
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             elif name == "ncn.layer2.weight":
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+                p.copy_(0.8 * torch.randn(p.shape, generator=g))
             else:
                 fan_in = p.shape[-1] if p.dim() > 1 else p.shape[0]
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)

@@ -10,7 +10,8 @@ code; a file that holds anything else needs full unpickling, refused unless the 
 `layer_norm_eps`, its global salience pooling (`ncn.pooling=global`, NCN paper §5), a
 controller relu(W1·(c + E) + b1) without norm, gain = sigmoid(z) + 0.5
 (`ncn.parametrisation=reference`), precision and FFN gate as the paper's (NCN paper §3).
-The optimizer state is not carried over. Anything that does not map is refused in one line.
+The reference's optimizer state is not carried over (`trainer.resume` fine-tunes with a fresh
+AdamW). Anything that does not map is refused in one line.
 
 | reference tensor | `ModulatedGPT` parameter |
 |---|---|
@@ -42,11 +43,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ncn.config import CONTROLLER_ACTIVATIONS, TOKENIZERS, ControlConfig, ModelConfig, ModulationConfig, RunConfig
+from ncn.config import (
+    CONTROLLER_ACTIVATIONS,
+    TOKENIZERS,
+    ControlConfig,
+    ModelConfig,
+    ModulationConfig,
+    RunConfig,
+    vocab_size,
+)
 from ncn.errors import NCNConfigError
 from ncn.model.gpt import ModulatedGPT
 from ncn.model.signals import SIGNALS
 from ncn.training.checkpoint import Snapshot, TrainState, save
+from ncn.training.optim import build_optimizer
 
 # Where the reference's train.py pickles its config class.
 REFERENCE_CONFIG_CLASS = "ncn_architecture.config.NCNConfig"
@@ -139,7 +149,9 @@ def read_reference(file: Path, unsafe_unpickle: bool = False) -> dict[str, Any]:
             unsafe_unpickle (names the global it would import); not a dict with `model_state_dict`.
     """
     if not file.is_file():
-        raise NCNConfigError(f"reference_checkpoint={file} is not a file: pass the .pt file the reference's train.py saved")
+        raise NCNConfigError(
+            f"reference_checkpoint={file} is not a file: pass the .pt file the reference's train.py saved"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -214,7 +226,8 @@ def signal_order(fields: dict[str, Any], file: Path) -> list[str]:
     if len(set(names)) != len(names) or not names or fields["num_mod_signals"] != len(names):
         raise NCNConfigError(
             f"reference_checkpoint={file}: modulation_signal_names={names} with num_mod_signals="
-            f"{fields['num_mod_signals']} is not a list of distinct signals of that length: such a model cannot be imported"
+            f"{fields['num_mod_signals']} is not a list of distinct signals of that length: "
+            "such a model cannot be imported"
         )
     return names
 
@@ -389,9 +402,11 @@ def import_checkpoint(file: Path, cfg: RunConfig, checkpoints: Path, unsafe_unpi
     """Convert the reference checkpoint `file` into an ncn checkpoint folder under `checkpoints`; returns it.
 
     The folder is an ordinary ncn checkpoint (`ncn.training.checkpoint.save`) at the reference's
-    `global_step`, with `tokens_seen` its `processed_tokens`, no optimizer state and no val loss
-    (the reference's was measured on its own data). Its config is `cfg` with the model and ncn
-    groups of the reference (`model_config`, `modulation_config`) and `cfg.data`, which
+    `global_step`, with `tokens_seen` its `processed_tokens`, the data loader at the start of
+    `cfg.data`, a fresh AdamW state of `cfg.optim` (no moments: `trainer.resume` fine-tunes from
+    it) and no val loss (the reference's was measured on its own data). Its config is `cfg` with the model and ncn
+    groups of the reference (`model_config`, `modulation_config`) and `cfg.data` (with
+    `data.pad_vocab_to=1` when its padding would exceed the reference's vocabulary), which
     task=eval then evaluates on. train_state.json names the source file (`imported_from`).
 
     Raises:
@@ -414,9 +429,13 @@ def import_checkpoint(file: Path, cfg: RunConfig, checkpoints: Path, unsafe_unpi
         )
     model = ModulatedGPT(model_cfg, modulation_cfg)
     model.load_state_dict(convert(data[MODEL_KEY], fields, model.state_dict(), file))
+    data_cfg = cfg.data
+    if vocab_size(data_cfg.tokenizer, data_cfg.pad_vocab_to) > model_cfg.vocab_size:  # training checks this
+        data_cfg = dataclasses.replace(data_cfg, pad_vocab_to=1)
     run = dataclasses.replace(
         cfg,
         model=model_cfg,
+        data=data_cfg,
         ncn=modulation_cfg,
         control=ControlConfig(),
         task="train",
@@ -425,7 +444,11 @@ def import_checkpoint(file: Path, cfg: RunConfig, checkpoints: Path, unsafe_unpi
         run_name=cfg.run_name or f"reference-{file.stem}",
     )
     state = TrainState(
-        step=_int(data.get("global_step")), tokens_seen=_int(data.get("processed_tokens")), run_name=run.run_name
+        step=_int(data.get("global_step")),
+        tokens_seen=_int(data.get("processed_tokens")),
+        data={"epoch": 0, "position": 0},
+        run_name=run.run_name,
     )
+    optim = {"optimizer": build_optimizer(model, cfg.optim).state_dict()}  # no moments yet: a fresh AdamW
     extra = {"imported_from": str(file.resolve())}
-    return save(checkpoints, Snapshot(state, model.state_dict(), {}, dataclasses.asdict(run), extra), keep=1)
+    return save(checkpoints, Snapshot(state, model.state_dict(), optim, dataclasses.asdict(run), extra), keep=1)
