@@ -39,6 +39,16 @@ SUBSTITUTIONS = [
     ("model.init_from=/path/to/gpt2", "model.init_from=$PWD/tiny_gpt2", "the same tiny GPT-2 as the local folder"),
     ("model=gpt2", "model=gpt2 " + " ".join(f"model.{k}={v}" for k, v in TINY_GPT2.items()), "GPT-2, shrunk"),
     (
+        "reference_checkpoint=/path/to/checkpoint_best.pt",
+        "reference_checkpoint=$PWD/checkpoint_best.pt",
+        "no released checkpoint here: a random tests/reference_model.py model saved as the reference's train.py saves",
+    ),
+    (
+        "checkpoint=reference-checkpoint_best",
+        "checkpoint=reference-checkpoint_best trainer.eval_batches=2",
+        "2 val batches",
+    ),
+    (
         "--tasks hellaswag,lambada_openai",
         "--tasks ncn_tiny_choice --include_path tests/lm_eval_task",
         "no network: the local lm-eval task of tests/test_harness.py (copied into the folder)",
@@ -149,6 +159,8 @@ def test_readme_commands_work_in_order_as_written(tmp_path: Path) -> None:
     assert len(commands) >= 15, commands
     if any("model.init_from=" in c for c in commands):
         _save_tiny_gpt2(workdir / "tiny_gpt2")
+    if any("reference_checkpoint=" in c for c in commands):
+        _save_reference_checkpoint(workdir / "checkpoint_best.pt")
     shutil.copytree(REPO / "tests" / "lm_eval_task", workdir / "tests" / "lm_eval_task")
     seen = []
     for command in commands:
@@ -192,6 +204,8 @@ def test_readme_commands_work_in_order_as_written(tmp_path: Path) -> None:
         "sbatch",
         "pretrained",
         "harness",
+        "reference import",
+        "reference eval",
         "control train",
         "control eval",
         "control generate",
@@ -210,6 +224,16 @@ def _save_tiny_gpt2(folder: Path) -> None:
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, **shape)).save_pretrained(folder)
 
 
+def _save_reference_checkpoint(file: Path) -> None:
+    """A random reference model (tests/reference_model.py, 2 layers of width 32), saved as its train.py saves."""
+    from reference_model import ModulatedLLM, NCNConfig, randomise, save_reference_checkpoint
+
+    config = NCNConfig(d_model=32, nhead=2, num_layers=2, max_position_embeddings=32, ncn_hidden_dim=16)
+    model = ModulatedLLM(config)
+    randomise(model, seed=0)
+    save_reference_checkpoint(file, model)
+
+
 def _check_promise(command: str, out: str, workdir: Path, env: dict[str, str], argv: list[str]) -> str:
     """Assert what README's comment on `command` promises; returns the kind of command."""
     if "control=genre" in command or "byte_small-full-genre-tokenizer_bytes-s0" in command:
@@ -225,6 +249,15 @@ def _check_promise(command: str, out: str, workdir: Path, env: dict[str, str], a
         assert f"resuming run tiny-full-s0 (MLflow run {runs[0].info.run_id}) at step 6" in out
         assert runs[0].data.metrics["train/tokens_seen"] > 0 and "step 9/9" in out
         return "resume"
+    if "task=import" in command:
+        folders = sorted(workdir.glob("outputs/*/*/checkpoints/step_000500"))
+        assert len(folders) == 1 and f"as {folders[0]}" in out
+        assert "pooling: global" in (folders[0] / "config.yaml").read_text()
+        return "reference import"
+    if "checkpoint=reference-checkpoint_best" in command:
+        assert "checkpoint of run reference-checkpoint_best at step 500" in out
+        assert "leak audit (trained with ncn.pooling=global)" in out
+        return "reference eval"
     if "task=eval" in command:
         assert "checkpoint of run tiny-full-s0 at step 9" in out and re.search(r"val loss \d+\.\d+", out)
         assert "val bpb" in out
