@@ -192,6 +192,20 @@ def test_multi_key_grid_uses_matching_baseline() -> None:
     assert rows["model=small ncn=full"]["delta_val_loss"] == pytest.approx(-0.3)
     assert rows["model=tiny ncn=full"]["delta_val_loss"] == pytest.approx(-0.1)
     assert "| model=tiny ncn=full | 0 |" in markdown(list(rows.values()), "scale", [])
+    # baseline=: a whole label is every row's baseline; <key>=<value> keeps the other keys matched
+    fixed_base = {r["variant"]: r for r in table(results, labels, grid, baseline="model=small ncn=none")}
+    assert fixed_base["model=tiny ncn=full"]["delta_val_loss"] == pytest.approx(0.9)  # 6.9 - 6.0
+    assert fixed_base["model=tiny ncn=full"]["baseline"] == "model=small ncn=none"
+    keyed = {r["variant"]: r for r in table(results, labels, grid, baseline="ncn=full")}
+    assert keyed["model=small ncn=none"]["delta_val_loss"] == pytest.approx(0.3)  # 6.0 - 5.7, same size
+    assert keyed["model=tiny ncn=none"]["delta_val_loss"] == pytest.approx(0.1)
+    report_module.check_baseline("ncn=full", grid, labels)  # accepted: no exception
+    with pytest.raises(NCNConfigError) as refused:
+        report_module.check_baseline("ncn=fancy", grid, labels)
+    assert str(refused.value) == (
+        "baseline=ncn=fancy is not a variant of this sweep: choose one of model=tiny ncn=none, model=tiny ncn=full, "
+        "model=small ncn=none, model=small ncn=full (or <key>=<value> of a swept key, e.g. model=tiny)"
+    )
 
 
 def test_find_sweep_by_id_experiment_and_errors(sweep, tmp_path: Path) -> None:

@@ -202,7 +202,9 @@ def check_baseline(baseline: str | None, grid: dict[str, Any], labels: list[str]
     key, _, value = baseline.partition("=")
     if key in keys and isinstance(grid.get(key), list) and value in [str(v) for v in grid[key]]:
         return
-    hint = f" (or <key>=<value> of a swept key, e.g. {keys[0]}={grid[keys[0]][0]})" if len(keys) > 1 else ""
+    hint = ""
+    if len(keys) > 1 and (listed := [k for k in keys if isinstance(grid.get(k), list) and grid[k]]):
+        hint = f" (or <key>=<value> of a swept key, e.g. {listed[0]}={grid[listed[0]][0]})"
     raise NCNConfigError(f"baseline={baseline} is not a variant of this sweep: choose one of {', '.join(labels)}{hint}")
 
 
