@@ -676,8 +676,9 @@ def test_quality_compute_figure_draws_each_interval_as_an_error_bar() -> None:
             "random": [(33.0, 0.06, 0.05, 0.08)],
         }
     }
-    fig = quality_compute_figure(curves, "quality–compute: t")
+    fig = quality_compute_figure(curves, "quality–compute: t", "ncn.compute_lambda")
     ax = fig.axes[0]
+    assert ax.get_legend().get_title().get_text() == "ncn.compute_lambda"
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("FFN FLOPs skipped (%)", "Δ val loss vs dense (nats/token)")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "dense (Δ = 0)",

@@ -252,13 +252,16 @@ def sample_efficiency_figure(
 CurvePoint = tuple[float, float, float, float]
 
 
-def quality_compute_figure(curves: Mapping[str, Mapping[str, Sequence[CurvePoint]]], title: str) -> Figure:
+def quality_compute_figure(
+    curves: Mapping[str, Mapping[str, Sequence[CurvePoint]]], title: str, legend_title: str | None = None
+) -> Figure:
     """Δ val loss vs dense against the share of FFN FLOPs skipped: per variant gated skipping (solid,
     circles) and random skipping at the same count per layer and kind (dashed, squares), in the
     variant's colour, each point with its 95 % interval as an error bar; a grey line marks dense (Δ = 0).
 
     curves: variant -> {"gated": points, "random": points} (`CurvePoint`s, one per threshold τ,
-    drawn in x order). Below the dense line means skipping helped; the gap between a variant's two
+    drawn in x order). legend_title: what the variant labels are values of (a sweep's swept keys).
+    Below the dense line means skipping helped; the gap between a variant's two
     curves at equal x is what gating buys over random skipping (NCN paper §6.1, §8).
     """
     fig = Figure(figsize=(8, 5.5), layout="constrained")
@@ -294,5 +297,5 @@ def quality_compute_figure(curves: Mapping[str, Mapping[str, Sequence[CurvePoint
         title=title,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title=legend_title, title_fontsize=8)
     return fig

@@ -509,9 +509,10 @@ def compute_markdown(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compute_plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
+def compute_plot(rows: list[dict[str, Any]], title: str, path: Path, keys: list[str]) -> Path:
     """PNG of the quality–compute table (`ncn.analysis.plots.quality_compute_figure`): per variant gated skipping
-    at its FFN share and random skipping at the random draws' FFN share, each Δ with its 95 % interval."""
+    at its FFN share and random skipping at the random draws' FFN share, each Δ with its 95 % interval;
+    the legend is titled with the swept `keys`."""
     from ncn.analysis.plots import quality_compute_figure  # matplotlib loads only for a report
 
     curves: dict[str, dict[str, list[tuple[float, float, float, float]]]] = {}
@@ -519,7 +520,7 @@ def compute_plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
         sides = curves.setdefault(r["variant"], {"gated": [], "random": []})
         sides["gated"].append((r["ffn_skipped_pct_mean"], *(r[f"gated_delta_{part}"] for part in INTERVAL)))
         sides["random"].append((r["random_ffn_skipped_pct_mean"], *(r[f"random_delta_{part}"] for part in INTERVAL)))
-    quality_compute_figure(curves, f"quality–compute: {title}").savefig(path, dpi=120)
+    quality_compute_figure(curves, f"quality–compute: {title}", " × ".join(keys)).savefig(path, dpi=120)
     return path
 
 
@@ -766,7 +767,7 @@ def report(
         paths += [
             compute_md,
             _write_csv(out_dir / "compute.csv", COMPUTE_FIELDS, compute_rows),
-            compute_plot(compute_rows, title, out_dir / "quality_compute.png"),
+            compute_plot(compute_rows, title, out_dir / "quality_compute.png", [k for k in grid if k != "seed"]),
         ]
     for path in paths:
         tracker.log_artifact(path, "report", run_id=parent.run_id)
