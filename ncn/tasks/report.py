@@ -58,6 +58,7 @@ EXTRA_COLUMNS = (
 )
 MODE_ENTROPY = [f"mode_entropy_m{m:+.1f}" for m in MODE_GRID]
 
+# A mean with its 95 % interval; the quality–compute table's three Δ columns (each such a triple).
 INTERVAL = ("mean", "ci_low", "ci_high")
 COMPUTE_SIDES = ("gated_delta", "random_delta", "gated_minus_random")
 SPREAD = {"std": ("std",), "ci": ("ci_low", "ci_high"), "std+ci": ("std", "ci_low", "ci_high")}
