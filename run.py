@@ -10,15 +10,13 @@ returned value (final val loss for train) is a sweeper's objective.
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
-from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from ncn import cli
-from ncn.errors import NCNConfigError, RunFailedError, exit_code
 from ncn.training.runtime import distributed_env
 
 TASK_MODULES = {
@@ -34,12 +32,14 @@ TASK_MODULES = {
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    warnings.showwarning = cli.show_warning  # also in a sweep's worker processes
     run_cfg, ctx = cli.typed(cfg)
     return importlib.import_module(f"ncn.tasks.{TASK_MODULES[run_cfg.task]}").main(run_cfg, ctx)
 
 
 if __name__ == "__main__":
     os.environ["HYDRA_FULL_ERROR"] = "1"  # config errors reach us as exceptions, not as a printed report
+    warnings.showwarning = cli.show_warning  # one `warning: <message>` line, no `<file>:<line>: UserWarning:`
     try:
         if distributed_env().rank > 0:  # torchrun or srun: only rank 0 writes a run dir and logs
             sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
@@ -47,11 +47,7 @@ if __name__ == "__main__":
             print(help_text)
         else:
             main()
-    except (NCNConfigError, RunFailedError, HydraException, OmegaConfBaseException, KeyboardInterrupt) as exc:
-        print(f"error: {cli.one_line(exc)}", file=sys.stderr)
-        sys.exit(2 if isinstance(exc, (HydraException, OmegaConfBaseException)) else exit_code(exc))
-    except OSError as exc:
-        if exc.filename is None:  # not a bad path: a real failure, keep its traceback
+    except cli.REPORTED as exc:
+        if (status := cli.report_error(exc)) is None:  # not a user mistake: keep its traceback
             raise
-        print(f"error: {cli.os_error_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(status)

@@ -3,6 +3,9 @@
 `typed(cfg)` turns the composed `DictConfig` into a `RunConfig` (`OmegaConf.to_object`, which
 runs every dataclass's validation) and a `RunContext` read from `HydraConfig`; tasks never see
 Hydra. `one_line(exc)` words any error that ends a run as one line for `error: <message>`,
+`report_error(exc)` prints that line and gives the exit status (run.py, and `ErrorLine`, the
+callback that reports a failed single run before Hydra adds its own "Error executing job" line),
+`show_warning` prints a warning as one `warning: <message>` line,
 `shell_quote_override` suggests a quoting of an override that bash and Hydra both accept,
 `app_help` prints Hydra's `--help` text without Hydra's slow listing of every config group.
 """
@@ -24,18 +27,28 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.errors import OverrideParseException
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException, OverrideParseException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, StringNode, open_dict
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 import ncn.schema  # noqa: F401  (registers the resolvers and the schema before composition)
 from ncn.config import SWEPT_ENV, RunConfig, RunContext
-from ncn.errors import NO_SPACE, NCNConfigError, RunFailedError, mb
+from ncn.errors import NO_SPACE, USAGE_EXIT, NCNConfigError, RunFailedError, exit_code, mb
 from ncn.schema import conf_dir
 
 _SHELL_SPECIAL = set("$`\\!")  # special to bash inside double quotes (besides the quote itself)
 HELP_FLAGS = ("--help", "-h")
+# errors that end a run with one `error:` line (docs/errors.md); an OSError only when it names a path
+REPORTED = (NCNConfigError, RunFailedError, HydraException, OmegaConfBaseException, KeyboardInterrupt, OSError)
 
 
 def typed(cfg: DictConfig) -> tuple[RunConfig, RunContext]:
@@ -180,6 +193,20 @@ def os_error_line(exc: OSError) -> str:
     )
 
 
+def unknown_option(missing: str, options: list[str], message: str) -> str:
+    """The line for an option a config group lacks (Hydra's MissingConfigException): `missing` is the
+    config path Hydra looked for (`ncn/bogus`), `options` the group's options, `message` the first line
+    of Hydra's message (`In '<file>': Could not find ...`), whose file is named when it is not the
+    primary config: there the option was written in a config file, not typed."""
+    group, _, option = missing.rpartition("/")
+    where = re.match(r"In '([^']+)'", message)
+    named_in = f" (named in {where.group(1)})" if where and not where.group(1).endswith("config") else ""
+    return (
+        f"{group}={option} is not an option of {group}{named_in}: check the spelling, "
+        f"valid options are {', '.join(options)}"
+    )
+
+
 def one_line(exc: BaseException) -> str:
     """Our own message if the cause chain holds an ncn error, else Hydra's/OmegaConf's, on one line."""
     if isinstance(exc, KeyboardInterrupt):  # the train task says where it stopped and how to go on
@@ -205,8 +232,8 @@ def one_line(exc: BaseException) -> str:
             return grid_without_multirun(line.split("'", 1)[1].rsplit("'", 1)[0] if "'" in line else line)
         if isinstance(e, MissingMandatoryValue) and e.full_key:  # a `???` left in the config
             return f"{e.full_key} is required here: set {e.full_key}=<value>"
-        if getattr(e, "options", None):  # Hydra's MissingConfigException: an unknown group option
-            return f"{line}: choose one of {', '.join(e.options)}"
+        if getattr(e, "options", None) and getattr(e, "missing_cfg_file", None):  # an unknown group option
+            return unknown_option(e.missing_cfg_file, e.options, line)
         if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and e.parent_node is not None:  # a typo'd key
             keys = [str(k) for k in e.parent_node if str(k) != "hydra" and not str(k).startswith("_")]
             return f"{e.full_key} is not a setting: check the spelling, valid keys here are {', '.join(keys)}"
@@ -220,6 +247,60 @@ def one_line(exc: BaseException) -> str:
         if isinstance(e, ValidationError) and e.child_node is not None:  # a value of the wrong type
             return f"{e.full_key}={e.value} is invalid ({line}): use a value like {e.full_key}={e.child_node}"
     return ": ".join(dict.fromkeys(line for line in first[:2] if "$VALUE" not in line))
+
+
+def report_error(exc: BaseException) -> int | None:
+    """Print the one `error: <message>` line for `exc` to stderr and return run.py's exit status: 2 for a
+    user mistake (Hydra's and OmegaConf's errors, a path that cannot be written), 3 for a failed run,
+    130 for an interrupt. None, printing nothing, for anything else (a bug: its traceback stays)."""
+    if isinstance(exc, OSError) and not isinstance(exc, HydraException):  # MissingConfigException is both
+        if exc.filename is None:  # not a bad path: a real failure
+            return None
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return USAGE_EXIT
+    if not isinstance(exc, REPORTED):
+        return None
+    print(f"error: {one_line(exc)}", file=sys.stderr)
+    return USAGE_EXIT if isinstance(exc, (HydraException, OmegaConfBaseException)) else exit_code(exc)
+
+
+def failed_job_error(job_return: JobReturn) -> BaseException | None:
+    """The exception a failed Hydra job raised, or None. Read from the job's result directly, as Hydra's
+    own LogJobReturnCallback does: the `return_value` property writes "Error executing job with overrides:
+    [...]" to stderr on every access before re-raising, which printed that line once per reader."""
+    if job_return.status != JobStatus.FAILED:
+        return None
+    error = job_return._return_value
+    return error if isinstance(error, BaseException) else None
+
+
+class ErrorLine(Callback):
+    """Hydra callback (conf/config.yaml `hydra.callbacks.errors`): a single run (not a sweep job) that
+    failed with a reported error ends here with its one `error:` line and exit status, before Hydra
+    reads the job's result and adds "Error executing job with overrides: [...]" above it. A
+    SystemExit passes Hydra's callback wrapper, which catches only Exception. A bug is left to Hydra."""
+
+    def on_run_end(self, config: DictConfig, job_return: JobReturn, **kwargs: object) -> None:
+        error = failed_job_error(job_return)
+        if error is not None and (status := report_error(error)) is not None:
+            raise SystemExit(status)
+
+
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.showwarning` of run.py: one `warning: <message>` line on stderr instead of Python's
+    `<file>:<line>: UserWarning: <message>` and the source line below it; a warning of another kind
+    than UserWarning names its kind and origin, e.g. `warning: ... (FutureWarning, torch/amp.py:12)`."""
+    text = " ".join(str(message).split())
+    if category is not UserWarning:
+        text = f"{text} ({category.__name__}, {'/'.join(Path(filename).parts[-2:])}:{lineno})"
+    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def _app_groups(parent: str = "") -> dict[str, list[str]]:

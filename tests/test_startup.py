@@ -38,7 +38,10 @@ def test_fast_help_fails_like_hydra_on_a_bad_override(tmp_path: Path):
     assert fast.returncode == hydra.returncode == 2
     last = fast.stderr.strip().splitlines()[-1]
     assert last == hydra.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: In 'config': Could not find 'model/nope': choose one of byte_small, gpt2, gpt2_124m")
+    assert last == (
+        "error: model=nope is not an option of model: check the spelling, valid options are byte_small, gpt2, "
+        "gpt2_124m, gpt2_medium, medium, paper_18m, small, tiny"
+    )
 
 
 def test_startup_benchmark_reports_positive_medians_and_the_ratio_as_last_line(tmp_path: Path, capsys):

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf
 
 from ncn.errors import RunFailedError
-from ncn.tasks.sweep import describe_failure, sweep_grid
+from ncn.tasks.sweep import describe_failure, job_error, sweep_grid
 
 try:
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginOptunaSweeper
@@ -41,11 +41,8 @@ class Trial(NamedTuple):  # no dataclass: Hydra's plugin scan runs this module b
 def trial_of(number: int, job: JobReturn) -> Trial:
     """The outcome of a finished job: failed when it raised or returned anything but finite numbers."""
     overrides = tuple(job.overrides or ())
-    if job.status == JobStatus.FAILED:
-        try:
-            job.return_value  # noqa: B018 (the property raises the job's exception)
-        except BaseException as exc:  # noqa: BLE001 (any exception a job raised)
-            return Trial(number, overrides, None, describe_failure(exc))
+    if (error := job_error(job)) is not None:
+        return Trial(number, overrides, None, describe_failure(error))
     returned = job.return_value
     try:
         values = [float(v) for v in (returned if isinstance(returned, (list, tuple)) else [returned])]

@@ -67,15 +67,14 @@ def describe_failure(exc: BaseException) -> str:
     return f"{ERROR_KINDS.get(code, 'crash')} (exit {code}), {type(exc).__name__}: {first}"[:500]
 
 
-def _job_error(job_return: JobReturn) -> BaseException | None:
-    """The exception a failed job raised (`JobReturn.return_value` re-raises it), or None."""
+def job_error(job_return: JobReturn) -> BaseException | None:
+    """The exception a failed job raised, or None. Read from the job's result directly, as Hydra's own
+    LogJobReturnCallback does: the `return_value` property writes "Error executing job with overrides:
+    [...]" to stderr on every access before re-raising, so each reader added that line once more."""
     if job_return.status != JobStatus.FAILED:
         return None
-    try:
-        job_return.return_value  # noqa: B018 (the property raises the job's exception)
-    except BaseException as exc:  # noqa: BLE001 (any exception a job raised)
-        return exc
-    return None
+    error = job_return._return_value
+    return error if isinstance(error, BaseException) else None
 
 
 def hydra_quoted(value: str) -> str:
@@ -358,10 +357,11 @@ class SweepCallback(Callback):
         number = job_number(run_dir, int(job.num))
         # runs are found by the parent's id and matched to the job's folder in Python: never a filter of user text
         attempts = [c for c in tracker.child_runs(self.parent_run_id) if c.tags.get("ncn.run_dir") == run_dir]
-        error = _job_error(job_return)
+        error = job_error(job_return)
         if error is not None:
             text = describe_failure(error)
-            tracker.set_tags({f"ncn.sweep.failed.{number}": f"{overrides}: {text}"}, run_id=self.parent_run_id)
+            failure = f"{overrides}: {text}" if overrides else text  # a sweep of one job varies no key
+            tracker.set_tags({f"ncn.sweep.failed.{number}": failure}, run_id=self.parent_run_id)
             if not attempts or attempts[-1].status == "FINISHED":  # this attempt died before its run existed
                 placeholder = tracker.create_run(
                     f"job{number}",
