@@ -372,3 +372,28 @@ def test_latest_pointer_of_any_shape_is_a_one_line_error_naming_it(saved: Path, 
     pointer.write_bytes(b"\xff\xfe")
     with pytest.raises(CheckpointError, match="is unreadable"):
         ckpt.resolve(saved.parent)
+
+
+def test_checkpoint_run_finds_the_run_that_trained_a_checkpoint(tmp_path, mlflow_store, typed_config, capsys) -> None:
+    """eval and analyze add results to the checkpoint's run: in its own store unless tracking.* is overridden."""
+    from mlflow import MlflowClient
+
+    own, other = mlflow_store(tmp_path / "own.db"), mlflow_store(tmp_path / "other.db")
+    client = MlflowClient(own)
+    run_id = client.create_run(client.create_experiment("ncn")).info.run_id
+    config = typed_config([f"tracking.uri={own}"])
+
+    def checkpoint(run: str | None, cfg: RunConfig = config) -> ckpt.Checkpoint:
+        return ckpt.Checkpoint(tmp_path, {}, {}, ckpt.TrainState(mlflow_run_id=run), cfg)
+
+    tracker, found = ckpt.checkpoint_run(checkpoint(run_id), typed_config().tracking, frozenset(), tmp_path)
+    assert (found, tracker.uri) == (run_id, own)
+    assert ckpt.checkpoint_run(checkpoint(None), typed_config().tracking, frozenset(), tmp_path) is None
+    untracked = typed_config(["tracking=none"])
+    assert ckpt.checkpoint_run(checkpoint(run_id, untracked), config.tracking, frozenset(), tmp_path) is None
+    assert capsys.readouterr().err == ""
+    elsewhere = typed_config(
+        [f"tracking.uri={other}"]
+    ).tracking  # the run is not in the store named on the command line
+    assert ckpt.checkpoint_run(checkpoint(run_id), elsewhere, frozenset({"tracking.uri"}), tmp_path) is None
+    assert capsys.readouterr().err == f"warning: MLflow run {run_id} is not in {other}: results are only local\n"

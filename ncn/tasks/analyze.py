@@ -24,8 +24,14 @@ from ncn.data.loader import DataModule
 from ncn.data.tokenizer import encode_prompt, get_encoding, token_labels
 from ncn.errors import NCNConfigError
 from ncn.model.signals import GATES
-from ncn.tracking import open_tracker
-from ncn.training.checkpoint import CONTROL_USE_KEYS, Checkpoint, control_setting, load_model, open_checkpoint
+from ncn.training.checkpoint import (
+    CONTROL_USE_KEYS,
+    Checkpoint,
+    checkpoint_run,
+    control_setting,
+    load_model,
+    open_checkpoint,
+)
 from ncn.training.evaluation import run_signals
 from ncn.training.runtime import default_device
 
@@ -197,15 +203,9 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
     for file in files:
         print(f"wrote {file}")
 
-    tracking_overridden = any(k.split(".")[0] == "tracking" for k in ctx.overridden)
-    tracker = open_tracker(cfg.tracking if tracking_overridden else ckpt.config.tracking, ctx.launch_dir)
-    run_id = ckpt.state.mlflow_run_id
-    if not (tracker.enabled and run_id):
+    if (run := checkpoint_run(ckpt, cfg.tracking, ctx.overridden, ctx.launch_dir)) is None:
         return
-    tracker.check()
-    if tracker.get_run(run_id) is None:
-        log.warning("MLflow run %s is not in %s: results are only local", run_id, tracker.uri)
-        return
+    tracker, run_id = run
     for file in files:
         tracker.log_artifact(file, f"analysis/{out.parent.name}", run_id=run_id)
     print(f"logged to MLflow run {run_id} ({tracker.uri}) under analysis/{out.parent.name}/")

@@ -31,8 +31,7 @@ from ncn.data.loader import DataModule
 from ncn.errors import CheckpointError, NCNConfigError, fixed
 from ncn.model.compute import FlopCount, SkipPlan, count_flops
 from ncn.model.gpt import ModulatedGPT
-from ncn.tracking import open_tracker
-from ncn.training.checkpoint import Checkpoint, load_model, open_checkpoint
+from ncn.training.checkpoint import Checkpoint, checkpoint_run, load_model, open_checkpoint
 from ncn.training.evaluation import (
     EARLY_POSITIONS,
     VAL_CONTROL_DIAGONAL,
@@ -192,15 +191,9 @@ def _measure_grid(cfg: RunConfig, ctx: RunContext, ckpt: Checkpoint, model: Modu
     name = ckpt.state.run_name or ckpt.config.run_name or ckpt.path.name
     png = curve_plot(rows, cfg.skip_draws, f"{name}, step {ckpt.state.step}", ctx.run_dir / "quality_compute.png")
     print(f"wrote {path} and {png}", flush=True)
-    tracking_overridden = any(k.split(".")[0] == "tracking" for k in ctx.overridden)
-    tracker = open_tracker(cfg.tracking if tracking_overridden else ckpt.config.tracking, ctx.launch_dir)
-    run_id = ckpt.state.mlflow_run_id
-    if not (tracker.enabled and run_id):
+    if (run := checkpoint_run(ckpt, cfg.tracking, ctx.overridden, ctx.launch_dir)) is None:
         return
-    tracker.check()
-    if tracker.get_run(run_id) is None:
-        print(f"warning: MLflow run {run_id} is not in {tracker.uri}: results are only local", file=sys.stderr)
-        return
+    tracker, run_id = run
     tracker.log_metrics(compute_metrics(rows), step=ckpt.state.step, run_id=run_id)
     for artifact in (path, png):
         tracker.log_artifact(artifact, f"compute/{ctx.run_dir.name}", run_id=run_id)

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -34,10 +35,12 @@ from ncn.config import (
     RESUME_MUTABLE,
     OptimConfig,
     RunConfig,
+    TrackingConfig,
     config_from_dict,
 )
 from ncn.errors import NO_SPACE, CheckpointError, DiskFullError, NCNConfigError, mb
 from ncn.model.gpt import ModulatedGPT
+from ncn.tracking import Tracker, open_tracker
 from ncn.training.optim import apply_settings
 
 FORMAT_VERSION = 2  # 1: config.yaml still held Hydra's `_target_`/`_convert_` keys (see _upgrade_config)
@@ -571,6 +574,32 @@ def open_checkpoint(
             f"model, ncn and control settings{also}; drop the override"
         )
     return load(resolve(spec, launch_dir))
+
+
+def checkpoint_run(
+    ckpt: Checkpoint, tracking: TrackingConfig, overridden: frozenset[str], launch_dir: Path
+) -> tuple[Tracker, str] | None:
+    """(checked tracker, run id) of the MLflow run that trained `ckpt`, for a task that adds results to it
+    (task=eval's compute curve, task=analyze's figures); None when there is none to add to.
+
+    The store is the checkpoint's own (its config's `tracking`) unless a `tracking.*` key is in
+    `overridden`, then `tracking`'s. None when tracking is off or the checkpoint records no run; also
+    when the store lacks the run, after one stderr line `warning: MLflow run <id> is not in <uri>:
+    results are only local`.
+
+    Raises:
+        NCNConfigError: a store that cannot be used (`Tracker.check`).
+    """
+    tracking_overridden = any(k.split(".")[0] == "tracking" for k in overridden)
+    tracker = open_tracker(tracking if tracking_overridden else ckpt.config.tracking, launch_dir)
+    run_id = ckpt.state.mlflow_run_id
+    if not (tracker.enabled and run_id):
+        return None
+    tracker.check()
+    if tracker.get_run(run_id) is None:
+        print(f"warning: MLflow run {run_id} is not in {tracker.uri}: results are only local", file=sys.stderr)
+        return None
+    return tracker, run_id
 
 
 # What task=generate / task=analyze may set on a checkpoint: the control setting to use (NCN paper §3.2, §6.1).
