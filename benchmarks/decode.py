@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ncn import ModulatedGPT, cli  # noqa: E402
+from ncn.analysis.compute import require_gates  # noqa: E402
 from ncn.data.loader import DataModule  # noqa: E402
+from ncn.errors import NCNConfigError  # noqa: E402
 from ncn.model.compute import FlopCount, SkipPlan, count_flops  # noqa: E402
 from ncn.training.checkpoint import load_model, open_checkpoint  # noqa: E402
 
@@ -107,6 +109,11 @@ def skip_benchmark(args: argparse.Namespace, contexts: list[int], device: torch.
         )
         raise SystemExit(2)
     thresholds = [0.0, *(float(t) for t in args.skip_thresholds.split(","))]
+    try:
+        require_gates(model, f"--skip-thresholds={args.skip_thresholds}", str(ckpt.path))
+    except NCNConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     load_before = os.getloadavg()
     results = []
     text = DataModule(ckpt.config.data).probe_tokens(max(contexts))  # the gates react to text, not random ids

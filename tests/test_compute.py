@@ -16,7 +16,7 @@ from PIL import Image
 from scipy.stats import t
 
 from ncn import ModelConfig, ModulatedGPT, ModulationConfig
-from ncn.analysis.compute import REPORT_TAU, ComputeRow, compute_curve, metrics, parse_metrics
+from ncn.analysis.compute import REPORT_TAU, ComputeRow, compute_curve, metrics, parse_metrics, require_gates
 from ncn.errors import NCNConfigError
 from ncn.model.blocks import Block, BlockSkip, CausalSelfAttention
 from ncn.model.compute import SkipMasks, SkipPlan, compute_cost, count_flops, random_like, threshold_masks
@@ -341,6 +341,59 @@ def test_compute_curve_pins_its_ends_and_matches_the_counter():
 def test_compute_curve_refuses_a_model_without_gates():
     with pytest.raises(NCNConfigError, match=r"skip_grid needs a model with gates: ncn.targets=\['temperature'\]"):
         compute_curve(tiny(["temperature"]), [(tokens(), tokens())], torch.device("cpu"), [0.5])
+
+
+NO_GATES = (
+    "skips units whose gate is below the threshold, and {owner} has no gates (ncn.targets={targets}): use a "
+    "checkpoint trained with ncn=sparse, ncn=head_gate or ncn=layer_gate (or any ncn option with the FFN gate, "
+    "ncn.activation=gate with the activation target, e.g. ncn=full), or drop skip_threshold"
+)
+
+
+@pytest.mark.parametrize(
+    ("targets", "gated"),
+    [
+        ([], False),
+        (["temperature", "gain"], False),
+        (["temperature", "gain", "activation"], True),  # ncn=full: the FFN gate
+        (["head_gate"], True),
+        (["layer_gate"], True),
+    ],
+)
+def test_skipping_is_refused_for_a_model_without_gates(targets: list[str], gated: bool) -> None:
+    """A threshold on a model without gates would skip nothing and report 0 %: it is refused instead."""
+    model = ModulatedGPT(TINY, ModulationConfig(targets=targets)).eval()
+    if gated:
+        require_gates(model, "skip_threshold=0.3", "ckpt")
+        assert [t.shape for t in model.stream(tokens(1, 4), 2, 0.0, skip_threshold=0.3)] == [(1, 1), (1, 1)]
+        return
+    with pytest.raises(NCNConfigError) as refused:
+        require_gates(model, "skip_threshold=0.3", "ckpt")
+    assert str(refused.value) == "skip_threshold=0.3 " + NO_GATES.format(owner="ckpt", targets=targets)
+    with pytest.raises(NCNConfigError) as in_the_model:  # checked at the call, before any token
+        model.stream(tokens(1, 4), 2, 0.0, skip_threshold=0.3)
+    assert str(in_the_model.value) == (
+        "skip_threshold=0.3 needs a model with gates (ffn_gate, head_gate or layer_gate), and "
+        f"ncn.targets={targets} has none: use 0 (dense) or a model with gates"
+    )
+    assert len(list(model.stream(tokens(1, 4), 2, 0.0, skip_threshold=0.0))) == 2  # dense is fine
+
+
+def test_skip_threshold_on_a_checkpoint_without_gates_is_one_error_line(tmp_path: Path) -> None:
+    """eval, generate and analyze refuse skip_threshold for an ncn=none checkpoint (exit 2), naming it."""
+    run_dir = tmp_path / "run"
+    base = ["model=tiny", "data.tokenizer=bytes", "tracking=none"]
+    done = run_cli([*base, "trainer=smoke", "ncn=none", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "step_000006"
+    for task in ("eval", "generate", "analyze"):
+        refused = run_cli(
+            [f"task={task}", f"checkpoint={ckpt}", "skip_threshold=0.3", f"hydra.run.dir={tmp_path / task}"], tmp_path
+        )
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+        assert errors == ["error: skip_threshold=0.3 " + NO_GATES.format(owner=ckpt, targets=[])]
+        assert refused.stdout == ""
 
 
 def test_report_shows_the_compute_columns_at_the_report_threshold():

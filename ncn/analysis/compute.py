@@ -67,6 +67,23 @@ def has_gates(model: ModulatedGPT) -> bool:
     return model.controller is not None and any(s in GATES for s in model.controller.signals)
 
 
+def require_gates(model: ModulatedGPT, setting: str, owner: str) -> None:
+    """Refuse a skipping setting (`setting`, e.g. "skip_threshold=0.3") for a model without gates, which would
+    silently skip nothing (0 %): `owner` names the model, e.g. a checkpoint's folder (NCN paper §8).
+
+    Raises:
+        NCNConfigError: `model` has no ffn_gate, head_gate or layer_gate.
+    """
+    if has_gates(model):
+        return
+    targets = model.modulation_config.targets
+    raise NCNConfigError(
+        f"{setting} skips units whose gate is below the threshold, and {owner} has no gates (ncn.targets={targets}): "
+        "use a checkpoint trained with ncn=sparse, ncn=head_gate or ncn=layer_gate (or any ncn option with the FFN "
+        f"gate, ncn.activation=gate with the activation target, e.g. ncn=full), or drop {setting.split('=')[0]}"
+    )
+
+
 def _ce_sum(model: ModulatedGPT, x: torch.Tensor, y: torch.Tensor, skip: SkipPlan | None):
     out = model(x, skip=skip)
     ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="sum")

@@ -30,7 +30,7 @@ from ncn.errors import NCNConfigError
 from ncn.model.blocks import Block, KVCache, make_norm
 from ncn.model.compute import SkipMasks, SkipPlan, compute_cost, masked_signals, present, threshold_masks
 from ncn.model.controller import Controller, SalienceState
-from ncn.model.signals import hard_gates, homeostatic_loss, mode_loss, signal_names
+from ncn.model.signals import GATES, hard_gates, homeostatic_loss, mode_loss, signal_names
 
 
 @dataclass
@@ -361,7 +361,7 @@ class ModulatedGPT(nn.Module):
 
         Raises:
             NCNConfigError: pooling="global" with use_cache=True; temperature < 0; top_k < 1;
-                max_new_tokens < 0; skip_threshold outside [0, 1].
+                max_new_tokens < 0; skip_threshold outside [0, 1], or > 0 for a model without gates.
         """
         if not 0.0 <= skip_threshold <= 1.0:
             raise NCNConfigError(
@@ -373,6 +373,11 @@ class ModulatedGPT(nn.Module):
             raise NCNConfigError(f"temperature={temperature} is negative: use 0 (greedy) or a positive value")
         if top_k is not None and top_k < 1:
             raise NCNConfigError(f"top_k={top_k} must be >= 1 (or null for no top-k filtering)")
+        if skip_threshold > 0 and not (self.controller is not None and set(GATES) & set(self.controller.signals)):
+            raise NCNConfigError(  # SkipPlan would find no gate and skip nothing, silently
+                f"skip_threshold={skip_threshold:g} needs a model with gates (ffn_gate, head_gate or layer_gate), and "
+                f"ncn.targets={self.modulation_config.targets} has none: use 0 (dense) or a model with gates"
+            )
         block = self.config.block_size
         if idx.shape[1] > block:
             warnings.warn(

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ncn.analysis.compute import require_gates
 from ncn.analysis.plots import control_heatmaps, signal_heatmaps, signal_rows
 from ncn.config import RunConfig, RunContext
 from ncn.data.loader import DataModule
@@ -136,13 +137,16 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
     skip_threshold τ > 0 adds to the summary the fraction of each gate's units inference at τ skips.
 
     Raises:
-        CheckpointError: unusable checkpoint; NCNConfigError: a plain-Transformer checkpoint
-            (no signals), an unusable tracking store.
+        CheckpointError: unusable checkpoint; NCNConfigError: skip_threshold > 0 for a checkpoint
+            without gates (`require_gates`), a plain-Transformer checkpoint (no signals), an unusable
+            tracking store.
     """
     ckpt = open_checkpoint(cfg.checkpoint, ctx.launch_dir, ctx.overridden, allowed=CONTROL_USE_KEYS)
     print(ckpt.describe(), file=sys.stderr, flush=True)
     settings = control_settings(ckpt, cfg.control.label, cfg.control.value)
     model = load_model(ckpt, default_device())
+    if cfg.skip_threshold > 0:
+        require_gates(model, f"skip_threshold={cfg.skip_threshold:g}", str(ckpt.path))
     if not model.modulation_config.targets:
         raise NCNConfigError(
             f"{ckpt.path} is a plain Transformer (ncn.targets=[]) and has no modulation signals: "

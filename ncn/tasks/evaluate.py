@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ncn.analysis.compute import FIELDS, ComputeRow, compute_curve, has_gates
+from ncn.analysis.compute import FIELDS, ComputeRow, compute_curve, require_gates
 from ncn.analysis.compute import metrics as compute_metrics
 from ncn.analysis.compute import table as compute_table
 from ncn.analysis.statistics import summary_interval
@@ -117,12 +117,10 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
             f"skip_threshold/skip_grid measure skipping without a control input, and {ckpt.path} was trained with "
             f"control={ckpt.config.control.kind}: drop skip_threshold and skip_grid"
         )
-    if (cfg.skip_threshold > 0 or cfg.skip_grid) and not has_gates(model):
-        raise NCNConfigError(
-            f"skip_threshold/skip_grid need a model with gates, and {ckpt.path} has none "
-            f"(ncn.targets={model.modulation_config.targets}): evaluate a checkpoint trained with ncn=sparse, "
-            "ncn.targets with head_gate or layer_gate, or a gating activation target"
-        )
+    if cfg.skip_threshold > 0:
+        require_gates(model, f"skip_threshold={cfg.skip_threshold:g}", str(ckpt.path))
+    if cfg.skip_grid:
+        require_gates(model, f"skip_grid={list(cfg.skip_grid)}", str(ckpt.path))
     limit = cfg.trainer.eval_batches if "trainer.eval_batches" in ctx.overridden else None
     batches = data.val_batches(cfg.trainer.batch_size, model.config.block_size, limit)
     names = ckpt.config.control.vocabulary

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ncn.analysis.compute import require_gates
 from ncn.config import RunConfig, RunContext
 from ncn.data.tokenizer import encode_prompt, get_encoding, stream_text
 from ncn.errors import CheckpointError
@@ -32,7 +33,8 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
 
     Raises:
         NCNConfigError: negative max_new_tokens or temperature, top_k < 1 (checked by
-            `ModulatedGPT.stream` before any output); CheckpointError: unusable checkpoint, a
+            `ModulatedGPT.stream` before any output), skip_threshold > 0 for a checkpoint without
+            gates (`require_gates`); CheckpointError: unusable checkpoint, a
             control setting the checkpoint does not know (`control_setting`), no label for a
             labelled checkpoint.
     """
@@ -41,6 +43,8 @@ def main(cfg: RunConfig, ctx: RunContext) -> float:
     setting = control_setting(ckpt, cfg.control.label, cfg.control.value)
     device = default_device()
     model = load_model(ckpt, device)
+    if cfg.skip_threshold > 0:
+        require_gates(model, f"skip_threshold={cfg.skip_threshold:g}", str(ckpt.path))
     control = None
     if model.control is not None:
         trained = ckpt.config.control
