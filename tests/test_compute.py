@@ -461,6 +461,11 @@ def test_sparse_trains_measures_and_skips_through_run_py(tmp_path: Path, mlflow_
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     costs = [m["train/compute_loss"] for m in logged if "train/compute_loss" in m]
     assert len(costs) == 6 and all(abs(c - 0.2 * 0.9526) < 0.005 for c in costs)  # λ · cost, gates at sigmoid(3)
+    lines = [line.split(" - ", 1)[1] for line in done.stdout.splitlines() if " - step 6/6 | " in line]
+    terms = dict(f.split(" ") for f in lines[0].split(" | ")[1:6])  # the console shows the cost in the loss
+    assert list(terms) == ["loss", "ce", "reg", "compute", "lr"] and len(lines) == 1
+    assert float(terms["compute"]) == pytest.approx(costs[-1], abs=1e-5)
+    assert float(terms["loss"]) == pytest.approx(float(terms["ce"]) + float(terms["reg"]) + costs[-1], abs=2e-4)
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final["val/compute/t0.5/ffn_skipped"] == 0.0 == final["val/compute/t0.5/delta_loss"]
 

@@ -27,7 +27,7 @@ from ncn.config import TrainerConfig
 from ncn.errors import RUN_FAILED_EXIT, NCNConfigError
 from ncn.tasks.train import resume_notes
 from ncn.training.checkpoint import TrainState
-from ncn.training.loop import total_steps
+from ncn.training.loop import total_steps, train_line
 from ncn.training.optim import lr_at
 
 from conftest import REPO, run_cli, time_left
@@ -364,3 +364,40 @@ def test_a_resume_says_what_changes_tokens_per_step_and_the_schedule(typed_confi
         f"(the checkpoint's schedule: {o.min_lr:.2e}); trainer.max_steps=250 keeps the old schedule"
     )
     assert resume_notes(saved, saved_cfg, saved, saved_cfg, step=100, last=250) == []  # nothing changed
+
+
+STEP = {
+    "train/loss": 10.8375,
+    "train/ce_loss": 10.8280,
+    "train/reg_loss": 0.0,
+    "train/lr": 5.94e-06,
+    "train/grad_norm": 1.354,
+    "train/tokens_per_s": 452.4,
+}
+
+
+def _terms(line: str) -> dict[str, float]:
+    fields = [f.split(" ") for f in line.split(" | ")[1:-4]]  # loss up to lr
+    return {name: float(value) for name, value in fields}
+
+
+def test_the_training_line_shows_every_term_of_the_loss() -> None:
+    """loss = ce + reg (+ mode under control=mode) (+ compute with ncn.compute_lambda > 0), each shown when active."""
+    eta = "elapsed 00:00:02, eta 00:00:11"
+    plain = train_line(1, 6, {**STEP, "train/loss": 10.8280}, eta)
+    assert plain == (
+        "step 1/6 | loss 10.8280 | ce 10.8280 | reg 0.00000 | lr 5.94e-06 | grad 1.354 | 452 tok/s | "
+        "elapsed 00:00:02, eta 00:00:11"
+    )
+    compute = train_line(1, 6, {**STEP, "train/compute_loss": 0.0095}, eta)
+    assert _terms(compute) == {"loss": 10.8375, "ce": 10.828, "reg": 0.0, "compute": 0.0095}
+    both = {
+        **STEP,
+        "train/loss": 10.9,
+        "train/reg_loss": 0.0005,
+        "train/mode_loss": 0.062,
+        "train/compute_loss": 0.0095,
+    }
+    terms = _terms(train_line(1, 6, both, eta))
+    assert list(terms) == ["loss", "ce", "reg", "mode", "compute"]
+    assert terms["loss"] == pytest.approx(terms["ce"] + terms["reg"] + terms["mode"] + terms["compute"], abs=1e-4)

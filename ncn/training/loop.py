@@ -168,6 +168,32 @@ def optimizer_step(job: Job, batches: Iterator, cfg: TrainerConfig, step: int) -
     return result
 
 
+def train_line(step: int, total: int, result: dict[str, float], eta: str) -> str:
+    """The console line of a logged step: `step N/M | loss | ce | reg [| mode] [| compute] | lr | grad | tok/s | eta`.
+
+    `result`: `optimizer_step`'s metrics plus train/tokens_per_s. The loss is the sum of the terms
+    shown after it: ce (nats/token), reg (the homeostatic penalty), mode (control=mode's set-point
+    loss, only then) and compute (λ times the compute cost, only with ncn.compute_lambda > 0), so
+    loss = ce + reg + mode + compute up to the rounding of the line.
+    """
+    terms = [f"ce {result['train/ce_loss']:.4f}", f"reg {result['train/reg_loss']:.5f}"]
+    if "train/mode_loss" in result:
+        terms.append(f"mode {result['train/mode_loss']:.5f}")
+    if "train/compute_loss" in result:
+        terms.append(f"compute {result['train/compute_loss']:.5f}")
+    return " | ".join(
+        [
+            f"step {step}/{total}",
+            f"loss {result['train/loss']:.4f}",
+            *terms,
+            f"lr {result['train/lr']:.2e}",
+            f"grad {result['train/grad_norm']:.3f}",
+            f"{result['train/tokens_per_s']:.0f} tok/s",
+            eta,
+        ]
+    )
+
+
 def total_steps(
     cfg: TrainerConfig, state: TrainState, blocks_per_epoch: int, global_batch: int, tokens_per_step: int
 ) -> int:
@@ -347,14 +373,5 @@ def train(job: Job, state: TrainState, cfg: TrainerConfig, total: int) -> dict[s
                 job.tracker.log_metrics(result, step=state.step)
                 bar.set_postfix(loss=f"{result['train/loss']:.3f}", tok_s=f"{result['train/tokens_per_s']:.0f}")
                 log.info(
-                    "step %d/%d | loss %.4f | ce %.4f | reg %.5f | lr %.2e | grad %.3f | %.0f tok/s | %s",
-                    state.step,
-                    total,
-                    result["train/loss"],
-                    result["train/ce_loss"],
-                    result["train/reg_loss"],
-                    result["train/lr"],
-                    result["train/grad_norm"],
-                    result["train/tokens_per_s"],
-                    _eta(started, state.step - start_step, total - state.step),
+                    train_line(state.step, total, result, _eta(started, state.step - start_step, total - state.step))
                 )
