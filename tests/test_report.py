@@ -137,9 +137,9 @@ def test_report_table_statistics_by_hand(sweep, tmp_path: Path) -> None:
         pytest.approx(14.95 / 3 - loss_half),
         pytest.approx(14.95 / 3 + loss_half),
     )
-    assert "| full | 0,1,2 | 1,100 | 9.09 | 4.9833 ± 0.0764 [4.7936, 5.1731] |" in text
+    assert "| full | 3 (0,1,2) | 1,100 | 9.09 | 4.9833 ± 0.0764 [4.7936, 5.1731] |" in text
     assert f"| {-0.35 / 3:+.4f} [{-0.35 / 3 - half:+.4f}, {-0.35 / 3 + half:+.4f}] vs none |" in text
-    assert "| none | 0,1,2 | 1,000 | 0.00 | 5.1000 ± 0.1000 [4.8516, 5.3484] |" in text and "| baseline |" in text
+    assert "| none | 3 (0,1,2) | 1,000 | 0.00 | 5.1000 ± 0.1000 [4.8516, 5.3484] |" in text and "| baseline |" in text
     assert "Not included (did not finish): tiny-gain_only-s2 (FAILED)" in text
     with csv_path.open() as f:
         table_rows = list(csv.DictReader(f))
@@ -191,7 +191,11 @@ def test_multi_key_grid_uses_matching_baseline() -> None:
     assert rows["model=small ncn=full"]["baseline"] == "model=small ncn=none"
     assert rows["model=small ncn=full"]["delta_val_loss"] == pytest.approx(-0.3)
     assert rows["model=tiny ncn=full"]["delta_val_loss"] == pytest.approx(-0.1)
-    assert "| model=tiny ncn=full | 0 |" in markdown(list(rows.values()), "scale", [])
+    # one seed per variant: the count says so, and so does every interval and std
+    one_seed = "| model=tiny ncn=full | 1 (0) | 1 | 0.00 | 6.9000 [n/a (1 seed)] | 992.27 ± n/a (1 seed) | "
+    assert one_seed + "-0.1000 [n/a (1 seed)] vs model=tiny ncn=none | 1 |" in markdown(
+        list(rows.values()), "scale", []
+    )
     # baseline=: a whole label is every row's baseline; <key>=<value> keeps the other keys matched
     fixed_base = {r["variant"]: r for r in table(results, labels, grid, baseline="model=small ncn=none")}
     assert fixed_base["model=tiny ncn=full"]["delta_val_loss"] == pytest.approx(0.9)  # 6.9 - 6.0
@@ -251,7 +255,7 @@ def test_cli_writes_into_the_sweep_dir(sweep, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sweep" / "report"
     assert sorted(p.name for p in out.iterdir()) == REPORT_FILES
     printed = capsys.readouterr().out
-    assert "| full | 0,1,2 |" in printed and str(out / "report.md") in printed
+    assert "| full | 3 (0,1,2) |" in printed and str(out / "report.md") in printed
 
 
 # pooling sweep: variant -> {seed: (val loss, val bpb, leak, leak early, leak late)}; leaks 0 unless global
@@ -410,7 +414,7 @@ def test_sample_efficiency_table_ratios_fits_and_sei(tmp_path: Path, mlflow_stor
         assert float(rows[variant]["sei_95_mean"]) == pytest.approx(alpha, abs=1e-3)
         assert float(rows[variant]["sei_99_mean"]) == pytest.approx(alpha, abs=1e-3)
     text = se_md.read_text()
-    assert "| full | 0,1,2 |" in text and "2.000 [2.000, 2.000] (3/3 reached)" in text
+    assert "| full | 3 (0,1,2) |" in text and "2.000 [2.000, 2.000] (3/3 reached)" in text
     assert "| baseline | not reached (0/3 seeds) |" in text  # none: its own baseline; slower than none_iso
     assert "efficiency ratio vs none_iso [95 % CI]" in text and "Reference log ref.log: 199 rows" in text
     assert se_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -562,7 +566,7 @@ def test_control_report_shows_the_gain_and_the_mode_entropy_and_compares_with_th
     assert math.isnan(by["genre_embedding"]["delta_val_loss"])  # the baseline's own row
     text = paths[0].read_text()
     assert f"| {vs_embedding[0]:+.4f} [{vs_embedding[1]:+.4f}, {vs_embedding[2]:+.4f}] vs genre_embedding |" in text
-    assert "| genre_embedding | 0,1,2 | 1,000 | 5.00 | 2.4600 ± 0.0100 [2.4352, 2.4848] | " in text
+    assert "| genre_embedding | 3 (0,1,2) | 1,000 | 5.00 | 2.4600 ± 0.0100 [2.4352, 2.4848] | " in text
     assert text.count("| baseline |") == 1
     with paths[4].open() as f:  # sample_efficiency.csv: its ratios use the same baseline
         assert {r["variant"]: r["vs_baseline_name"] for r in csv.DictReader(f)}["genre"] == "genre_embedding"
@@ -655,10 +659,10 @@ def test_quality_compute_table_and_plot_over_every_logged_threshold(tmp_path: Pa
     )
     text = paths[6].read_text()
     assert (
-        f"| 0.2 | 0.5 | 0,1,2 | 32.0 ± 2.0 | 16.0 ± 1.0 | +0.0200 [{gated[1]:+.4f}, {gated[2]:+.4f}] | "
+        f"| 0.2 | 0.5 | 3 (0,1,2) | 32.0 ± 2.0 | 16.0 ± 1.0 | +0.0200 [{gated[1]:+.4f}, {gated[2]:+.4f}] | "
         f"+0.0650 [{random[1]:+.4f}, {random[2]:+.4f}] | -0.0450 [{paired[1]:+.4f}, {paired[2]:+.4f}] |"
     ) in text
-    assert "| 0.0 | 0.1 | 0 | 0.0 ± n/a | 0.0 ± n/a | +0.0000 [n/a, n/a] |" in text
+    assert "| 0.0 | 0.1 | 1 (0) | 0.0 ± n/a (1 seed) | 0.0 ± n/a (1 seed) | +0.0000 [n/a (1 seed)] |" in text
     # report.md keeps the τ = 0.5 columns, now from a real store
     assert f"| 32.0 ± 2.0 | 16.0 ± 1.0 | +0.0200 [{gated[1]:+.4f}, {gated[2]:+.4f}] |" in paths[0].read_text()
     with Image.open(paths[8]) as png:

@@ -252,7 +252,7 @@ def test_two_variant_sweep_nests_runs_and_reports(two_variant) -> None:
         cwd=tmp_path,
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
-    assert f"| full | 0 | {int(full.data.params['n_params']):,} |" in shown.stdout
+    assert f"| full | 1 (0) | {int(full.data.params['n_params']):,} |" in shown.stdout
     assert (tmp_path / "report_run" / "report" / "report.csv").read_text().count("\n") == 3  # header + 2 rows
 
 

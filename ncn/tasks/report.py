@@ -289,9 +289,30 @@ def _num(x: float, fmt: str) -> str:
     return "n/a" if isinstance(x, float) and math.isnan(x) else fixed(x, fmt)
 
 
-def _signed_interval(mean: float, low: float, high: float) -> str:
-    """ "+0.0137 [+0.0100, +0.0174]": a signed value and its interval, no negative zero ("n/a" for NaN bounds)."""
-    return f"{_num(mean, '+.4f')} [{_num(low, '+.4f')}, {_num(high, '+.4f')}]"
+ONE_SEED = "n/a (1 seed)"  # an interval or std over seeds needs n >= 2 (`mean_interval`, `delta_interval`)
+
+
+def _seeds(seeds: str) -> str:
+    """ "3 (0,1,2)": the number n of seeds a row's means and intervals are over, then the seeds themselves."""
+    return f"{len(seeds.split(',')) if seeds else 0} ({seeds})"
+
+
+def _bounds(low: float, high: float, fmt: str, n: int) -> str:
+    """ "[+0.0100, +0.0174]": an interval's bounds ("n/a" for a NaN bound; "[n/a (1 seed)]" when n < 2)."""
+    if n < 2 and math.isnan(low) and math.isnan(high):
+        return f"[{ONE_SEED}]"
+    return f"[{_num(low, fmt)}, {_num(high, fmt)}]"
+
+
+def _signed_interval(mean: float, low: float, high: float, n: int = 2) -> str:
+    """ "+0.0137 [+0.0100, +0.0174]": a signed value and its interval over n seeds, no negative zero ("n/a" for
+    NaN bounds, "[n/a (1 seed)]" when n < 2)."""
+    return f"{_num(mean, '+.4f')} {_bounds(low, high, '+.4f', n)}"
+
+
+def _std(std: float, fmt: str, n: int) -> str:
+    """ "0.0123": a sample std over n seeds ("n/a (1 seed)" when n < 2)."""
+    return ONE_SEED if n < 2 else _num(std, fmt)
 
 
 def _has(rows: list[dict[str, Any]], field: str, nonzero: bool = False) -> bool:
@@ -303,7 +324,7 @@ def _interval(r: dict[str, Any], name: str) -> str:
     """ "+0.0137 [+0.0100, +0.0174]": a `ci` column's mean and 95 % interval ("n/a" where no run logged it)."""
     if math.isnan(r[f"{name}_mean"]):
         return "n/a"
-    return _signed_interval(r[f"{name}_mean"], r[f"{name}_ci_low"], r[f"{name}_ci_high"])
+    return _signed_interval(r[f"{name}_mean"], r[f"{name}_ci_low"], r[f"{name}_ci_high"], r["runs"])
 
 
 def _spread(r: dict[str, Any], name: str, fmt: str) -> str:
@@ -311,9 +332,11 @@ def _spread(r: dict[str, Any], name: str, fmt: str) -> str:
     the column has one ("n/a" where no run logged it)."""
     if math.isnan(r[f"{name}_mean"]):
         return "n/a"
+    if r["runs"] < 2:  # neither a std nor an interval
+        return f"{r[f'{name}_mean']:{fmt}} [{ONE_SEED}]"
     text = f"{r[f'{name}_mean']:{fmt}} ± {_num(r[f'{name}_std'], fmt)}"
     if f"{name}_ci_low" in r:
-        text += f" [{_num(r[f'{name}_ci_low'], fmt)}, {_num(r[f'{name}_ci_high'], fmt)}]"
+        text += f" {_bounds(r[f'{name}_ci_low'], r[f'{name}_ci_high'], fmt, r['runs'])}"
     return text
 
 
@@ -321,14 +344,16 @@ def _percent(r: dict[str, Any], name: str) -> str:
     """ "31.2 ± 0.4": a fraction column's mean ± sample std in percent ("n/a" where no run logged it)."""
     if math.isnan(r[f"{name}_mean"]):
         return "n/a"
-    return f"{100 * r[f'{name}_mean']:.1f} ± {_num(100 * r[f'{name}_std'], '.1f')}"
+    return f"{100 * r[f'{name}_mean']:.1f} ± {_std(100 * r[f'{name}_std'], '.1f', r['runs'])}"
 
 
 def _delta(r: dict[str, Any], name: str) -> str:
-    """ "-0.0123 [-0.0200, -0.0046]": a Δ column with its 95 % interval ("n/a" where undefined)."""
+    """ "-0.0123 [-0.0200, -0.0046]": a Δ column with its 95 % interval ("n/a" where undefined). `delta_interval`
+    leaves both bounds NaN only when a side has one seed: "[n/a (1 seed)]"."""
     if math.isnan(r[f"{name}_val_loss"]):
         return "n/a"
-    return _signed_interval(r[f"{name}_val_loss"], r[f"{name}_ci_low"], r[f"{name}_ci_high"])
+    low, high = r[f"{name}_ci_low"], r[f"{name}_ci_high"]
+    return _signed_interval(r[f"{name}_val_loss"], low, high, 1 if math.isnan(low) and math.isnan(high) else 2)
 
 
 def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
@@ -343,7 +368,7 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
     compute = _has(rows, "ffn_skipped_mean")
     iso = _has(rows, "delta_iso_val_loss")
     gain, mode = _has(rows, "control_gain_mean"), _has(rows, f"{MODE_ENTROPY[0]}_mean")
-    header = ["variant", "seeds", "params", "controller %", "val loss ± std [95 % CI]", "val ppl"]
+    header = ["variant", "n (seeds)", "params", "controller %", "val loss ± std [95 % CI]", "val ppl"]
     align = ["---", "---", "---:", "---:", "---", "---"]
     if bpb:
         header, align = [*header, "val bpb ± std [95 % CI]"], [*align, "---"]
@@ -375,18 +400,16 @@ def markdown(rows: list[dict[str, Any]], title: str, failed: list[str]) -> str:
     lines = [f"### {title}", "", f"| {' | '.join(header)} |", f"|{'|'.join(align)}|"]
     for r in rows:
         if r["delta_method"]:
-            delta = (
-                _signed_interval(r["delta_val_loss"], r["delta_ci_low"], r["delta_ci_high"]) + f" vs {r['baseline']}"
-            )
+            delta = _delta(r, "delta") + f" vs {r['baseline']}"
         else:
             delta = "baseline" if r["baseline"] == r["variant"] else "n/a"
         cells = [
             r["variant"],
-            r["seeds"],
+            _seeds(r["seeds"]),
             f"{r['params']:,}",
             f"{r['controller_share_pct']:.2f}",
             _spread(r, "val_loss", ".4f"),
-            f"{r['val_ppl_mean']:.2f} ± {_num(r['val_ppl_std'], '.2f')}",
+            f"{r['val_ppl_mean']:.2f} ± {_std(r['val_ppl_std'], '.2f', r['runs'])}",
         ]
         if bpb:
             cells.append(_spread(r, "val_bpb", ".4f"))
@@ -482,7 +505,7 @@ def compute_markdown(rows: list[dict[str, Any]], title: str) -> str:
     header = [
         "variant",
         "τ",
-        "seeds",
+        "n (seeds)",
         "FFN FLOPs skipped (%)",
         "forward FLOPs skipped (%)",
         "Δ val loss, gated skipping [95 % CI]",
@@ -494,10 +517,10 @@ def compute_markdown(rows: list[dict[str, Any]], title: str) -> str:
         cells = [
             r["variant"],
             f"{r['tau']:g}",
-            r["seeds"],
-            f"{r['ffn_skipped_pct_mean']:.1f} ± {_num(r['ffn_skipped_pct_std'], '.1f')}",
-            f"{r['total_skipped_pct_mean']:.1f} ± {_num(r['total_skipped_pct_std'], '.1f')}",
-            *(_signed_interval(*(r[f"{side}_{part}"] for part in INTERVAL)) for side in COMPUTE_SIDES),
+            _seeds(r["seeds"]),
+            f"{r['ffn_skipped_pct_mean']:.1f} ± {_std(r['ffn_skipped_pct_std'], '.1f', r['runs'])}",
+            f"{r['total_skipped_pct_mean']:.1f} ± {_std(r['total_skipped_pct_std'], '.1f', r['runs'])}",
+            *(_signed_interval(*(r[f"{side}_{part}"] for part in INTERVAL), r["runs"]) for side in COMPUTE_SIDES),
         ]
         lines.append(f"| {' | '.join(str(c) for c in cells)} |")
     lines += [
@@ -618,10 +641,12 @@ def efficiency_table(
 
 
 def _ci(r: dict[str, Any], name: str, fmt: str) -> str:
-    """ "0.1234 [0.1000, 0.1468]": mean and 95 % interval of an SE_FIELDS triple ("n/a" where undefined)."""
+    """ "0.1234 [0.1000, 0.1468]": mean and 95 % interval of an SE_FIELDS triple ("n/a" where undefined,
+    "[n/a (1 seed)]" for a row of one seed)."""
     if math.isnan(r[f"{name}_mean"]):
         return "n/a"
-    return f"{r[f'{name}_mean']:{fmt}} [{_num(r[f'{name}_ci_low'], fmt)}, {_num(r[f'{name}_ci_high'], fmt)}]"
+    n = len(r["seeds"].split(","))
+    return f"{r[f'{name}_mean']:{fmt}} {_bounds(r[f'{name}_ci_low'], r[f'{name}_ci_high'], fmt, n)}"
 
 
 def _ratio(r: dict[str, Any], side: str) -> str:
@@ -661,7 +686,15 @@ def efficiency_markdown(rows: list[dict[str, Any]], title: str) -> str:
     """The sample-efficiency table as Markdown (tokens in tokens of the sweep's tokenizer)."""
     iso = any(r["vs_iso_name"] for r in rows)
     base = next((r["vs_baseline_name"] for r in rows if r["vs_baseline_name"]), "baseline")
-    header = ["variant", "seeds", "E [95 % CI]", "A", "α [95 % CI]", "fit RMSE", f"tokens to {base}'s final val loss"]
+    header = [
+        "variant",
+        "n (seeds)",
+        "E [95 % CI]",
+        "A",
+        "α [95 % CI]",
+        "fit RMSE",
+        f"tokens to {base}'s final val loss",
+    ]
     header.append(f"efficiency ratio vs {base} [95 % CI]")
     if iso:
         header.append(f"efficiency ratio vs {ISO_BASELINE} [95 % CI]")
@@ -670,7 +703,7 @@ def efficiency_markdown(rows: list[dict[str, Any]], title: str) -> str:
     for r in rows:
         cells = [
             r["variant"],
-            r["seeds"],
+            _seeds(r["seeds"]),
             _ci(r, "fit_E", ".4f"),
             _num(r["fit_A_mean"], ".4g"),
             _ci(r, "fit_alpha", ".4f"),
