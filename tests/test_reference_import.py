@@ -5,15 +5,16 @@ forward pass with its parameter names and shapes. A random model of it (2 layers
 GPT-2 vocabulary) is saved as the reference's train.py saves; asserted: the imported model's
 logits equal the oracle's (max |Δ| <= 1e-4 in fp32), its config pools globally with the
 reference's transforms, task=eval evaluates it with the leak audit and reports the oracle's own
-val loss, it generates and fine-tunes (trainer.resume), and an unmappable tensor, a wrong shape
-or a file that needs full unpickling (without unsafe_unpickle=true) each end in one `error:`
-line with exit status 2.
-Run: python -m pytest -q tests/test_reference_import.py   (about a minute and a half on 2 cores)
+val loss, it generates, is analyzed and fine-tunes (trainer.resume), and an unmappable tensor,
+a wrong shape or a file that needs full unpickling (without unsafe_unpickle=true) each end in
+one `error:` line with exit status 2.
+Run: python -m pytest -q tests/test_reference_import.py   (about two minutes on 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def test_eval_runs_the_leak_audit_and_reports_the_oracles_val_loss(
     assert leak == pytest.approx(causal_loss - global_loss, abs=2e-4)
 
 
-def test_the_imported_checkpoint_generates_and_fine_tunes(
+def test_the_imported_checkpoint_generates_analyzes_and_fine_tunes(
     imported: tuple[ModulatedLLM, Path, Path], tmp_path: Path
 ) -> None:
     _, _, folder = imported
@@ -160,6 +161,21 @@ def test_the_imported_checkpoint_generates_and_fine_tunes(
     )
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert sample.stdout.startswith("To be") and len(sample.stdout) > len("To be")
+    analysis = run_cli(
+        [
+            "task=analyze",
+            f"checkpoint={folder}",
+            "prompt=To be or not",
+            "tracking=none",
+            f"hydra.run.dir={tmp_path / 'a'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+    summary = json.loads((tmp_path / "a" / "analysis" / "summary.json").read_text())
+    assert (summary["run_name"], summary["step"]) == ("reference-checkpoint_step_500", 500)
+    gains = [v for k, v in summary["statistics"].items() if k.startswith("gain/") and k.endswith(("/min", "/max"))]
+    assert len(gains) == 4 and all(0.5 < g < 1.5 for g in gains)  # the reference's gain range, sigmoid + 0.5
     tuned = run_cli(
         [
             f"trainer.resume={folder}",
