@@ -61,6 +61,8 @@ def test_unknown_activation():
         ({"homeostatic_lambda": -0.1}, r"ncn\.homeostatic_lambda=-0\.1 is negative"),
         ({"hidden_dim": 0}, r"ncn\.hidden_dim=0 must be a positive integer: set e\.g\. ncn\.hidden_dim=64$"),
         ({"heads": 0}, r"ncn\.heads=0 must be a positive integer: set e\.g\. ncn\.heads=2$"),
+        ({"controller_activation": "swish"}, r"ncn\.controller_activation=swish is unknown: choose one of tanh, relu"),
+        ({"controller_norm": "layer"}, r"ncn\.controller_norm=layer is unknown: choose one of rms, none$"),
     ],
 )
 def test_other_modulation_errors(kwargs, match):
@@ -74,10 +76,18 @@ def test_other_modulation_errors(kwargs, match):
         ({"block_size": 0}, r"model\.block_size=0 must be a positive integer: set e\.g\. model\.block_size=256$"),
         ({"n_layer": 0}, r"model\.n_layer=0 must be a positive integer: set e\.g\. model\.n_layer=6$"),  # its default
         ({"d_ff": -4}, r"model\.d_ff=-4 must be a positive integer: set e\.g\. model\.d_ff=null$"),
+        ({"norm_eps": 0.0}, r"model\.norm_eps=0\.0 is not positive: use e\.g\. model\.norm_eps=1e-5, or null"),
     ],
 )
 def test_other_model_errors(kwargs, match):
     _raises(match, ModelConfig, **kwargs)
+
+
+def test_norm_eps_reaches_every_norm():
+    model = ModulatedGPT(ModelConfig(d_model=8, n_layer=2, n_head=2, vocab_size=16, norm_eps=1e-5), ModulationConfig())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm) and m is not model.controller.norm]
+    assert len(norms) == 5 and {m.eps for m in norms} == {1e-5}  # 2 per block + the final norm
+    assert ModulatedGPT(ModelConfig(d_model=8, n_layer=1, n_head=2, vocab_size=16)).norm.eps is None
 
 
 def test_sequence_longer_than_block_size():

@@ -110,3 +110,23 @@ def test_causal_pool_gradients_are_finite_with_empty_prefix():
     o.square().sum().backward()
     assert torch.isfinite(a.grad).all() and torch.isfinite(v.grad).all()
     assert a.grad.abs().sum().item() > 0
+
+
+def test_reference_parametrisation_gain_is_sigmoid_plus_half_and_the_rest_is_the_papers():
+    z = torch.tensor([-40.0, -1.0, 0.0, 1.0, 40.0])
+    gain = transform("gain", z, parametrisation="reference")
+    assert gain.tolist() == pytest.approx([0.5, 0.5 + 1 / (1 + math.e), 1.0, 0.5 + 1 / (1 + math.exp(-1)), 1.5])
+    for name in ("precision", "ffn_gate"):
+        assert torch.equal(transform(name, z, parametrisation="reference"), transform(name, z))
+
+
+def test_controller_activation_and_norm_options_follow_the_reference_mlp():
+    from ncn.model.controller import Controller
+
+    torch.manual_seed(0)
+    ours = Controller(8, 2, 2, ["gain"], 4, 2, "none", 4.0, False, "reference", "relu", "none")
+    ours.init_weights()
+    e = torch.randn(1, 3, 8)
+    z = ours.fc2(torch.relu(ours.fc1(e)))  # (1, 3, 2): no norm, relu
+    assert torch.equal(ours(e)[0]["gain"], torch.sigmoid(z) + 0.5)
+    assert not any(isinstance(m, torch.nn.RMSNorm) for m in ours.modules())

@@ -129,7 +129,6 @@ class _MappingUnpickler(pickle.Unpickler):
 _FULL_PICKLE = types.ModuleType("ncn_reference_pickle")
 _FULL_PICKLE.Unpickler = _MappingUnpickler  # type: ignore[attr-defined]
 _FULL_PICKLE.load = pickle.load  # type: ignore[attr-defined]
-_FULL_PICKLE.__dict__["UnpicklingError"] = pickle.UnpicklingError
 
 
 def _first_line(exc: BaseException) -> str:
