@@ -80,7 +80,7 @@ def test_a_training_job_that_fails_prints_its_error_once(tmp_path: Path, multiru
 
 OPTIONS = {
     "ncn": "activation_only, full, gain_only, head_gate, layer_gate, no_activation, no_gain, no_temperature, none, "
-    "none_iso, paper_global, per_head_temperature, sparse, swish_beta, temperature_only",
+    "none_iso, paper_global, per_head_temperature, reference, sparse, swish_beta, temperature_only",
     "model": "byte_small, gpt2, gpt2_124m, gpt2_medium, medium, paper_18m, small, tiny",
     "control": "genre, genre_embedding, genre_none, labels, mode, none",
     "hydra/launcher": "basic, joblib, slurm, submitit_local, submitit_slurm",
