@@ -4,10 +4,15 @@ renders them with the columns people compare (`val/loss`, `ncn.targets`, ...); e
 Run: python scripts/mlflow_screenshot.py [--uri sqlite:////abs/mlflow.db] [--sweep ablation] [--out shot.png]
 Works on a copy of the store (the user's store is never written): adds a saved view there (what the
 UI's Views > Save writes: columns, the sweep's runs only, sorted by val/loss; the URL cannot choose
-columns), serves the copy with `mlflow ui` on a free port and renders that view with Debian's
-headless chromium (/usr/bin/chromium). `--virtual-time-budget` lets the page finish rendering (a
-plain screenshot shows grey loading bars). The PNG goes to a temporary folder unless --out is
-given. Without chromium it prints "skipped" and exits 0 (CI machines without it).
+columns), serves the copy with `mlflow ui` on a free port and drives Debian's headless chromium
+(/usr/bin/chromium) over the DevTools protocol on a pipe (`--remote-debugging-pipe`, no extra
+package): open the view, wait until the run names and columns are on the page, close MLflow 3.17's
+Assistant panel, then take the screenshot. The panel opens by itself on a browser's first visit to a
+server on localhost or 127.0.0.1 and covers the right third of the table; `mlflow ui` 3.17.2 has no
+setting that turns it off, so the script clicks the panel's own close control, found by its role
+and accessible name (a button labelled "Close" in the region titled "MLflow Assistant"), and
+waits until the panel is gone. The PNG goes to a temporary folder unless --out is given. Without
+chromium it prints "skipped" and exits 0 (CI machines without it).
 """
 
 from __future__ import annotations
@@ -80,14 +85,128 @@ def saved_view(name: str, parent_id: str) -> str:
     return json.dumps({"name": name, "createdAt": now, "updatedAt": now, "state": f"deflate;{packed}"})
 
 
-def chromium(binary: str, url: str, *args: str, budget_ms: int, timeout: float) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run(
-            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", *args, url],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
+# Run in the page: the Assistant panel's state, after clicking its close control when `click` is true.
+# The panel is the region the UI marks data-assistant-ui whose title reads "MLflow Assistant"; its close
+# control is the button (role) whose accessible name (aria-label) is "Close".
+ASSISTANT_PANEL = """((click) => {
+  const panels = [...document.querySelectorAll('[data-assistant-ui]')]
+    .filter((p) => p.textContent.includes('MLflow Assistant') && p.getBoundingClientRect().width > 0);
+  if (panels.length === 0) return 'absent';
+  const close = panels
+    .flatMap((p) => [...p.querySelectorAll('button, [role="button"]')])
+    .find((b) => b.getAttribute('aria-label') === 'Close');
+  if (close === undefined) return 'open, without a Close button';
+  if (click) close.click();
+  return 'open';
+})"""
+
+
+class DevTools:
+    """A headless chromium driven over the Chrome DevTools Protocol on a pipe: chromium reads commands from
+    its fd 3 and writes replies and events to its fd 4, each a JSON message ending in a NUL byte. One page,
+    attached as a flat session; `call` sends a command and returns its result (events are skipped)."""
+
+    def __init__(self, binary: str, width: int, height: int, profile: str) -> None:
+        # fd 3 <- our stdin pipe (commands), fd 4 -> our stdout pipe (replies); chromium's own stdio is muted
+        self.proc = subprocess.Popen(
+            [
+                "sh",
+                "-c",
+                'exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>/dev/null 2>/dev/null',
+                binary,
+                *CHROMIUM_FLAGS,
+                "--remote-debugging-pipe",
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
         )
+        self.next_id = 0
+        self.buffer = b""
+        self.session: str | None = None
+        page = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=page, flatten=True)["sessionId"]
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def call(self, method: str, **params: object) -> dict:
+        """Send `method` with `params` (to the page once attached) and return its result.
+
+        Raises:
+            RuntimeError: the command failed, or chromium closed the pipe.
+        """
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if self.session is not None:
+            message["sessionId"] = self.session
+        self.proc.stdin.write(json.dumps(message).encode() + b"\0")
+        self.proc.stdin.flush()
+        while True:
+            while b"\0" not in self.buffer:
+                chunk = os.read(self.proc.stdout.fileno(), 1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"chromium closed the DevTools pipe during {method}")
+                self.buffer += chunk
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error'].get('message', reply['error'])}")
+                return reply.get("result", {})
+
+    def evaluate(self, expression: str) -> object:
+        """The value of the JavaScript `expression` in the page."""
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, seconds: float) -> bool:
+        """Poll `expression` in the page until it is true (True) or `seconds` pass (False)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.evaluate(expression):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # chromium's helper processes go with it
+        self.proc.wait(timeout=30)
+
+
+def close_assistant(browser: DevTools, settle_s: float = 2.0) -> str | None:
+    """Close the Assistant panel if it is open (its close control, by role and accessible name) and wait until
+    it is gone, then check again after `settle_s` (it opens from an effect that may run after the table
+    renders). None once the page has no open panel; else what went wrong."""
+    for _ in range(5):
+        state = browser.evaluate(f"{ASSISTANT_PANEL}(true)")
+        if state == "open":  # clicked: wait until it is gone, then look again
+            if not browser.wait_for(f"{ASSISTANT_PANEL}(false) === 'absent'", 10):
+                return "the Assistant panel stayed open after its Close button was clicked"
+            continue
+        if state != "absent":
+            return f"the Assistant panel is {state}"
+        time.sleep(settle_s)  # the table takes the panel's width back; a late panel shows up here
+        if browser.evaluate(f"{ASSISTANT_PANEL}(false)") == "absent":
+            return None
+    return "the Assistant panel kept opening again after its Close button was clicked"
+
+
+def page_check(dom: str, children: list[str], view: str) -> list[str]:
+    """What the rendered page `dom` lacks: run names (`children`), and the columns (table view) or the chart
+    sections train, val before val/signals/ (chart view, docs/mlflow_ui.md)."""
+    missing = [f"run {name}" for name in children if f">{name}<" not in dom]
+    if view == "table":
+        return missing + [f"column {c}" for c in METRICS + PARAMS if f">{c}<" not in dom]
+    first = {s: dom.find(f">{s}<") for s in ("train", "val", "val/signals/")}
+    order = sorted((i, s) for s, i in first.items() if i >= 0)
+    if [s for _, s in order] != ["train", "val"] + (["val/signals/"] if first["val/signals/"] >= 0 else []):
+        missing.append(f"chart sections train, val before val/signals/ (found in order {order})")
+    return missing
 
 
 def serve(uri: str, port: int) -> subprocess.Popen:
@@ -118,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: in a new temporary folder)")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--window", default="2000,1000", help="screenshot size W,H in pixels")
-    parser.add_argument("--budget-ms", type=int, default=30000, help="chromium virtual time for the page to render")
+    parser.add_argument("--budget-ms", type=int, default=30000, help="time the page may take to render its runs")
     parser.add_argument("--view", choices=["table", "chart"], default="table", help="runs table or chart view")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below: stop the server
@@ -161,21 +280,27 @@ def main(argv: list[str] | None = None) -> int:
                 f"{base}/#/experiments/{parent.experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
                 f"&workflowType=machine_learning&compareRunsMode={args.view.upper()}"
             )
-            size = f"--window-size={args.window}"  # the table renders only the columns in view
-            dom = chromium(binary, url, "--dump-dom", size, budget_ms=args.budget_ms, timeout=300).stdout
-            missing = [f"run {r.name}" for r in children if f">{r.name}<" not in dom]
-            if args.view == "table":
-                missing += [f"column {c}" for c in METRICS + PARAMS if f">{c}<" not in dom]
-            else:  # chart sections: loss sections before the per-layer signals (docs/mlflow_ui.md)
-                first = {s: dom.find(f">{s}<") for s in ("train", "val", "val/signals/")}
-                order = sorted((i, s) for s, i in first.items() if i >= 0)
-                if [s for _, s in order] != ["train", "val"] + (["val/signals/"] if first["val/signals/"] >= 0 else []):
-                    missing.append(f"chart sections train, val before val/signals/ (found in order {order})")
-            if missing:
-                print(f"error: the runs table at {url} does not show: {', '.join(missing)}", file=sys.stderr)
-                return 1
-            out.parent.mkdir(parents=True, exist_ok=True)
-            chromium(binary, url, f"--screenshot={out.absolute()}", size, budget_ms=args.budget_ms, timeout=300)
+            width, height = (int(x) for x in args.window.split(","))  # the table renders only the columns in view
+            names = [r.name for r in children]
+            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+                browser = DevTools(binary, width, height, profile)
+                try:
+                    browser.call("Page.navigate", url=url)
+                    wanted = json.dumps([f">{n}<" for n in names])
+                    browser.wait_for(
+                        f"{wanted}.every((s) => document.body.innerHTML.includes(s))", args.budget_ms / 1e3
+                    )
+                    missing = page_check(str(browser.evaluate("document.documentElement.outerHTML")), names, args.view)
+                    if missing:
+                        print(f"error: the runs table at {url} does not show: {', '.join(missing)}", file=sys.stderr)
+                        return 1
+                    if (problem := close_assistant(browser)) is not None:
+                        print(f"error: {problem}", file=sys.stderr)
+                        return 1
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    browser.screenshot(out.absolute())
+                finally:
+                    browser.close()
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             with suppress(subprocess.TimeoutExpired):
@@ -188,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{out}: {args.view} view of {len(children)} runs of sweep {parent.name} (parent {parent.run_id}), all run "
         + ("names and columns " + ", ".join(METRICS + PARAMS) if args.view == "table" else "names and chart sections")
-        + " rendered"
+        + " rendered, with no Assistant panel over them"
     )
     return 0
 
