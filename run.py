@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ncn import cli
+from ncn.errors import show_warning
 from ncn.training.runtime import distributed_env
 
 TASK_MODULES = {
@@ -32,14 +33,14 @@ TASK_MODULES = {
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    warnings.showwarning = cli.show_warning  # also in a sweep's worker processes
+    warnings.showwarning = show_warning  # also in a sweep's worker processes
     run_cfg, ctx = cli.typed(cfg)
     return importlib.import_module(f"ncn.tasks.{TASK_MODULES[run_cfg.task]}").main(run_cfg, ctx)
 
 
 if __name__ == "__main__":
     os.environ["HYDRA_FULL_ERROR"] = "1"  # config errors reach us as exceptions, not as a printed report
-    warnings.showwarning = cli.show_warning  # one `warning: <message>` line, no `<file>:<line>: UserWarning:`
+    warnings.showwarning = show_warning  # one `warning: <message>` line, no `<file>:<line>: UserWarning:`
     try:
         if distributed_env().rank > 0:  # torchrun or srun: only rank 0 writes a run dir and logs
             sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]

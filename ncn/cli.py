@@ -5,7 +5,6 @@ runs every dataclass's validation) and a `RunContext` read from `HydraConfig`; t
 Hydra. `one_line(exc)` words any error that ends a run as one line for `error: <message>`,
 `report_error(exc)` prints that line and gives the exit status (run.py, and `ErrorLine`, the
 callback that reports a failed single run before Hydra adds its own "Error executing job" line),
-`show_warning` prints a warning as one `warning: <message>` line,
 `shell_quote_override` suggests a quoting of an override that bash and Hydra both accept,
 `app_help` prints Hydra's `--help` text without Hydra's slow listing of every config group.
 """
@@ -284,23 +283,6 @@ class ErrorLine(Callback):
         error = failed_job_error(job_return)
         if error is not None and (status := report_error(error)) is not None:
             raise SystemExit(status)
-
-
-def show_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: object = None,
-    line: str | None = None,
-) -> None:
-    """`warnings.showwarning` of run.py: one `warning: <message>` line on stderr instead of Python's
-    `<file>:<line>: UserWarning: <message>` and the source line below it; a warning of another kind
-    than UserWarning names its kind and origin, e.g. `warning: ... (FutureWarning, torch/amp.py:12)`."""
-    text = " ".join(str(message).split())
-    if category is not UserWarning:
-        text = f"{text} ({category.__name__}, {'/'.join(Path(filename).parts[-2:])}:{lineno})"
-    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def _app_groups(parent: str = "") -> dict[str, list[str]]:

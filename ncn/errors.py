@@ -8,11 +8,15 @@
 | `RunFailedError` | the run itself failed although the input was valid, e.g. `DivergenceError` | 3 |
 | `KeyboardInterrupt` | Ctrl-C or SIGTERM (preemption) | 130 |
 
-Each message is one line: what is wrong, then how to fix it. This module imports nothing but
-the standard library; the entry point (`ncn.cli`) formats Hydra's and OmegaConf's errors.
+Each message is one line: what is wrong, then how to fix it; a warning is one `warning: <message>`
+line (`show_warning`). This module imports nothing but the standard library; the entry point
+(`ncn.cli`) formats Hydra's and OmegaConf's errors.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 USAGE_EXIT = 2
 RUN_FAILED_EXIT = 3
@@ -73,3 +77,21 @@ def exit_code(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         return INTERRUPTED_EXIT
     return int(getattr(exc, "exit_code", 1))
+
+
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.showwarning` of run.py and `python -m ncn.tasks.report`: one `warning: <message>` line on
+    stderr instead of Python's `<file>:<line>: UserWarning: <message>` and the source line below it; a
+    warning of another kind than UserWarning names its kind and origin, e.g. `warning: ... (FutureWarning,
+    torch/amp.py:12)`."""
+    text = " ".join(str(message).split())
+    if category is not UserWarning:
+        text = f"{text} ({category.__name__}, {'/'.join(Path(filename).parts[-2:])}:{lineno})"
+    print(f"warning: {text}", file=sys.stderr, flush=True)

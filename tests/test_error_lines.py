@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from ncn import cli
+from ncn.errors import show_warning
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 HYDRA_LINE = "Error executing job with overrides"
 MISSING = "checkpoint=/nonexistent/x: no checkpoint folder, run name or MLflow run id matches this path"
@@ -78,12 +79,16 @@ def test_a_training_job_that_fails_prints_its_error_once(tmp_path: Path, multiru
     assert done.stderr.strip().splitlines()[-1] == errors[0]
 
 
+def _options(group: str) -> str:
+    """The options of an app group, as its folder under conf/ holds them, sorted."""
+    return ", ".join(sorted(f.stem for f in (REPO / "conf" / group).glob("*.yaml")))
+
+
 OPTIONS = {
-    "ncn": "activation_only, full, gain_only, head_gate, layer_gate, no_activation, no_gain, no_temperature, none, "
-    "none_iso, paper_global, per_head_temperature, reference, sparse, swish_beta, temperature_only",
-    "model": "byte_small, gpt2, gpt2_124m, gpt2_medium, medium, paper_18m, small, tiny",
-    "control": "genre, genre_embedding, genre_none, labels, mode, none",
-    "hydra/launcher": "basic, joblib, slurm, submitit_local, submitit_slurm",
+    "ncn": _options("ncn"),
+    "model": _options("model"),
+    "control": _options("control"),
+    "hydra/launcher": "basic, joblib, slurm, submitit_local, submitit_slurm",  # Hydra's, its plugins' and ours
 }
 
 
@@ -112,7 +117,7 @@ def test_an_unknown_option_in_a_config_file_names_the_file() -> None:
 def test_a_warning_is_one_clean_line(capsys: pytest.CaptureFixture[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = cli.show_warning
+        warnings.showwarning = show_warning
         warnings.warn("checkpoint=latest names 2 runs:\n  using the newest", stacklevel=1)
         warnings.warn("an old argument", FutureWarning, stacklevel=1)
     err = capsys.readouterr().err.splitlines()

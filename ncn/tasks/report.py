@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from ncn.analysis import sample_efficiency as se
 from ncn.analysis.compute import REPORT_TAU, parse_metrics
 from ncn.analysis.statistics import delta_interval, mean_interval, mean_std
 from ncn.config import MODE_GRID, RunConfig, RunContext, TrackingConfig
-from ncn.errors import NCNConfigError, fixed
+from ncn.errors import NCNConfigError, fixed, show_warning
 from ncn.tracking import RunRecord, Tracker, open_tracker
 from ncn.training.evaluation import (
     EARLY_POSITIONS,
@@ -869,6 +870,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    warnings.showwarning = show_warning  # one `warning: <message>` line, as under run.py
     try:
         cli()
     except NCNConfigError as exc:
