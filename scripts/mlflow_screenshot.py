@@ -87,10 +87,13 @@ def saved_view(name: str, parent_id: str) -> str:
 
 # Run in the page: the Assistant panel's state, after clicking its close control when `click` is true.
 # The panel is the region the UI marks data-assistant-ui whose title reads "MLflow Assistant"; its close
-# control is the button (role) whose accessible name (aria-label) is "Close".
+# control is the button (role) whose accessible name (aria-label) is "Close". Closed, the panel leaves a
+# round 40 px launcher button, also marked data-assistant-ui and named "MLflow Assistant" (MLflow 3.17.2):
+# anything no wider than LAUNCHER_PX is that button, not the panel (500 px wide when open).
+LAUNCHER_PX = 100
 ASSISTANT_PANEL = """((click) => {
   const panels = [...document.querySelectorAll('[data-assistant-ui]')]
-    .filter((p) => p.textContent.includes('MLflow Assistant') && p.getBoundingClientRect().width > 0);
+    .filter((p) => p.textContent.includes('MLflow Assistant') && p.getBoundingClientRect().width > LAUNCHER_PX);
   if (panels.length === 0) return 'absent';
   const close = panels
     .flatMap((p) => [...p.querySelectorAll('button, [role="button"]')])
@@ -98,7 +101,7 @@ ASSISTANT_PANEL = """((click) => {
   if (close === undefined) return 'open, without a Close button';
   if (click) close.click();
   return 'open';
-})"""
+})""".replace("LAUNCHER_PX", str(LAUNCHER_PX))
 
 
 class DevTools:
