@@ -5,8 +5,9 @@ forward pass with its parameter names and shapes. A random model of it (2 layers
 GPT-2 vocabulary) is saved as the reference's train.py saves; asserted: the imported model's
 logits equal the oracle's (max |Δ| <= 1e-4 in fp32), its config pools globally with the
 reference's transforms, task=eval evaluates it with the leak audit and reports the oracle's own
-val loss, it generates, is analyzed and fine-tunes (trainer.resume), and an unmappable tensor,
-a wrong shape or a file that needs full unpickling (without unsafe_unpickle=true) each end in
+val loss, it generates, is analyzed and fine-tunes (trainer.resume, also with the base frozen),
+and an unmappable tensor, a wrong shape, a NaN or inf, a model/ncn override, a tokenizer beyond
+the vocabulary or a file that needs full unpickling (without unsafe_unpickle=true) each end in
 one `error:` line with exit status 2.
 Run: python -m pytest -q tests/test_reference_import.py   (about two minutes on 2 cores)
 """
@@ -261,3 +262,113 @@ def test_import_without_a_file_is_refused(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines()[-1] == (
         "error: task=import needs reference_checkpoint=<file.pt>: the checkpoint the reference's train.py saved"
     )
+
+
+def _nan_at_first(key: str):
+    def damage(state: dict) -> None:
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = float("nan")
+
+    return damage
+
+
+def _inf_in_a_base_weight(state: dict) -> None:
+    state["transformer_layers.1.feed_forward.linear1.weight"] = torch.full((128, 32), float("inf"))
+
+
+def _nan_in_the_tied_embedding(state: dict) -> None:
+    tied = state["token_embeddings.weight"].clone()
+    tied[7, 3] = float("nan")
+    state["token_embeddings.weight"] = state["output_head.weight"] = tied  # still tied, as the reference saves it
+
+
+@pytest.mark.parametrize(
+    ("damage", "key", "count"),
+    [
+        (_nan_at_first("ncn.layer2.bias"), "ncn.layer2.bias", 1),
+        (_inf_in_a_base_weight, "transformer_layers.1.feed_forward.linear1.weight", 128 * 32),
+        (_nan_in_the_tied_embedding, "token_embeddings.weight", 1),
+    ],
+    ids=["controller", "base", "tied-embedding"],
+)
+def test_a_non_finite_tensor_is_refused_in_one_line(tmp_path: Path, damage, key: str, count: int) -> None:
+    oracle = _oracle()
+    source = tmp_path / "diverged.pt"
+    state = oracle.state_dict()
+    damage(state)
+    save_reference_checkpoint(source, oracle, extra={"model_state_dict": state})
+    done = _import(source, tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == (
+        f"error: reference_checkpoint={source}: tensor {key} holds {count} non-finite values (NaN or inf): "
+        "the checkpoint is damaged; import one saved before the run diverged"
+    )
+    assert sum(line.startswith("error:") for line in lines) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("override", "key"), [("model.d_model=64", "model.d_model"), ("ncn=sparse", "ncn")])
+def test_a_model_or_ncn_override_is_refused(tmp_path: Path, override: str, key: str) -> None:
+    source = tmp_path / "ref.pt"
+    save_reference_checkpoint(source, _oracle())
+    done = _import(source, tmp_path, override)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {key} cannot be set with task=import: the model and controller come from the reference "
+        f"checkpoint: drop {key}"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("vocab", "fix"),
+    [
+        (1000, "choose the data's tokenizer the reference was trained with (data.tokenizer=bytes fits)"),
+        (
+            200,
+            "no tokenizer of ncn fits (the smallest, data.tokenizer=bytes, has 257): such a model cannot be imported",
+        ),
+    ],
+)
+def test_a_tokenizer_beyond_the_vocabulary_names_one_that_fits(tmp_path: Path, vocab: int, fix: str) -> None:
+    config = NCNConfig(**{**SHAPE, "vocab_size": vocab}, ncn_hidden_dim=16, ncn_heads=4)
+    source = tmp_path / "small_vocab.pt"
+    save_reference_checkpoint(source, ModulatedLLM(config).eval())
+    done = _import(source, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: data.tokenizer=gpt2 has 50257 token ids, the reference model {vocab}: {fix}"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_import_with_the_base_frozen_resumes_training_the_controller_only(tmp_path: Path) -> None:
+    oracle = _oracle()
+    source = tmp_path / "ref.pt"
+    save_reference_checkpoint(source, oracle)
+    done = _import(source, tmp_path, "trainer.freeze=base")
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = load(tmp_path / "run" / "checkpoints" / "step_000500")
+    controller = sum(p.numel() for p in oracle.ncn.parameters()) - SHAPE["d_model"]  # less the dropped key bias
+    groups = before.optim["optimizer"]["param_groups"]
+    assert before.config.trainer.freeze == "base"
+    assert sum(len(g["params"]) for g in groups) == len(
+        [k for k in before.model if k.startswith("controller.")]
+    )  # the optimizer holds the controller's tensors only
+    tuned = run_cli(
+        [
+            f"trainer.resume={before.path}",
+            "trainer=smoke",
+            "trainer.freeze=base",  # trainer=smoke sets the whole group, freeze=none with it
+            "trainer.max_steps=501",
+            "tracking=none",
+            f"hydra.run.dir={tmp_path / 'ft'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    after = load(tmp_path / "ft" / "checkpoints" / "step_000501")
+    changed = {k for k in before.model if not torch.equal(before.model[k], after.model[k])}
+    assert changed and all(k.startswith("controller.") for k in changed)
+    assert sum(before.model[k].numel() for k in before.model if k.startswith("controller.")) == controller

@@ -56,7 +56,7 @@ from ncn.errors import NCNConfigError
 from ncn.model.gpt import ModulatedGPT
 from ncn.model.signals import SIGNALS
 from ncn.training.checkpoint import Snapshot, TrainState, save
-from ncn.training.optim import build_optimizer
+from ncn.training.optim import build_optimizer, freeze_base
 
 # Where the reference's train.py pickles its config class.
 REFERENCE_CONFIG_CLASS = "ncn_architecture.config.NCNConfig"
@@ -308,9 +308,16 @@ def convert(
     `target` is that model's own state dict: it gives every expected name and shape. float32.
 
     Raises:
-        NCNConfigError: a tensor with no counterpart, one of the wrong shape, a missing one, or an
-            untied output head in a tied model (each named).
+        NCNConfigError: a tensor with a NaN or inf, one with no counterpart, one of the wrong shape,
+            a missing one, or an untied output head in a tied model (each named).
     """
+    for key, tensor in state.items():  # before any comparison: a NaN differs from itself (the tied head)
+        bad = int((~torch.isfinite(tensor.detach().float())).sum())
+        if bad:
+            raise NCNConfigError(
+                f"reference_checkpoint={file}: tensor {key} holds {bad} non-finite values (NaN or inf): "
+                "the checkpoint is damaged; import one saved before the run diverged"
+            )
     d = int(fields["d_model"])
     names = signal_order(fields, file)
     out: dict[str, Tensor] = {}
@@ -402,16 +409,17 @@ def import_checkpoint(file: Path, cfg: RunConfig, checkpoints: Path, unsafe_unpi
 
     The folder is an ordinary ncn checkpoint (`ncn.training.checkpoint.save`) at the reference's
     `global_step`, with `tokens_seen` its `processed_tokens`, the data loader at the start of
-    `cfg.data`, a fresh AdamW state of `cfg.optim` (no moments: `trainer.resume` fine-tunes from
-    it) and no val loss (the reference's was measured on its own data). Its config is `cfg` with the model and ncn
-    groups of the reference (`model_config`, `modulation_config`) and `cfg.data` (with
+    `cfg.data`, a fresh AdamW state of `cfg.optim` over the parameters `cfg.trainer.freeze` leaves
+    trainable (no moments: `trainer.resume` fine-tunes from it) and no val loss (the reference's
+    was measured on its own data). Its config is `cfg` with the model and ncn groups of the
+    reference (`model_config`, `modulation_config`) and `cfg.data` (with
     `data.pad_vocab_to=1` when its padding would exceed the reference's vocabulary), which
     task=eval then evaluates on. train_state.json names the source file (`imported_from`).
 
     Raises:
         NCNConfigError: see `read_reference`, `reference_fields`, `model_config`,
             `modulation_config`, `convert`; a control input (the reference has none); a data
-            tokenizer whose ids exceed the reference's vocabulary.
+            tokenizer whose ids exceed the reference's vocabulary (naming the tokenizers that fit).
     """
     if cfg.control.active:
         raise NCNConfigError(
@@ -420,11 +428,18 @@ def import_checkpoint(file: Path, cfg: RunConfig, checkpoints: Path, unsafe_unpi
     data = read_reference(file, unsafe_unpickle)
     fields = reference_fields(data, file)
     model_cfg, modulation_cfg = model_config(fields, file), modulation_config(fields, file)
-    needed = TOKENIZERS[cfg.data.tokenizer]
-    if needed > model_cfg.vocab_size:
+    needed, vocab = TOKENIZERS[cfg.data.tokenizer], model_cfg.vocab_size
+    if needed > vocab:
+        fits = [f"data.tokenizer={name}" for name, ids in TOKENIZERS.items() if ids <= vocab]
+        smallest = min(TOKENIZERS, key=TOKENIZERS.__getitem__)
+        fix = (
+            f"choose the data's tokenizer the reference was trained with ({' or '.join(fits)} fits)"
+            if fits
+            else f"no tokenizer of ncn fits (the smallest, data.tokenizer={smallest}, has {TOKENIZERS[smallest]}): "
+            "such a model cannot be imported"
+        )
         raise NCNConfigError(
-            f"data.tokenizer={cfg.data.tokenizer} has {needed} token ids, the reference model {model_cfg.vocab_size}: "
-            "choose the data's tokenizer the reference was trained with (its default: data.tokenizer=gpt2)"
+            f"data.tokenizer={cfg.data.tokenizer} has {needed} token ids, the reference model {vocab}: {fix}"
         )
     model = ModulatedGPT(model_cfg, modulation_cfg)
     model.load_state_dict(convert(data[MODEL_KEY], fields, model.state_dict(), file))
@@ -448,6 +463,8 @@ def import_checkpoint(file: Path, cfg: RunConfig, checkpoints: Path, unsafe_unpi
         data={"epoch": 0, "position": 0},
         run_name=run.run_name,
     )
+    if cfg.trainer.freeze == "base":  # the optimizer a resume builds holds the controller's parameters only
+        freeze_base(model)
     optim = {"optimizer": build_optimizer(model, cfg.optim).state_dict()}  # no moments yet: a fresh AdamW
     extra = {"imported_from": str(file.resolve())}
     return save(checkpoints, Snapshot(state, model.state_dict(), optim, dataclasses.asdict(run), extra), keep=1)

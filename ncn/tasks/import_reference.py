@@ -20,8 +20,15 @@ def main(cfg: RunConfig, ctx: RunContext) -> None:
     """Convert `cfg.reference_checkpoint`; prints the new checkpoint folder and the command that evaluates it.
 
     Raises:
-        NCNConfigError: no reference_checkpoint given; anything `import_checkpoint` refuses.
+        NCNConfigError: no reference_checkpoint given; a `model.*` or `ncn.*` override (or the
+            group), which the reference's own settings replace; anything `import_checkpoint` refuses.
     """
+    refused = sorted(k for k in ctx.overridden if k.split(".")[0] in ("model", "ncn"))
+    if refused:
+        raise NCNConfigError(
+            f"{refused[0]} cannot be set with task=import: the model and controller come from the reference "
+            f"checkpoint: drop {refused[0]}"
+        )
     if not cfg.reference_checkpoint:
         raise NCNConfigError(
             "task=import needs reference_checkpoint=<file.pt>: the checkpoint the reference's train.py saved"
