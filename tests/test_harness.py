@@ -10,6 +10,7 @@ Run: python -m pytest -q tests/test_harness.py
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -128,3 +129,35 @@ def test_the_command_passes_lm_evals_arguments_through(tiny_checkpoint) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ncn_tiny_choice" in done.stdout and "acc" in done.stdout
+    assert f"scoring the checkpoint of run tiny at step 1 (not evaluated): {folder} (no MLflow run)" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("model_args", "line"),
+    [
+        (
+            "checkpoint=nosuch",
+            "error: checkpoint=nosuch: no checkpoint folder, run name or MLflow run id matches this path or run "
+            "name under {cwd}: pass checkpoint=latest, checkpoint=best, a run name, or an existing checkpoint folder",
+        ),
+        (
+            "chekpoint=latest",
+            "error: --model_args chekpoint=latest is not an argument of the ncn model: check the spelling, "
+            "accepted keys are checkpoint, device, batch_size, max_batch_size",
+        ),
+    ],
+)
+def test_bad_model_args_end_in_one_error_line_with_exit_2(tmp_path: Path, model_args: str, line: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ncn.integrations.harness", "--model", "ncn", "--model_args", model_args]
+        + ["--tasks", "ncn_tiny_choice", "--include_path", str(TASK_DIR), "--device", "cpu"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=time_left(),
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert errors == [line.format(cwd=tmp_path)] == done.stderr.splitlines()[-1:]
+    assert "Traceback" not in done.stderr

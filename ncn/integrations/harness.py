@@ -9,7 +9,9 @@ then hands every argument to lm-eval's own command line:
 `checkpoint=` takes what run.py's `checkpoint=` takes (latest | best | folder | run name | MLflow
 run id, searched under the current folder); `--device` (cuda when a GPU is visible, else the
 CPU, with a warning if cuda was asked for) and `--batch_size` (ignored: one sequence at a time)
-are accepted. Log-likelihoods come from one full forward pass over the
+are accepted; any other `--model_args` key is refused (`NCNConfigError`), and the checkpoint
+scored is named on stderr. An ncn error ends the command with one `error: <message>` line and
+its exit status (2 for a bad checkpoint or key, docs/errors.md). Log-likelihoods come from one full forward pass over the
 last `block_size` tokens of context + continuation; rolling log-likelihoods use lm-eval's
 disjoint windows of `block_size` tokens; generation is greedy or sampled with the model's KV
 cache (the uncached full forward for `ncn.pooling=global`, which cannot decode incrementally).
@@ -32,22 +34,45 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from ncn.data.tokenizer import get_encoding, stream_text
+from ncn.errors import NCNConfigError, RunFailedError, exit_code
 from ncn.training import checkpoint as checkpoints
 
 log = logging.getLogger(__name__)
 
+# the keys `--model_args` may set: checkpoint, and those lm-eval's command line passes itself
+MODEL_ARGS = ("checkpoint", "device", "batch_size", "max_batch_size")
+
 
 @register_model("ncn")
 class NCNLM(TemplateLM):
-    """An `ncn` checkpoint as an lm-eval language model (log-likelihood, rolling, generation)."""
+    """An `ncn` checkpoint as an lm-eval language model (log-likelihood, rolling, generation).
 
-    def __init__(self, checkpoint: str = "latest", device: str | None = None, **kwargs: Any) -> None:
+    Raises:
+        NCNConfigError: a keyword not in `MODEL_ARGS` (a misspelt `--model_args` key).
+        CheckpointError: `checkpoint` names no usable checkpoint (see `checkpoint.resolve`).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str = "latest",
+        device: str | None = None,
+        batch_size: int | str | None = None,
+        max_batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
+        if kwargs:  # lm-eval passes every `--model_args` key here: a misspelt one would be ignored
+            unknown = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+            raise NCNConfigError(
+                f"--model_args {unknown} is not an argument of the ncn model: check the spelling, "
+                f"accepted keys are {', '.join(MODEL_ARGS)}"
+            )
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             if device is not None:  # lm-eval's command line asks for cuda unless told --device cpu
                 log.warning("device=%s but no CUDA GPU is visible: scoring on the CPU", device)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        ckpt = checkpoints.load(checkpoints.resolve(checkpoint, Path.cwd()))
+        ckpt = checkpoints.load(checkpoints.resolve(str(checkpoint), Path.cwd()))
+        print(f"scoring the {ckpt.describe()}", file=sys.stderr, flush=True)
         self.model = checkpoints.load_model(ckpt, device)
         self.encoding = get_encoding(ckpt.config.data.tokenizer)
         self.block = self.model.config.block_size
@@ -125,11 +150,16 @@ class NCNLM(TemplateLM):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with the `ncn` model type registered (arguments passed through)."""
+    """lm-eval's command line with the `ncn` model type registered (arguments passed through). An ncn
+    error ends it with one `error: <message>` line on stderr and its exit status (2 for bad input)."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (NCNConfigError, RunFailedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exit_code(exc)) from None
 
 
 if __name__ == "__main__":
