@@ -11,8 +11,8 @@ run id, searched under the current folder); `--device` (cuda when a GPU is visib
 CPU, with a warning if cuda was asked for) and `--batch_size` (ignored: one sequence at a time)
 are accepted; any other `--model_args` key is refused (`NCNConfigError`), and the checkpoint
 scored is named on stderr. An ncn error ends the command with one `error: <message>` line and
-its exit status (2 for a bad checkpoint or key, docs/errors.md). Log-likelihoods come from one full forward pass over the
-last `block_size` tokens of context + continuation; rolling log-likelihoods use lm-eval's
+its exit status (2 for a bad checkpoint or key, docs/errors.md). Log-likelihoods come from one
+full forward pass over the last `block_size` tokens of context + continuation; rolling log-likelihoods use lm-eval's
 disjoint windows of `block_size` tokens; generation is greedy or sampled with the model's KV
 cache (the uncached full forward for `ncn.pooling=global`, which cannot decode incrementally).
 A global-pooling model's scores see the continuation through its pooled context (its leak,
