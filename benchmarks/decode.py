@@ -14,6 +14,9 @@ the start of its validation text: per context and threshold τ (0 = dense first)
 time of the prompt, the median time per decoded
 token, and the FFN and forward FLOPs the decode steps skipped (counted, `ncn.model.compute`);
 dense and skipping runs alternate. A fresh model's gates are ≈ 0.95, so it skips nothing.
+
+Bad input (a checkpoint that cannot be used, a threshold outside [0, 1]) ends with one `error:` line
+and exit status 2; warnings are one `warning: <message>` line each, as under run.py.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,10 +41,11 @@ sys.path.insert(0, str(ROOT))
 
 from ncn import ModulatedGPT, cli  # noqa: E402
 from ncn.analysis.compute import require_gates  # noqa: E402
+from ncn.config import check_skip_threshold  # noqa: E402
 from ncn.data.loader import DataModule  # noqa: E402
-from ncn.errors import NCNConfigError  # noqa: E402
+from ncn.errors import NCNConfigError, RunFailedError, exit_code, show_warning  # noqa: E402
 from ncn.model.compute import FlopCount, SkipPlan, count_flops  # noqa: E402
-from ncn.training.checkpoint import load_model, open_checkpoint  # noqa: E402
+from ncn.training.checkpoint import load, load_model, resolve  # noqa: E402
 
 VARIANTS = {"cached": True, "uncached": False}
 FLAT_MAX = 1.5  # target: cached per-token time at the longest context ≤ 1.5 × at the shortest
@@ -98,7 +103,16 @@ def time_skipping(
 
 def skip_benchmark(args: argparse.Namespace, contexts: list[int], device: torch.device) -> None:
     """--skip-thresholds: dense vs skipping cached decoding of a checkpoint; prints a table, writes JSON."""
-    ckpt = open_checkpoint(args.checkpoint, Path.cwd(), frozenset())
+    thresholds = [0.0]
+    for text in args.skip_thresholds.split(","):
+        try:
+            tau = float(text)
+        except ValueError:
+            shown = f"--skip-thresholds {args.skip_thresholds}"
+            raise NCNConfigError(f"{shown}: {text!r} is not a number: list gate thresholds, e.g. 0.3,0.5") from None
+        check_skip_threshold(tau, f"--skip-thresholds {args.skip_thresholds}: {text}")
+        thresholds.append(tau)
+    ckpt = load(resolve(args.checkpoint, Path.cwd(), key="--checkpoint"))
     model = load_model(ckpt, device)
     if max(contexts) > model.config.block_size:
         block = model.config.block_size
@@ -108,12 +122,7 @@ def skip_benchmark(args: argparse.Namespace, contexts: list[int], device: torch.
             file=sys.stderr,
         )
         raise SystemExit(2)
-    thresholds = [0.0, *(float(t) for t in args.skip_thresholds.split(","))]
-    try:
-        require_gates(model, f"--skip-thresholds={args.skip_thresholds}", str(ckpt.path))
-    except NCNConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    require_gates(model, f"--skip-thresholds={args.skip_thresholds}", str(ckpt.path))
     load_before = os.getloadavg()
     results = []
     text = DataModule(ckpt.config.data).probe_tokens(max(contexts))  # the gates react to text, not random ids
@@ -277,4 +286,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    warnings.showwarning = show_warning  # one `warning: <message>` line, as under run.py
+    try:
+        main()
+    except (NCNConfigError, RunFailedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exit_code(exc)) from None

@@ -360,6 +360,20 @@ def check_control(control: ControlConfig, modulation: ModulationConfig, data: Da
         raise NCNConfigError("control=labels with data=hf reads a label column: set control.column=<column name>")
 
 
+def check_skip_threshold(tau: float, shown: str | None = None) -> None:
+    """Refuse a gate threshold τ outside [0, 1] (0 = dense; NCN paper §8): a gate lies in [0, 1].
+
+    shown: how the value is named in the message (default `skip_threshold=<tau>`).
+
+    Raises:
+        NCNConfigError: tau outside [0, 1] (or NaN).
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise NCNConfigError(
+            f"{shown or f'skip_threshold={tau}'} is outside [0, 1]: use 0 (dense) or a gate value such as 0.5"
+        )
+
+
 def check_compatible(model: ModelConfig, modulation: ModulationConfig) -> None:
     """Check the constraints that involve both configs.
 
@@ -675,10 +689,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
-        if not 0.0 <= self.skip_threshold <= 1.0:
-            raise NCNConfigError(
-                f"skip_threshold={self.skip_threshold} is outside [0, 1]: use 0 (dense) or a gate value such as 0.5"
-            )
+        check_skip_threshold(self.skip_threshold)
         for tau in self.skip_grid:
             if not 0.0 < tau <= 1.0:
                 raise NCNConfigError(
