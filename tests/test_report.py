@@ -13,7 +13,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +42,7 @@ from ncn.training.evaluation import (
     mode_key,
 )
 
-from conftest import run_cli
+from conftest import REPO, run_cli, time_left
 
 T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5 %, 2 degrees of freedom (table value)
 REPORT_FILES = [
@@ -600,6 +603,38 @@ def test_an_unknown_baseline_is_one_error_line_with_exit_2(control_sweep, tmp_pa
         "error: baseline=genre_nope is not a variant of this sweep: "
         "choose one of genre_none, genre_embedding, genre, mode"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["{parent}", "--baseline", "nope"],
+            "error: baseline=nope is not a variant of this sweep: "
+            "choose one of genre_none, genre_embedding, genre, mode",
+        ),
+        (
+            ["nosuchsweep"],
+            "error: sweep_run=nosuchsweep is neither a run id, an experiment nor a sweep name in {uri}: "
+            "pass the parent run id (printed at the sweep's start and end), an experiment or a sweep name "
+            "(e.g. ablation)",
+        ),
+    ],
+)
+def test_the_report_command_ends_a_user_mistake_with_one_error_line_and_exit_2(
+    control_sweep, tmp_path: Path, args: list[str], line: str
+) -> None:
+    tracker, parent = control_sweep
+    done = subprocess.run(
+        [sys.executable, "-m", "ncn.tasks.report", *(a.format(parent=parent) for a in args), "--uri", tracker.uri],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=time_left(),
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [line.format(uri=tracker.uri)]
 
 
 # compute sweep: λ -> {seed: {τ: (FFN skipped, forward skipped, Δ gated, Δ random, random FFN skipped)}}

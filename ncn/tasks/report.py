@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import statistics
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ncn.analysis import sample_efficiency as se
 from ncn.analysis.compute import REPORT_TAU, parse_metrics
 from ncn.analysis.statistics import delta_interval, mean_interval, mean_std
 from ncn.config import MODE_GRID, RunConfig, RunContext, TrackingConfig
-from ncn.errors import NCNConfigError, fixed, show_warning
+from ncn.errors import NCNConfigError, exit_code, fixed, show_warning
 from ncn.tracking import RunRecord, Tracker, open_tracker
 from ncn.training.evaluation import (
     EARLY_POSITIONS,
@@ -873,5 +874,6 @@ if __name__ == "__main__":
     warnings.showwarning = show_warning  # one `warning: <message>` line, as under run.py
     try:
         cli()
-    except NCNConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except NCNConfigError as exc:  # a user mistake: exit status 2, as under run.py (docs/errors.md)
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exit_code(exc)) from None
